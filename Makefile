@@ -1,0 +1,38 @@
+# The two set-up commands of the README:
+#   make demo   a short multi-task HyperPrompt run, ZeRO-3 over 2 local CPU ranks, bundled tasks
+#   make test   the whole test suite (unit, multi-rank ZeRO-3, launchers and SLURM end to end)
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# A CPU build of torch: an unpinned torch would pull a CUDA build of several GB.
+TORCH_CPU ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_CPU)"
+	$(PY) -m pip install -q -e ".[dev]" mpich
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)
+
+test: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests -m "not distributed and not e2e"
+
+bench: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
