@@ -1,0 +1,148 @@
+"""``hp-deepspeed``: the command line.
+
+    hp-deepspeed validate --config configs/demo.yaml training.steps=20     # no ranks, no model
+    deepspeed --num_gpus 8 -m hp_deepspeed.cli train --config run.yaml --resume auto
+    hp-deepspeed eval    --config run.yaml --checkpoint auto
+    hp-deepspeed export  --run-dir runs/x --out exports/x [--checkpoint step-2000]
+    hp-deepspeed predict --export exports/x --task glue_rte --input rows.jsonl
+    hp-deepspeed plan    --preset google/t5-v1_1-xxl --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80
+    hp-deepspeed report  runs/x
+    hp-deepspeed convert-universal runs/x/checkpoints/step-2000
+
+Configs are YAML files merged in order, then ``dotted.key=value`` overrides; unknown keys and
+wrong types are rejected here, before any distributed start-up or model construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hp_deepspeed.config import ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file; repeat to merge several, later ones win")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue_rte,super_cb]")
+    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _job_config(args: argparse.Namespace, extra: list[str] = ()):
+    from hp_deepspeed.training.train_config import JobConfig
+
+    return load_config(JobConfig, args.config, [*args.overrides, *extra])
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from hp_deepspeed.config import to_dict
+    import yaml
+
+    cfg = _job_config(args)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hp_deepspeed.training.trainer import Trainer
+
+    extra = [f"checkpoint.resume={args.resume}"] if args.resume else []
+    cfg = _job_config(args, extra)
+    return Trainer(cfg).train()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hp_deepspeed.training.trainer import Trainer
+
+    cfg = _job_config(args, [f"checkpoint.resume={args.checkpoint}"])
+    trainer = Trainer(cfg)
+    trainer.resume()
+    trainer.evaluate()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hp_deepspeed.export import export_run
+
+    export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hp_deepspeed.export import predict_main
+
+    return predict_main(args)
+
+
+def cmd_convert_universal(args: argparse.Namespace) -> int:
+    from hp_deepspeed.checkpointing import convert_to_universal
+
+    print(convert_to_universal(args.checkpoint))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="resolve and check a config, print it; starts nothing")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train (run under deepspeed, torchrun, srun or mpirun)")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint), 'none' or a path")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint of a run on its tasks")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", default="auto", help="'auto' or a checkpoint folder")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into Hugging Face format + prompts")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default="auto", help="'auto', 'best:<task>' or a step-N folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="answer a task's inputs from an export, without DeepSpeed")
+    p.add_argument("--export", required=True, help="folder written by `hp-deepspeed export`")
+    p.add_argument("--task", required=True)
+    p.add_argument("--input", help="jsonl/json/csv file of raw task rows; default: stdin jsonl")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert-universal", help="convert a ZeRO checkpoint for another number of ranks")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_convert_universal)
+
+    from hp_deepspeed.tools import plan, report
+
+    p = sub.add_parser("plan", help="memory plan for a preset on a cluster")
+    plan.add_arguments(p)
+    p.set_defaults(func=plan.run)
+
+    p = sub.add_parser("report", help="PNG plots of a run's loss and evaluations")
+    report.add_arguments(p)
+    p.set_defaults(func=report.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"hp-deepspeed: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

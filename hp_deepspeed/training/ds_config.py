@@ -1,0 +1,131 @@
+"""Assemble the DeepSpeed config from a ``ds_configs/*.json`` file and the trainer's own config.
+
+The JSON files in ``ds_configs/`` describe only *how* to shard and store (ZeRO stage, offload,
+precision). Everything the trainer also knows -- batch sizes, gradient accumulation, clipping,
+the optimizer -- is written in here from the trainer config, and a JSON file that sets one of
+those keys is rejected, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from hp_deepspeed.config import ConfigError
+from hp_deepspeed.training.optim import OptimConfig
+
+# Keys owned by the trainer config; a ds_configs file must not set them.
+TRAINER_OWNED_KEYS = {
+    "train_batch_size": "training.micro_batch_size x gradient_accumulation x ranks",
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation",
+    "gradient_clipping": "optim.clip_grad_norm",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule",
+    "steps_per_print": "training.log_every",
+}
+
+FP16_REFUSAL = (
+    "fp16 is refused for T5: T5's activations overflow the fp16 range (it was pre-trained in "
+    "bfloat16, whose exponent range matches fp32), which gives inf/NaN losses. Use "
+    '"bf16": {"enabled": true} on Ampere or newer GPUs, or fp32.'
+)
+
+_ENV_REF = re.compile(r"\$\{(\w+)\}")
+
+
+def _expand_env(value: Any, where: str) -> Any:
+    """Expand ``${VAR}`` in strings (e.g. the NVMe path), erroring on unset variables."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is not set (used as {value!r})")
+            return os.environ[name]
+        return _ENV_REF.sub(sub, value)
+    return value
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """Load a ``ds_configs`` JSON file and check it against the trainer's ownership rules."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training.ds_config: file {path} does not exist (see ds_configs/)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"training.ds_config: {path} is not valid JSON: {err}") from None
+    for key, owner in TRAINER_OWNED_KEYS.items():
+        if key in cfg:
+            raise ConfigError(f"{path}: key {key!r} is set by the trainer from {owner}; remove it from the file")
+    if cfg.get("fp16", {}).get("enabled", False):
+        raise ConfigError(f"{path}: {FP16_REFUSAL}")
+    return _expand_env(cfg, str(path))
+
+
+def _fill_auto(zero: dict, d_model: int) -> None:
+    """Resolve ``"auto"`` bucket sizes from the hidden size, as the HF Trainer integration does.
+
+    Buckets of about d_model^2 elements keep each collective large enough to saturate the
+    interconnect while bounding the extra memory to a few layers' worth.
+    """
+    auto = {
+        "reduce_bucket_size": d_model * d_model,
+        "stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
+        "stage3_param_persistence_threshold": 10 * d_model,
+        "allgather_bucket_size": d_model * d_model,
+    }
+    for key, value in auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def build_ds_config(
+    base: dict,
+    *,
+    micro_batch_size: int,
+    gradient_accumulation: int,
+    world_size: int,
+    optim: OptimConfig,
+    d_model: int,
+    log_every: int,
+    on_cpu: bool,
+    universal_checkpoint: bool = False,
+) -> dict:
+    """The complete DeepSpeed config for one run (a new dict; ``base`` is not modified)."""
+    cfg = json.loads(json.dumps(base))
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = gradient_accumulation
+    cfg["train_batch_size"] = micro_batch_size * gradient_accumulation * world_size
+    if optim.clip_grad_norm > 0:
+        cfg["gradient_clipping"] = optim.clip_grad_norm
+    cfg["steps_per_print"] = max(log_every, 1) * 1000  # the trainer logs; keep DeepSpeed quiet
+    params: dict[str, Any] = {
+        "lr": optim.lr,
+        "betas": list(optim.betas),
+        "eps": optim.eps,
+        "weight_decay": optim.weight_decay,
+    }
+    zero = cfg.setdefault("zero_optimization", {})
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if on_cpu and not offload_optimizer:
+        # No fused CUDA kernel on the CPU, and DeepSpeedCPUAdam needs a C++ build: use torch's.
+        params["torch_adam"] = True
+    cfg["optimizer"] = {"type": "AdamW", "params": params}
+    _fill_auto(zero, d_model)
+    if universal_checkpoint:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def precision_of(ds_config: dict) -> str:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return "bf16"
+    return "fp32"

@@ -1,0 +1,73 @@
+"""The trainer's own settings, and ``JobConfig``, which composes every component's config.
+
+A job is described by YAML files plus dotted overrides (``hp_deepspeed.config.load_config``);
+each section below belongs to the component that reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hp_deepspeed.checkpointing import CheckpointConfig
+from hp_deepspeed.data import DataConfig
+from hp_deepspeed.model.conditioning import ConditioningConfig
+from hp_deepspeed.model.t5_config import ModelConfig
+from hp_deepspeed.training.optim import OptimConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: metrics, the resolved config, checkpoints/ and exports live here. Must be on
+    a filesystem every node sees (checkpoints are written by all ranks)."""
+    seed: int = 0
+    """Seeds model initialisation, dropout and the data stream."""
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000
+    """Optimizer steps to train for (the run ends at this step, resumed or not)."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward pass."""
+    gradient_accumulation: int = 1
+    """Micro-batches per optimizer step; the global batch is micro x accumulation x ranks."""
+    ds_config: str = "ds_configs/zero3_bf16.json"
+    """DeepSpeed config file (sharding, offload, precision only; see ds_configs/)."""
+    log_every: int = 10
+    """Optimizer steps between metric records (loss per task, throughput, memory)."""
+    progress_bar: bool = True
+    """A tqdm progress bar on rank 0 (off in batch jobs' logs if you prefer plain lines)."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under RUN_DIR/tensorboard."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "gradient_accumulation", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Optimizer steps between evaluations; 0 evaluates only at the end of training."""
+    split: str = "validation"
+    """Split to evaluate (each task maps it to its own split name, e.g. MNLI's matched set)."""
+    max_examples_per_task: int = 0
+    """Cap on evaluation examples per task (0 = all); a cheap proxy for frequent evaluation."""
+    batch_size: int = 16
+    """Examples per rank per evaluation forward pass."""
+    max_new_tokens: int = 16
+    """Greedy decoding length for generative tasks."""
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,245 @@
+"""The trainer: a DeepSpeed engine, a multi-task data stream, evaluation and checkpoints.
+
+``Trainer(cfg).train()`` is the whole job. Construction does every cheap validation first
+(config, tokenizer, tasks, DeepSpeed config, checkpoint to resume) and only then builds the
+model, so a typo fails in seconds rather than after an 11B model has been loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hp_deepspeed.checkpointing import CheckpointManager
+from hp_deepspeed.config import save_config, to_dict
+from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
+from hp_deepspeed.launching.distributed import init_distributed
+from hp_deepspeed.model.hyperprompt_t5 import build_model
+from hp_deepspeed.training.ds_config import build_ds_config, precision_of, read_ds_config
+from hp_deepspeed.training.evaluation import Evaluator
+from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
+from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats
+from hp_deepspeed.training.optim import build_scheduler
+from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
+from hp_deepspeed.training.train_config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class WindowStats:
+    """Sums over the steps since the last log record, all-reduced when the record is written."""
+
+    def __init__(self, num_tasks: int):
+        self.num_tasks = num_tasks
+        self.reset()
+
+    def reset(self) -> None:
+        self.task_loss = torch.zeros(self.num_tasks, dtype=torch.float64)
+        self.task_tokens = torch.zeros(self.num_tasks, dtype=torch.float64)
+        self.samples = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add_micro_batch(self, batch: dict, out) -> None:
+        task_ids = batch["task_ids"].cpu()
+        self.task_loss.index_add_(0, task_ids, out.example_loss_sum.detach().double().cpu())
+        self.task_tokens.index_add_(0, task_ids, out.example_token_count.detach().double().cpu())
+        self.samples += task_ids.numel()
+        self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+
+    def reduce(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Sum across ranks; one collective for everything."""
+        flat = torch.cat([
+            self.task_loss, self.task_tokens,
+            torch.tensor([self.samples, self.tokens, self.flops], dtype=torch.float64),
+        ]).to(device)
+        if dist.is_initialized():
+            dist.all_reduce(flat)
+        flat = flat.cpu()
+        n = self.num_tasks
+        return {"task_loss": flat[:n], "task_tokens": flat[n:2 * n], "samples": flat[2 * n],
+                "tokens": flat[2 * n + 1], "flops": flat[2 * n + 2]}
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.dist_env = init_distributed()
+        self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
+        self.is_main = self.rank == 0
+        self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        self.on_cpu = self.device.type == "cpu"
+        seed_everything(cfg.run.seed)
+
+        # Cheap checks and set-up first: everything that can fail on bad input.
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tasks = build_tasks(cfg.data)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.world_size)
+        self.ds_config = build_ds_config(
+            read_ds_config(cfg.training.ds_config),
+            micro_batch_size=cfg.training.micro_batch_size,
+            gradient_accumulation=cfg.training.gradient_accumulation,
+            world_size=self.world_size, optim=cfg.optim, d_model=1, log_every=cfg.training.log_every,
+            on_cpu=self.on_cpu,
+        )
+        self.resume_from = self.checkpoints.find_resume_point(cfg.checkpoint.resume)
+
+        # The expensive part: build (and load) the model sharded, then the engine.
+        self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
+        self.model_shape = shape_of(self.model.config)
+        self.ds_config = build_ds_config(
+            read_ds_config(cfg.training.ds_config),
+            micro_batch_size=cfg.training.micro_batch_size,
+            gradient_accumulation=cfg.training.gradient_accumulation,
+            world_size=self.world_size, optim=cfg.optim, d_model=self.model_shape.d_model,
+            log_every=cfg.training.log_every, on_cpu=self.on_cpu,
+            universal_checkpoint=self.checkpoints.needs_universal(self.resume_from),
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=trainable, config=self.ds_config,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
+        )
+        self.stream = TrainStream(
+            cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
+            rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
+        )
+        self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
+        self.preemption = PreemptionHandler()
+        self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
+        self.peak_tflops = device_peak_tflops()
+        self.step = 0
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        """Train to ``training.steps``; returns the process exit code (75 after a preemption save)."""
+        self.resume()
+        cfg = self.cfg.training
+        window = WindowStats(len(self.tasks))
+        batches = iter(self.stream)
+        progress = self._progress_bar()
+        self.preemption.install()
+        try:
+            while self.step < cfg.steps:
+                self.train_step(batches, window)
+                self.step += 1
+                progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.log_train(window)
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+                if self.checkpoints.due(self.step) and self.step < cfg.steps:
+                    self.save()
+                if self.preemption.should_stop(self.device):
+                    log.warning("preemption signal received: saving at step %d and exiting", self.step)
+                    self.save()
+                    return EXIT_PREEMPTED
+            self.evaluate()
+            self.save()
+            return 0
+        finally:
+            self.preemption.restore()
+            progress.close()
+            self.metrics.close()
+
+    def train_step(self, batches, window: WindowStats) -> None:
+        """One optimizer step: ``gradient_accumulation`` micro-batches, then ``engine.step``."""
+        for _ in range(self.cfg.training.gradient_accumulation):
+            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            out = self.engine(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"], task_ids=batch["task_ids"],
+            )
+            self.engine.backward(out.loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            window.add_micro_batch(batch, out)
+            window.flops += train_step_flops(
+                self.model_shape, batch["input_ids"].shape[0], batch["input_ids"].shape[1],
+                batch["labels"].shape[1], self.model.prompt_length,
+            )
+        window.steps += 1
+
+    # ------------------------------------------------------------------ logging
+    def log_train(self, window: WindowStats) -> None:
+        totals = window.reduce(self.device)
+        elapsed = max(time.perf_counter() - window.started, 1e-9)
+        tokens = totals["task_tokens"].sum().item()
+        values = {
+            "loss": totals["task_loss"].sum().item() / max(tokens, 1.0),
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": totals["samples"].item() / elapsed,
+            "tokens_per_s": totals["tokens"].item() / elapsed,
+            "tflops_per_gpu": totals["flops"].item() / elapsed / self.world_size / 1e12,
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        if self.peak_tflops:
+            values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
+        for task in self.tasks:
+            count = totals["task_tokens"][task.task_id].item()
+            if count:
+                values[f"loss/{task.name}"] = totals["task_loss"][task.task_id].item() / count
+        values.update(memory_stats())
+        self.metrics.write("train", self.step, values)
+        if self.is_main:
+            log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+        window.reset()
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.cfg.training.steps, initial=self.step, disable=not (self.is_main and self.cfg.training.progress_bar),
+            desc="train", dynamic_ncols=True,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        try:
+            scores = self.evaluator.evaluate(self.engine.module, self.step)
+        finally:
+            self.engine.train()
+        self.metrics.write("eval", self.step, scores)
+        self.checkpoints.record_eval(self.step, self.evaluator.primary_scores(scores))
+        if self.is_main:
+            print(self.evaluator.format_table(scores, self.step), flush=True)
+        return scores
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "data": self.stream.state_dict()}
+
+    def save(self) -> None:
+        self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg))
+
+    def resume(self) -> None:
+        if self.resume_from is None:
+            return
+        state = self.checkpoints.load(self.engine, self.resume_from)
+        self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
+        if self.is_main:
+            log.info("resumed from %s at step %d", self.resume_from, self.step)
