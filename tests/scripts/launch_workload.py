@@ -1,0 +1,113 @@
+"""A tiny real training job for the launcher tests, with the trainer's command-line contract.
+
+    python tests/scripts/launch_workload.py train [--config FILE] [--resume auto] [key=value ...]
+
+Understood overrides: ``run.dir=PATH`` (required), ``train.steps=N`` (default 6),
+``train.step_sleep=SECONDS`` (default 0). Like the real trainer it calls
+``hp_deepspeed.launching.distributed.init_distributed()`` first, runs ZeRO-3 steps of a toy
+model through ``deepspeed.initialize``, and on SIGUSR1/SIGTERM stops at the next step boundary
+(all ranks agree through an all-reduce), records the completed step count in
+``run.dir/checkpoints/state.json`` and exits 75. With ``--resume auto`` it continues from that
+count. Each rank appends the steps it ran to ``run.dir/steps-rank{R}.txt`` and writes
+``run.dir/rank{R}.json`` (its DistInfo, SLURM_RESTART_COUNT, first and last step) on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from hp_deepspeed.launching.distributed import init_distributed
+
+EX_PREEMPTED = 75
+_stop_requested = False
+
+
+def _request_stop(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+    print(f"[workload] rank {os.environ.get('RANK')} got signal {signum}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--config")
+    parser.add_argument("--resume", choices=["auto"])
+    parser.add_argument("--local_rank", type=int)  # passed by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    overrides = dict(o.split("=", 1) for o in args.overrides)
+    run_dir = Path(overrides["run.dir"])
+    steps = int(overrides.get("train.steps", 6))
+    step_sleep = float(overrides.get("train.step_sleep", 0))
+
+    signal.signal(signal.SIGUSR1, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    info = init_distributed()
+    rank = info.rank
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state_file = run_dir / "checkpoints" / "state.json"
+
+    start = 0
+    if args.resume == "auto" and state_file.exists():
+        start = json.loads(state_file.read_text())["step"]
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01), config=config,
+    )
+    assert engine.zero_optimization_stage() == 3
+    generator = torch.Generator().manual_seed(rank)
+    step, loss = start, None
+    with (run_dir / f"steps-rank{rank}.txt").open("a") as steps_log:
+        while step < steps:
+            flag = torch.tensor([1.0 if _stop_requested else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                break
+            x = torch.randn(2, 16, generator=generator)
+            loss = engine(x).pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            steps_log.write(f"{step}\n")
+            steps_log.flush()
+            step += 1
+            time.sleep(step_sleep)
+    preempted = step < steps
+    dist.barrier()
+    if rank == 0:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps({"step": step}))
+    record = dict(
+        info.as_dict(), start_step=start, end_step=step, preempted=preempted,
+        restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        loss=None if loss is None else loss.item(),
+    )
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    print(f"[workload] rank {rank}/{info.world_size} via {info.source}: steps {start}..{step}"
+          f"{' (preempted)' if preempted else ''}", flush=True)
+    dist.barrier()
+    return EX_PREEMPTED if preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
