@@ -1,0 +1,94 @@
+"""The trainer's model section: which T5, in what dtype, how it is checkpointed, and building it.
+
+``build_model`` is the one place that decides how the backbone comes to exist: on the meta
+device (to count parameters), plainly on the CPU, or inside ``deepspeed.zero.Init`` so that
+each rank only ever allocates its partition; and then whether weights are loaded from a Hugging
+Face checkpoint (streamed tensor by tensor under ZeRO-3) or left at their random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from hp_deepspeed.model.hf_checkpoint import load_hf_weights
+from hp_deepspeed.model.t5 import ActivationCheckpointing, T5Model
+from hp_deepspeed.model.t5_config import PRESETS, T5Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """The ``model:`` section of a run config."""
+
+    name_or_path: str = "t5-small"
+    """A preset name (``t5-base``, ``google/flan-t5-xl``, ``tiny-v1_1`` ...), a local folder
+    with config.json (+ weights), or a hub id."""
+    load_weights: bool = True
+    """Load the checkpoint's weights; false starts from a random initialisation (tiny presets
+    have no weights and always start random)."""
+    activation_checkpointing: ActivationCheckpointing = "none"
+    """Per-block activation checkpointing: ``none``, ``reentrant`` (torch's
+    ``use_reentrant=True``) or ``non_reentrant``. Trades one extra block forward for activations."""
+    dropout_rate: float | None = None
+    """Overrides the checkpoint's dropout everywhere (T5 fine-tuning usually uses 0.1); None keeps it."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the parameters are created in. Under DeepSpeed keep float32 and let the DeepSpeed
+    config's bf16/fp16 section decide (it keeps fp32 master weights)."""
+    seed: int = 0
+    """Seed of the random initialisation (only matters when weights are not loaded)."""
+
+
+def resolve_t5_config(config: ModelConfig) -> T5Config:
+    """The architecture of ``config.name_or_path`` with the dropout override applied."""
+    t5_config = T5Config.from_pretrained(config.name_or_path)
+    if config.dropout_rate is not None:
+        t5_config = dataclasses.replace(t5_config, dropout_rate=config.dropout_rate)
+    return t5_config
+
+
+def build_model(
+    config: ModelConfig,
+    ds_config: dict[str, Any] | str | None = None,
+    device: torch.device | str = "cpu",
+) -> T5Model:
+    """Build (and load) the backbone.
+
+    ``ds_config`` with ZeRO stage 3: built inside ``deepspeed.zero.Init`` and loaded by
+    streaming; every rank must call this. ``device="meta"``: shapes only, nothing is loaded.
+    """
+    t5_config = resolve_t5_config(config)
+    dtype = DTYPES[config.dtype]
+    zero3 = _zero_stage(ds_config) == 3
+    torch.manual_seed(config.seed)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return T5Model(t5_config, config.activation_checkpointing).to(dtype)
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = T5Model(t5_config, config.activation_checkpointing)
+    else:
+        model = T5Model(t5_config, config.activation_checkpointing).to(device=device, dtype=dtype)
+    if config.load_weights and config.name_or_path not in _RANDOM_ONLY:
+        load_hf_weights(model, config.name_or_path, zero3=zero3)
+    return model
+
+
+# Presets without published weights.
+_RANDOM_ONLY = {name for name in PRESETS if name.startswith("tiny-")}
+
+
+def _zero_stage(ds_config: dict[str, Any] | str | None) -> int:
+    if ds_config is None:
+        return 0
+    if isinstance(ds_config, str):
+        ds_config = json.loads(Path(ds_config).read_text())
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,491 @@
+"""A compact T5 encoder-decoder with HyperPrompt-style conditioning hooks.
+
+Parameter names are exactly those of Hugging Face's ``T5ForConditionalGeneration`` (``shared``,
+``encoder.block.3.layer.1.DenseReluDense.wi_0`` ...), so loading and saving HF checkpoints is a
+name-for-name copy. The computation is our own and deliberately small:
+
+* attention runs through ``F.scaled_dot_product_attention`` with ``scale=1.0`` (T5 folds the
+  1/sqrt(d) into its initialisation) and the relative position bias plus the padding / causal
+  mask passed as one additive float mask;
+* the relative position bias table lives in the first block of each stack, as in HF, but the
+  bias is computed once per forward by the stack (by *calling* that embedding module, so ZeRO-3's
+  hooks gather it) and handed to every block as an argument;
+* every block takes its conditioning tensors (``LayerConditioning.as_args()``) as explicit
+  positional arguments, so activation checkpointing of either flavour recomputes them and
+  gradients reach whatever produced them;
+* key/value prompts are prepended to the keys/values of the block's self-attention with zero
+  position bias and are never masked; they are kept out of the generation cache and
+  concatenated at every step, so cached and uncached decoding see the same prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning, apply_adapter
+from hp_deepspeed.model.t5_config import T5Config
+
+ActivationCheckpointing = Literal["none", "reentrant", "non_reentrant"]
+# Number of tensors in LayerConditioning.as_args(); a block receives this many conditioning args.
+_NUM_COND_ARGS = len(LayerConditioning().as_args())
+
+
+def _activation(name: str):
+    if name == "relu":
+        return F.relu
+    if name == "gelu_new":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without mean subtraction or bias; the statistics are always computed in fp32."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        normed = hidden.float() * torch.rsqrt(variance + self.eps)
+        # Half-precision weights: return the weights' dtype, as T5's reference code does.
+        return self.weight * normed.to(self.weight.dtype)
+
+
+@dataclass
+class LayerKVCache:
+    """Keys/values of one decoder block during incremental decoding (tokens only, no prompts)."""
+
+    self_key: Tensor | None = None
+    """[batch, heads, positions so far, d_kv]"""
+    self_value: Tensor | None = None
+    cross_key: Tensor | None = None
+    """[batch, heads, encoder length, d_kv]; computed at the first step, reused afterwards."""
+    cross_value: Tensor | None = None
+
+
+@dataclass
+class DecoderCache:
+    """Generation state of the whole decoder."""
+
+    layers: list[LayerKVCache]
+    """One entry per decoder block."""
+
+    @property
+    def length(self) -> int:
+        """Decoder positions already processed (the offset of the next query)."""
+        first = self.layers[0].self_key
+        return 0 if first is None else first.shape[2]
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention without score scaling; self-attention may carry the bias table."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.num_heads, self.d_kv = config.num_heads, config.d_kv
+        inner, d_model, f = config.inner_dim, config.d_model, config.initializer_factor
+        self.dropout = config.dropout_rate
+        self.q = nn.Linear(d_model, inner, bias=False)
+        self.k = nn.Linear(d_model, inner, bias=False)
+        self.v = nn.Linear(d_model, inner, bias=False)
+        self.o = nn.Linear(inner, d_model, bias=False)
+        # Mesh-TF initialisation: the query absorbs the 1/sqrt(d_kv) that attention omits.
+        nn.init.normal_(self.q.weight, std=f * (d_model * self.d_kv) ** -0.5)
+        nn.init.normal_(self.k.weight, std=f * d_model**-0.5)
+        nn.init.normal_(self.v.weight, std=f * d_model**-0.5)
+        nn.init.normal_(self.o.weight, std=f * inner**-0.5)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, self.num_heads)
+            nn.init.normal_(self.relative_attention_bias.weight, std=f * d_model**-0.5)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        bias: Tensor,
+        key_value_states: Tensor | None = None,
+        key_prompt: Tensor | None = None,
+        value_prompt: Tensor | None = None,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """``bias`` is the additive float mask [batch or 1, heads or 1, queries, keys]; cross-
+        attention when ``key_value_states`` is given, self-attention otherwise."""
+        query = self._heads(self.q(hidden))
+        if key_value_states is not None:
+            if cache is not None and cache.cross_key is not None:
+                key, value = cache.cross_key, cache.cross_value
+            else:
+                key, value = self._heads(self.k(key_value_states)), self._heads(self.v(key_value_states))
+                if cache is not None:
+                    cache.cross_key, cache.cross_value = key, value
+        else:
+            key, value = self._heads(self.k(hidden)), self._heads(self.v(hidden))
+            if cache is not None:
+                if cache.self_key is not None:
+                    key = torch.cat([cache.self_key, key], dim=2)
+                    value = torch.cat([cache.self_value, value], dim=2)
+                cache.self_key, cache.self_value = key, value
+            if key_prompt is not None:
+                # Prompt slots: prepended, zero position bias, never masked.
+                key = torch.cat([key_prompt.to(key.dtype), key], dim=2)
+                value = torch.cat([value_prompt.to(value.dtype), value], dim=2)
+                bias = F.pad(bias, (key_prompt.shape[2], 0))
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias.to(query.dtype),
+            dropout_p=self.dropout if self.training else 0.0, scale=1.0,
+        )
+        out = out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
+        return self.o(out)
+
+
+class T5LayerSelfAttention(nn.Module):
+    """Pre-norm self-attention sub-layer with residual."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden, bias, key_prompt=None, value_prompt=None, cache=None):
+        attn = self.SelfAttention(self.layer_norm(hidden), bias, None, key_prompt, value_prompt, cache)
+        return hidden + self.dropout(attn)
+
+
+class T5LayerCrossAttention(nn.Module):
+    """Pre-norm encoder-decoder attention sub-layer with residual (no position bias)."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden, encoder_hidden, bias, cache=None):
+        attn = self.EncDecAttention(self.layer_norm(hidden), bias, encoder_hidden, cache=cache)
+        return hidden + self.dropout(attn)
+
+
+class T5DenseActDense(nn.Module):
+    """v1.0 feed-forward: ``wo(dropout(act(wi x)))``."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        f = config.initializer_factor
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        nn.init.normal_(self.wi.weight, std=f * config.d_model**-0.5)
+        nn.init.normal_(self.wo.weight, std=f * config.d_ff**-0.5)
+        self.act = _activation(config.activation)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.wo(self.dropout(self.act(self.wi(hidden))))
+
+
+class T5DenseGatedActDense(nn.Module):
+    """v1.1 feed-forward: ``wo(dropout(act(wi_0 x) * wi_1 x))``."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        f = config.initializer_factor
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        nn.init.normal_(self.wi_0.weight, std=f * config.d_model**-0.5)
+        nn.init.normal_(self.wi_1.weight, std=f * config.d_model**-0.5)
+        nn.init.normal_(self.wo.weight, std=f * config.d_ff**-0.5)
+        self.act = _activation(config.activation)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.wo(self.dropout(self.act(self.wi_0(hidden)) * self.wi_1(hidden)))
+
+
+class T5LayerFF(nn.Module):
+    """Pre-norm feed-forward sub-layer; the adapter (if any) acts on its output before the residual."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated else T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden: Tensor, cond: LayerConditioning | None) -> Tensor:
+        ffn = apply_adapter(self.DenseReluDense(self.layer_norm(hidden)), cond)
+        return hidden + self.dropout(ffn)
+
+
+class T5Block(nn.Module):
+    """One encoder block (self-attn, FFN) or decoder block (self-attn, cross-attn, FFN)."""
+
+    def __init__(self, config: T5Config, is_decoder: bool, has_relative_attention_bias: bool):
+        super().__init__()
+        self.is_decoder = is_decoder
+        layers: list[nn.Module] = [T5LayerSelfAttention(config, has_relative_attention_bias)]
+        if is_decoder:
+            layers.append(T5LayerCrossAttention(config))
+        layers.append(T5LayerFF(config))
+        self.layer = nn.ModuleList(layers)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        self_bias: Tensor,
+        encoder_hidden: Tensor | None,
+        cross_bias: Tensor | None,
+        key_prompt: Tensor | None,
+        value_prompt: Tensor | None,
+        adapter_down: Tensor | None,
+        adapter_down_bias: Tensor | None,
+        adapter_up: Tensor | None,
+        adapter_up_bias: Tensor | None,
+        cache: LayerKVCache | None = None,
+    ) -> Tensor:
+        """All tensors positional (the checkpointing contract); ``cache`` only when generating."""
+        cond = LayerConditioning(key_prompt, value_prompt, adapter_down, adapter_down_bias, adapter_up, adapter_up_bias)
+        hidden = self.layer[0](hidden, self_bias, key_prompt, value_prompt, cache)
+        if self.is_decoder:
+            hidden = self.layer[1](hidden, encoder_hidden, cross_bias, cache)
+        return self.layer[-1](hidden, cond)
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucketing of ``key_pos - query_pos``: exact for small distances, log-spaced beyond.
+
+    Bidirectional (encoder): half the buckets for each sign. Unidirectional (decoder): only
+    keys at or before the query get distinct buckets (future keys are masked anyway).
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    # clamp(min=1) only keeps log() finite where the exact branch is taken anyway.
+    log_bucket = max_exact + (
+        torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).long()
+    log_bucket = log_bucket.clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, log_bucket)
+
+
+class T5Stack(nn.Module):
+    """The encoder or the decoder: blocks plus final norm. Embedding happens in ``T5Model``."""
+
+    def __init__(self, config: T5Config, is_decoder: bool, activation_checkpointing: ActivationCheckpointing = "none"):
+        super().__init__()
+        self.config = config
+        self.is_decoder = is_decoder
+        self.activation_checkpointing = activation_checkpointing
+        n = config.num_decoder_layers if is_decoder else config.num_layers
+        self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=(i == 0)) for i in range(n))
+        self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def position_bias(self, query_len: int, key_len: int, offset: int, device: torch.device) -> Tensor:
+        """[1, heads, query_len, key_len] bias for queries at ``offset .. offset+query_len-1``."""
+        query_pos = torch.arange(offset, offset + query_len, device=device)[:, None]
+        key_pos = torch.arange(key_len, device=device)[None, :]
+        buckets = relative_position_bucket(
+            key_pos - query_pos, bidirectional=not self.is_decoder,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+        # Called as a module so that ZeRO-3's hooks gather the table (it is not this module's).
+        table = self.block[0].layer[0].SelfAttention.relative_attention_bias
+        return table(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor | None = None,
+        encoder_hidden: Tensor | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        conditioning: list[LayerConditioning] | None = None,
+        cache: DecoderCache | None = None,
+    ) -> Tensor:
+        """``hidden``: embedded inputs [batch, len, d_model]; masks are 1 = attend, 0 = padding.
+
+        With a ``cache`` (decoder only) ``hidden`` holds just the new positions and
+        ``attention_mask``, if given, covers all positions so far.
+        """
+        batch, length = hidden.shape[:2]
+        offset = cache.length if cache is not None else 0
+        key_len = offset + length
+        # Blocked positions get the dtype's minimum (not -inf): a fully padded row then yields
+        # a uniform softmax instead of NaN.
+        min_value = torch.finfo(hidden.dtype).min
+        bias = self.position_bias(length, key_len, offset, hidden.device)
+        blocked = None
+        if self.is_decoder:
+            blocked = (torch.arange(key_len, device=hidden.device)[None, :]
+                       > torch.arange(offset, key_len, device=hidden.device)[:, None])[None, None]
+        if attention_mask is not None:
+            padding = attention_mask[:, None, None, :] == 0
+            blocked = padding if blocked is None else blocked | padding
+        if blocked is not None:
+            bias = bias.masked_fill(blocked, min_value)
+        cross_bias = None
+        if encoder_hidden is not None:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_hidden.shape[:2], device=hidden.device)
+            cross_bias = torch.zeros(encoder_attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
+            cross_bias = cross_bias.masked_fill(encoder_attention_mask == 0, min_value)[:, None, None, :]
+        if conditioning is not None and len(conditioning) != len(self.block):
+            raise ValueError(f"conditioning has {len(conditioning)} entries for {len(self.block)} blocks")
+
+        hidden = self.dropout(hidden)
+        use_checkpoint = self.activation_checkpointing != "none" and self.training and cache is None
+        for i, block in enumerate(self.block):
+            cond_args = conditioning[i].as_args() if conditioning is not None else (None,) * _NUM_COND_ARGS
+            args = (hidden, bias, encoder_hidden, cross_bias, *cond_args)
+            if use_checkpoint:
+                hidden = checkpoint(block, *args, use_reentrant=self.activation_checkpointing == "reentrant")
+            else:
+                hidden = block(*args, cache=cache.layers[i] if cache is not None else None)
+        return self.dropout(self.final_layer_norm(hidden))
+
+
+@dataclass
+class T5Output:
+    """What ``T5Model.forward`` returns."""
+
+    logits: Tensor
+    """[batch, target_len, vocab]"""
+    loss: Tensor | None = None
+    """Mean cross-entropy over label tokens != -100 (HF's definition); None without labels."""
+    example_loss_sum: Tensor | None = None
+    """[batch] summed cross-entropy of each example's label tokens (fp32)."""
+    example_token_count: Tensor | None = None
+    """[batch] number of label tokens != -100 per example."""
+    encoder_hidden: Tensor | None = None
+    """[batch, (prompt +) source_len, d_model] the encoder output."""
+    extras: dict = field(default_factory=dict)
+
+
+class T5Model(nn.Module):
+    """T5 for conditional generation (HF parameter names), optionally task-conditioned."""
+
+    def __init__(self, config: T5Config, activation_checkpointing: ActivationCheckpointing = "none"):
+        super().__init__()
+        if activation_checkpointing not in ("none", "reentrant", "non_reentrant"):
+            raise ValueError(f"activation_checkpointing={activation_checkpointing!r}: expected none, reentrant or non_reentrant")
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.shared.weight, std=config.initializer_factor)
+        self.encoder = T5Stack(config, is_decoder=False, activation_checkpointing=activation_checkpointing)
+        self.decoder = T5Stack(config, is_decoder=True, activation_checkpointing=activation_checkpointing)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            # One Parameter in two modules, as HF does; ZeRO-3 gathers it through either module.
+            self.lm_head.weight = self.shared.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.initializer_factor)
+
+    def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
+        """Switch per-block checkpointing (``none``, ``reentrant``, ``non_reentrant``)."""
+        if mode not in ("none", "reentrant", "non_reentrant"):
+            raise ValueError(f"activation_checkpointing={mode!r}: expected none, reentrant or non_reentrant")
+        self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = mode
+
+    def encode(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, conditioning: ConditioningOutput | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Run the encoder; returns (hidden [B, l+len, d], mask [B, l+len]) including input-prompt slots."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.shared(input_ids)
+        layer_cond = None
+        if conditioning is not None:
+            if conditioning.input_prompt is not None:
+                prompt = conditioning.input_prompt.to(hidden.dtype)
+                hidden = torch.cat([prompt, hidden], dim=1)
+                attention_mask = torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
+            layer_cond = conditioning.encoder
+        return self.encoder(hidden, attention_mask, conditioning=layer_cond), attention_mask
+
+    def decode(
+        self,
+        decoder_input_ids: Tensor,
+        encoder_hidden: Tensor,
+        encoder_attention_mask: Tensor,
+        decoder_attention_mask: Tensor | None = None,
+        conditioning: ConditioningOutput | None = None,
+        cache: DecoderCache | None = None,
+    ) -> Tensor:
+        """Decoder plus LM head; returns logits. With ``cache``, ``decoder_input_ids`` are the new tokens only."""
+        hidden = self.decoder(
+            self.shared(decoder_input_ids), decoder_attention_mask, encoder_hidden, encoder_attention_mask,
+            conditioning=conditioning.decoder if conditioning is not None else None, cache=cache,
+        )
+        if self.config.tie_word_embeddings:
+            hidden = hidden * self.config.d_model**-0.5
+        return self.lm_head(hidden)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty generation cache for ``decode_step``."""
+        return DecoderCache([LayerKVCache() for _ in self.decoder.block])
+
+    def decode_step(
+        self,
+        next_ids: Tensor,
+        encoder_hidden: Tensor,
+        encoder_attention_mask: Tensor,
+        cache: DecoderCache,
+        conditioning: ConditioningOutput | None = None,
+    ) -> Tensor:
+        """One incremental step: ``next_ids`` [B, 1] -> logits [B, vocab]; updates ``cache`` in place."""
+        return self.decode(next_ids, encoder_hidden, encoder_attention_mask, None, conditioning, cache)[:, -1]
+
+    def shift_right(self, labels: Tensor) -> Tensor:
+        """Decoder inputs from labels: prepend decoder_start_token_id, drop the last, -100 -> pad."""
+        shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        conditioning: ConditioningOutput | None = None,
+    ) -> T5Output:
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("T5Model.forward needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        encoder_hidden, encoder_mask = self.encode(input_ids, attention_mask, conditioning)
+        logits = self.decode(decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask, conditioning)
+        out = T5Output(logits=logits, encoder_hidden=encoder_hidden)
+        if labels is not None:
+            # fp32 cross-entropy whatever the training dtype; per-token so that the trainer can
+            # report per-task loss, and the mean over all label tokens equals HF's loss.
+            token_loss = F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+            ).view(labels.shape)
+            valid = labels != -100
+            out.example_loss_sum = (token_loss * valid).sum(dim=1)
+            out.example_token_count = valid.sum(dim=1)
+            out.loss = out.example_loss_sum.sum() / out.example_token_count.sum()
+        return out
