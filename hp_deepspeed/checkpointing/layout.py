@@ -1,0 +1,252 @@
+"""On-disk layout of a run's checkpoints, and the file-system rules that keep it consistent.
+
+    RUN_DIR/checkpoints/
+        latest                 name of the newest complete checkpoint ("step-1200"), replaced atomically
+        best.json              {task: {"step": N, "score": x}}: the pins retention honours
+        step-1200/
+            COMPLETE           written last, by rank 0, after every rank reported its files durable
+            params.json        parameter name -> full shape (mismatch errors name the parameter)
+            trainer_state.json step, sampler state, metrics: whatever the trainer hands over
+            config.yaml        the resolved job config
+            rng/rank-R.pt      python / numpy / torch / CUDA generator states of rank R
+            zero_pp_rank_R_mp_rank_00_model_states.pt, *_optim_states.pt   DeepSpeed's shards
+            universal/         created on demand when resuming on another number of ranks
+        step-1300.staging/     a save in progress (or a crashed one); never loaded, removed later
+
+The invariant: a folder named ``step-N`` with a ``COMPLETE`` file is a whole checkpoint. Saves
+write into ``step-N.staging`` and are renamed to ``step-N`` only after the marker exists, so a
+crash at any point leaves at worst an ignored staging folder and a ``latest`` pointing at the
+previous good checkpoint. Deletion removes the marker first, so a half-deleted folder is never
+mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+BEST = "best.json"
+PARAMS = "params.json"
+TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.yaml"
+RNG_DIR = "rng"
+UNIVERSAL = "universal"
+STAGING_SUFFIX = ".staging"
+TRASH_SUFFIX = ".trash"
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the folder and what is wrong."""
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The N of a ``step-N`` folder name, None for anything else (staging, trash, universal)."""
+    match = STEP_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` so readers see either the old file or the whole new one, even after a crash.
+
+    Temp file in the same directory (so ``os.replace`` is a rename on one file system), fsync the
+    data, rename, then fsync the directory so the rename itself survives a power loss.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def read_marker(step_dir: str | Path) -> dict | None:
+    """The marker's contents, or None when the folder is not a complete checkpoint."""
+    try:
+        data = read_json(Path(step_dir) / MARKER)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except json.JSONDecodeError as err:
+        # The marker is written atomically, so a torn one means outside interference.
+        raise CheckpointError(f"{step_dir}: marker {MARKER} is not valid JSON ({err})") from None
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(step_dir: str | Path) -> bool:
+    return read_marker(step_dir) is not None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A complete checkpoint found on disk."""
+
+    path: Path
+    step: int
+    marker: dict
+
+    @property
+    def saved_at(self) -> float:
+        return float(self.marker.get("time", 0.0))
+
+
+def complete_checkpoints(root: str | Path) -> list[CheckpointInfo]:
+    """Every complete ``step-N`` folder under ``root``, oldest step first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        step = step_of(child)
+        if step is None or not child.is_dir():
+            continue
+        marker = read_marker(child)
+        if marker is not None:
+            found.append(CheckpointInfo(child, step, marker))
+    return sorted(found, key=lambda info: info.step)
+
+
+def read_latest(root: str | Path) -> str | None:
+    try:
+        name = (Path(root) / LATEST).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def find_latest(root: str | Path) -> CheckpointInfo | None:
+    """The checkpoint ``resume="auto"`` loads: the newest complete one.
+
+    The ``latest`` pointer is the fast, authoritative answer when it names a complete folder and no
+    complete checkpoint was committed after it. It is stale when the process died between renaming
+    a new checkpoint into place and updating the pointer (the scan then finds the newer, complete
+    one), or when it names a folder that has since been deleted. "Newer" is the marker's commit
+    time, not the step number: after a deliberate resume from an older step, checkpoints of the
+    abandoned continuation have higher steps but older commits than the ones written since.
+    """
+    found = complete_checkpoints(root)
+    if not found:
+        return None
+    newest = max(found, key=lambda info: (info.saved_at, info.step))
+    name = read_latest(root)
+    if name is not None:
+        for info in found:
+            if info.path.name == name and info.saved_at >= newest.saved_at:
+                return info
+    return newest
+
+
+def select_for_deletion(
+    complete_steps: Iterable[int], keep_last: int, pinned: Iterable[int], protect: Iterable[int] = ()
+) -> list[int]:
+    """Steps retention deletes: everything but the newest ``keep_last``, the pins and ``protect``."""
+    steps = sorted(set(complete_steps))
+    keep = set(steps[-keep_last:]) | set(pinned) | set(protect)
+    return [s for s in steps if s not in keep]
+
+
+def remove_checkpoint(step_dir: str | Path) -> None:
+    """Delete a checkpoint so that no crash during the deletion leaves a "complete" partial folder.
+
+    The marker goes first (the folder stops being a checkpoint at that instant), then the folder is
+    renamed out of the ``step-N`` namespace and removed.
+    """
+    step_dir = Path(step_dir)
+    (step_dir / MARKER).unlink(missing_ok=True)
+    fsync_path(step_dir)
+    trash = step_dir.with_name(step_dir.name + TRASH_SUFFIX)
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(step_dir, trash)
+    shutil.rmtree(trash)
+
+
+def remove_debris(root: str | Path, keep: Iterable[str | Path] = ()) -> list[Path]:
+    """Remove leftovers of crashed saves and deletions: staging and trash folders, and ``step-N``
+    folders without a marker. Only rank 0 calls this, and only when no save is in flight."""
+    root = Path(root)
+    keep_names = {Path(k).name for k in keep}
+    removed = []
+    if not root.is_dir():
+        return removed
+    for child in root.iterdir():
+        if not child.is_dir() or child.name in keep_names:
+            continue
+        leftover = child.name.endswith((STAGING_SUFFIX, TRASH_SUFFIX))
+        if leftover or (step_of(child) is not None and not is_complete(child)):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
+
+
+def compare_metadata(step_dir: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a checkpoint's recorded identity and the running job.
+
+    ``world_size`` is not compared here: a different number of ranks is handled by the universal
+    conversion, not refused.
+    """
+    problems = []
+    for key, what in (("zero_stage", "ZeRO stage"), ("precision", "precision")):
+        if saved.get(key) != current.get(key):
+            problems.append(f"{what}: checkpoint has {saved.get(key)!r}, this job has {current.get(key)!r}")
+    if saved.get("param_count") != current.get("param_count"):
+        problems.append(
+            f"parameter count: checkpoint has {saved.get('param_count')}, this model has {current.get('param_count')}"
+        )
+    saved_model, current_model = saved.get("model_config") or {}, current.get("model_config") or {}
+    for key in sorted(set(saved_model) | set(current_model)):
+        if saved_model.get(key) != current_model.get(key):
+            problems.append(
+                f"model config {key}: checkpoint has {saved_model.get(key)!r}, this job has {current_model.get(key)!r}"
+            )
+    return problems
+
+
+def compare_params(saved: Mapping[str, list[int]], current: Mapping[str, list[int]], limit: int = 5) -> list[str]:
+    """Parameter names missing, unexpected or reshaped between checkpoint and model (first few of each)."""
+    problems = []
+    missing = sorted(set(saved) - set(current))
+    unexpected = sorted(set(current) - set(saved))
+    reshaped = sorted(n for n in set(saved) & set(current) if list(saved[n]) != list(current[n]))
+    if missing:
+        problems.append(f"{len(missing)} parameters in the checkpoint but not in the model, e.g. {missing[:limit]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} parameters in the model but not in the checkpoint, e.g. {unexpected[:limit]}")
+    for name in reshaped[:limit]:
+        problems.append(f"parameter {name}: checkpoint shape {list(saved[name])}, model shape {list(current[name])}")
+    return problems

@@ -1,0 +1,405 @@
+"""``CheckpointManager``: save, rotate and resume a DeepSpeed run as crash-safe ``step-N`` folders.
+
+The trainer owns one manager and calls, on every rank:
+
+    manager = CheckpointManager(cfg.checkpoint, run_dir, model_config=to_dict(cfg.model))
+    point = manager.find_resume_point()       # before building the model: cheap checks, None = fresh
+    ds_config = ...                            # (load_universal may be set when manager.needs_universal(point))
+    engine = deepspeed.initialize(...)
+    state = manager.load(engine, point) if point else None   # module, optimizer, scheduler, RNG
+    ...
+    if manager.due(step) or stopping:
+        manager.save(engine, step, {"sampler": sampler.state_dict(), ...}, job_config=to_dict(cfg))
+    manager.record_eval(step, {"rte": 71.2, "cb": 88.0})   # higher is better; pins the best per task
+
+Save protocol (see ``layout`` for the folder layout):
+ 1. rank 0 removes debris of earlier crashed saves; barrier.
+ 2. every rank writes its DeepSpeed shards (``engine.save_checkpoint`` into ``step-N.staging``) and
+    its RNG file and fsyncs them; rank 0 adds trainer_state.json, config.yaml, params.json.
+ 3. ``all_reduce(MIN)`` of a per-rank success flag: the proof that every rank's files are durable
+    (a plain barrier would also pass when a rank had caught its own write error).
+ 4. rank 0 checks every rank's files are present, writes ``COMPLETE``, renames the folder to
+    ``step-N``, atomically repoints ``latest``, then applies retention. Rank 0's outcome is
+    broadcast so every rank returns (or raises) together: a rank that exits right after ``save``
+    (preemption) does so only once the checkpoint is official.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from hp_deepspeed.checkpointing import rng
+from hp_deepspeed.checkpointing.config import CheckpointConfig
+from hp_deepspeed.checkpointing.layout import (
+    BEST,
+    CONFIG,
+    LATEST,
+    MARKER,
+    PARAMS,
+    STAGING_SUFFIX,
+    TRAINER_STATE,
+    UNIVERSAL,
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    compare_metadata,
+    compare_params,
+    complete_checkpoints,
+    find_latest,
+    fsync_path,
+    read_json,
+    read_latest,
+    read_marker,
+    remove_checkpoint,
+    remove_debris,
+    select_for_deletion,
+    step_of,
+    step_tag,
+)
+from hp_deepspeed.checkpointing.universal import ensure_universal
+
+log = logging.getLogger(__name__)
+
+CLIENT_STEP_KEY = "hp_step"
+
+
+def _precision(engine) -> str:
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
+def _param_shapes(engine) -> dict[str, list[int]]:
+    # Under ZeRO-3 a parameter's local tensor is an empty placeholder; ds_shape is the full shape.
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (small, picklable decisions only)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointManager:
+    """Saves and restores one run's checkpoints under ``run_dir/checkpoints``; all methods are collective."""
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        run_dir: str | Path,
+        model_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``model_config``: the fields that define the architecture (JSON-able); a checkpoint whose
+        recorded model config differs is refused, with the differing keys named."""
+        self.config = config
+        self.root = Path(run_dir) / "checkpoints"
+        self.model_config = dict(model_config or {})
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        # Step of the checkpoint this process resumed from and has not trained past yet: saving
+        # that step again would write identical state, so the save is skipped.
+        self._resumed_step: int | None = None
+        best_path = self.root / BEST
+        self.best: dict[str, dict[str, float | int]] = read_json(best_path) if best_path.is_file() else {}
+
+    # ------------------------------------------------------------------ saving
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a regular checkpoint step (every ``config.interval`` steps)."""
+        return step > 0 and step % self.config.interval == 0
+
+    def describe(self, engine) -> dict[str, Any]:
+        """The identity a checkpoint records and a resume must match."""
+        shapes = _param_shapes(engine)
+        return {
+            "world_size": self.world_size,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "precision": _precision(engine),
+            "param_count": sum(int(torch.Size(s).numel()) for s in shapes.values()),
+            "model_config": self.model_config,
+        }
+
+    def save(
+        self,
+        engine,
+        step: int,
+        trainer_state: Mapping[str, Any] | None = None,
+        job_config: str | Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step-N`` on every rank; returns its folder once it is complete.
+
+        ``trainer_state`` must be JSON-serialisable and the same on every rank (rank 0 writes it);
+        ``step`` is added to it. ``job_config``: the resolved job config (YAML text or a mapping),
+        stored as ``config.yaml`` so every checkpoint says exactly how it was trained.
+        """
+        final = self.root / step_tag(step)
+        if self._resumed_step == step and read_marker(final) is not None:
+            log.info("checkpoint %s already holds this exact state (just resumed from it); not re-saving", final)
+            return final
+        state = dict(trainer_state or {})
+        if state.setdefault("step", step) != step:
+            raise ValueError(f"trainer_state['step'] is {state['step']} but saving step {step}")
+        staging_tag = step_tag(step) + STAGING_SUFFIX
+        staging = self.root / staging_tag
+
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for path in remove_debris(self.root):
+                log.warning("removed leftover of an interrupted save or deletion: %s", path)
+        dist.barrier()
+
+        started = time.monotonic()
+        error = None
+        try:
+            engine.save_checkpoint(str(self.root), tag=staging_tag,
+                                   client_state={CLIENT_STEP_KEY: step}, save_latest=False)
+            rng.save(staging, self.rank)
+            # DeepSpeed's torch.save does not fsync; durability of this rank's shards is part of
+            # what the success flag below vouches for.
+            for path in glob.glob(str(staging / f"*zero_pp_rank_{self.rank}_*")):
+                fsync_path(path)
+            if self.rank == 0:
+                meta = self.describe(engine)
+                atomic_write_json(staging / TRAINER_STATE, state)
+                atomic_write_json(staging / PARAMS, _param_shapes(engine))
+                if job_config is not None:
+                    text = job_config if isinstance(job_config, str) else yaml.safe_dump(
+                        dict(job_config), sort_keys=False)
+                    atomic_write_text(staging / CONFIG, text)
+        except Exception as err:  # reported collectively below, then re-raised on this rank
+            error = err
+        ok = torch.tensor([0 if error else 1], dtype=torch.int32)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is not None:
+            raise CheckpointError(f"{staging}: rank {self.rank} failed to write its part: {error}") from error
+        if ok.item() == 0:
+            raise CheckpointError(f"{staging}: another rank failed to write its part; checkpoint abandoned")
+
+        outcome = None
+        if self.rank == 0:
+            try:
+                self._commit(staging, final, step, meta)
+            except Exception as err:
+                outcome = f"{type(err).__name__}: {err}"
+        outcome = _broadcast(outcome)
+        if outcome is not None:
+            raise CheckpointError(f"{final}: rank 0 could not commit the checkpoint: {outcome}")
+        self._resumed_step = None
+        log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - started)
+        return final
+
+    def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any]) -> None:
+        """Rank 0: make ``staging`` the official ``step-N`` (marker, rename, pointer), then rotate."""
+        missing = [
+            str(path.relative_to(staging))
+            for r in range(self.world_size)
+            for path in (rng.rank_file(staging, r),)
+            if not path.is_file()
+        ]
+        if meta["zero_stage"] == 3:
+            for r in range(self.world_size):
+                if not glob.glob(str(staging / f"*zero_pp_rank_{r}_mp_rank_*_model_states.pt")):
+                    missing.append(f"zero_pp_rank_{r}_*_model_states.pt")
+                if not glob.glob(str(staging / f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt")):
+                    missing.append(f"zero_pp_rank_{r}_*_optim_states.pt")
+        if missing:
+            raise CheckpointError(f"{staging}: files missing after every rank reported success: {missing}")
+        fsync_path(staging)
+        write_marker(staging, {**meta, "step": step, "time": time.time(),
+                               "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__})
+        if final.exists():
+            # Re-saving a step (resumed from an older checkpoint, or the earlier step-N was from an
+            # abandoned continuation). Between these two lines no step-N exists; `latest` then
+            # names a missing folder and find_latest falls back to the newest other checkpoint.
+            remove_checkpoint(final)
+        os.replace(staging, final)
+        fsync_path(self.root)
+        atomic_write_text(self.root / LATEST, final.name + "\n")
+        self._apply_retention(protect=step)
+
+    def _apply_retention(self, protect: int) -> None:
+        steps = [info.step for info in complete_checkpoints(self.root)]
+        pinned = {int(entry["step"]) for entry in self.best.values()} if self.config.keep_best else set()
+        for step in select_for_deletion(steps, self.config.keep_last, pinned, protect=(protect,)):
+            path = self.root / step_tag(step)
+            log.info("retention: deleting %s", path)
+            remove_checkpoint(path)
+
+    # ------------------------------------------------------------------ evaluation pins
+
+    def record_eval(self, step: int, scores: Mapping[str, float]) -> list[str]:
+        """Record higher-is-better primary metrics of ``step``; returns the tasks it improved.
+
+        The checkpoint of a task's best step is never deleted. Evaluate on checkpoint steps (or save
+        right away when this returns a non-empty list), otherwise the best weights were never written.
+        """
+        improved = []
+        for task, score in scores.items():
+            entry = self.best.get(task)
+            if entry is None or float(score) > float(entry["score"]):
+                self.best[task] = {"step": int(step), "score": float(score)}
+                improved.append(task)
+        if improved and self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.root / BEST, self.best)
+        return improved
+
+    # ------------------------------------------------------------------ resuming
+
+    def find_resume_point(self, spec: str | None = None) -> ResumePoint | None:
+        """Collective, cheap, and meant to run before the model is built: which checkpoint to resume.
+
+        ``spec`` defaults to ``config.resume``. Returns None for ``"none"`` and for ``"auto"`` when
+        there is no complete checkpoint. Checks what the markers alone can tell (completeness, model
+        config, whether a different world size may be converted) so a wrong resume fails before an
+        11B model is materialised; the engine-level checks follow in ``load``.
+        """
+        spec = spec or self.config.resume
+        if spec == "none":
+            return None
+        choice: tuple = ("ok", None)
+        if self.rank == 0:
+            try:
+                choice = ("ok", self._choose(spec))
+            except CheckpointError as err:
+                choice = ("error", str(err))
+        choice = _broadcast(choice)
+        if choice[0] == "error":
+            raise CheckpointError(choice[1])
+        if choice[1] is None:
+            log.info("resume=%s: no complete checkpoint under %s, starting fresh", spec, self.root)
+        return choice[1]
+
+    def needs_universal(self, point: ResumePoint | None) -> bool:
+        """Whether ``point`` was saved on a different number of ranks (loaded via a universal checkpoint)."""
+        return point is not None and point.world_size != self.world_size
+
+    def load(self, engine, point: ResumePoint) -> dict[str, Any]:
+        """Collective: load ``point`` into a freshly initialised engine (module, optimizer, lr
+        scheduler) and this rank's RNG; returns the trainer state saved with it.
+
+        The checkpoint is checked against the engine (ZeRO stage, precision, parameter names and
+        shapes) on rank 0 before the first shard is read; every rank raises the same
+        ``CheckpointError`` when it does not fit. The engine must not have been saved from or
+        stepped yet: ZeRO-3 loads into pristine partitions.
+        """
+        problems = None
+        if self.rank == 0:
+            problems = self._engine_problems(point, engine)
+        problems = _broadcast(problems)
+        if problems:
+            raise CheckpointError(f"checkpoint {point.path} does not match this job:\n  - " + "\n  - ".join(problems))
+
+        step_dir = Path(point.path)
+        universal = self.needs_universal(point)
+        if universal:
+            log.info("%s was saved on %d ranks, resuming on %d: loading a universal checkpoint",
+                     step_dir, point.world_size, self.world_size)
+            ensure_universal(step_dir, self.config.conversion_timeout_s)
+            load_dir, tag = step_dir, UNIVERSAL
+        else:
+            load_dir, tag = step_dir.parent, step_dir.name
+        # DeepSpeed chooses native or universal loading by reading this config flag during
+        # load_checkpoint (engine.load_universal_checkpoint()); for ZeRO-3 nothing at initialize
+        # time depends on it, so setting it for this one call is equivalent to "checkpoint":
+        # {"load_universal": true} in the ds_config, and works whichever way the config was built.
+        previous = engine._config.load_universal_checkpoint
+        engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, client_state = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = previous
+        if load_path is None:
+            raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint files to load")
+        saved_step = (client_state or {}).get(CLIENT_STEP_KEY)
+        if saved_step != point.step:
+            raise CheckpointError(f"{step_dir}: DeepSpeed state is from step {saved_step}, marker says {point.step}")
+        if not rng.load(step_dir, self.rank):
+            log.warning("%s has no RNG state for rank %d (saved on %d ranks); keeping this rank's seeded "
+                        "generators", step_dir, self.rank, point.world_size)
+        self._resumed_step = point.step
+        log.info("resumed from %s (step %d)", step_dir, point.step)
+        return read_json(step_dir / TRAINER_STATE)
+
+    def resume(self, engine, spec: str | None = None) -> dict[str, Any] | None:
+        """``find_resume_point`` then ``load``: the trainer state, or None for a fresh start."""
+        point = self.find_resume_point(spec)
+        return None if point is None else self.load(engine, point)
+
+    def _choose(self, spec: str) -> ResumePoint | None:
+        """Rank 0: the folder ``spec`` names, checked as far as its marker allows."""
+        if spec == "auto":
+            info = find_latest(self.root)
+            if info is None:
+                return None
+            step_dir, marker = info.path, info.marker
+            pointer = read_latest(self.root)
+            if pointer is not None and pointer != step_dir.name:
+                log.warning("%s/latest names %r, which is missing, incomplete or older than %s; using %s",
+                            self.root, pointer, step_dir.name, step_dir.name)
+        else:
+            step_dir = Path(spec)
+            if not step_dir.is_dir():
+                raise CheckpointError(f"resume path {step_dir} does not exist or is not a folder")
+            if step_of(step_dir) is None:
+                raise CheckpointError(f"resume path {step_dir} is not a step-N checkpoint folder")
+            marker = read_marker(step_dir)
+            if marker is None:
+                raise CheckpointError(
+                    f"{step_dir}: no {MARKER} marker; this save never finished and cannot be loaded")
+        problems = []
+        if self.model_config:
+            problems += compare_metadata(
+                step_dir, {"model_config": marker.get("model_config")}, {"model_config": self.model_config})
+        if marker.get("world_size") != self.world_size and self.config.convert_universal == "never" \
+                and read_marker(step_dir / UNIVERSAL) is None:
+            problems.append(
+                f"world size: saved on {marker.get('world_size')} ranks, this job has {self.world_size}, "
+                f"and checkpoint.convert_universal is 'never'; convert it first with "
+                f"`hp-deepspeed convert-universal {step_dir}`")
+        if problems:
+            raise CheckpointError(f"checkpoint {step_dir} does not match this job:\n  - " + "\n  - ".join(problems))
+        return ResumePoint(str(step_dir.resolve()), int(marker["step"]), int(marker["world_size"]), marker)
+
+    def _engine_problems(self, point: ResumePoint, engine) -> list[str]:
+        """Rank 0: what differs between the checkpoint and the built engine (empty when it fits)."""
+        step_dir = Path(point.path)
+        if read_marker(step_dir) is None:  # deleted or invalidated since find_resume_point
+            return [f"{step_dir} is no longer a complete checkpoint"]
+        problems = compare_metadata(step_dir, point.marker, self.describe(engine))
+        if (step_dir / PARAMS).is_file():
+            problems += compare_params(read_json(step_dir / PARAMS), _param_shapes(engine))
+        return problems
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint chosen for resuming (picklable: rank 0 broadcasts it)."""
+
+    path: str
+    step: int
+    world_size: int
+    marker: dict
+
+
+def write_marker(step_dir: Path, marker: dict[str, Any]) -> None:
+    """The commit point of a save: once this file exists the folder is a checkpoint."""
+    atomic_write_json(step_dir / MARKER, marker)
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

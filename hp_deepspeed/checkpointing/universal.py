@@ -1,0 +1,122 @@
+"""DeepSpeed universal checkpoints: resume a ZeRO-3 run on a different number of ranks.
+
+A native ZeRO-3 checkpoint stores each rank's flat partition of the fp32 master weights and Adam
+moments, so it only loads on the same data-parallel world size. ``ds_to_universal`` rewrites it
+as one folder per parameter (``universal/zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``) that any
+world size can re-partition; the module/lr-scheduler/client state file of rank 0 is copied along.
+
+The conversion runs as a child process (``python -m deepspeed.checkpoint.ds_to_universal``): it
+needs every optimizer shard in host memory and its own worker pools, which should not live inside
+a training rank that holds a process group. Output goes to ``step-N/universal.staging`` and is
+renamed to ``step-N/universal`` with its own ``COMPLETE`` marker, so a crashed conversion is
+redone, never half-used, and a finished one is reused by every later resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from hp_deepspeed.checkpointing.layout import (
+    MARKER,
+    STAGING_SUFFIX,
+    UNIVERSAL,
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_path,
+    is_complete,
+    read_marker,
+)
+
+FAILED = UNIVERSAL + ".FAILED"
+POLL_SECONDS = 2.0
+
+
+def universal_dir(step_dir: str | Path) -> Path:
+    return Path(step_dir) / UNIVERSAL
+
+
+def is_converted(step_dir: str | Path) -> bool:
+    return is_complete(universal_dir(step_dir))
+
+
+def convert_to_universal(checkpoint_dir: str | Path, workers: int | None = None) -> Path:
+    """Convert one complete ``step-N`` folder in place; returns ``step-N/universal``.
+
+    Single process, no process group: this is what ``hp-deepspeed convert-universal`` calls, and
+    what rank 0 calls during an automatic resume. A folder already converted is returned as is.
+    """
+    step_dir = Path(checkpoint_dir).resolve()
+    marker = read_marker(step_dir)
+    if marker is None:
+        raise CheckpointError(f"{step_dir}: no {MARKER} marker, not a complete checkpoint; refusing to convert it")
+    out = universal_dir(step_dir)
+    if is_converted(step_dir):
+        return out
+    staging = step_dir / (UNIVERSAL + STAGING_SUFFIX)
+    for stale in (staging, out):  # out without a marker: a crash between rename and marker
+        if stale.exists():
+            shutil.rmtree(stale)
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(step_dir), "--output_folder", str(staging),
+        "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+    ]
+    started = time.time()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The tool points a "latest_universal" file in the parent of its output folder at the staging
+    # name; we always load by explicit tag, so a pointer to a folder that is about to move only misleads.
+    (step_dir / "latest_universal").unlink(missing_ok=True)
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(
+            f"{step_dir}: ds_to_universal failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}"
+        )
+    os.replace(staging, out)
+    fsync_path(step_dir)
+    atomic_write_json(out / MARKER, {
+        "source_world_size": marker.get("world_size"),
+        "seconds": round(time.time() - started, 1),
+        "time": time.time(),
+    })
+    return out
+
+
+def ensure_universal(step_dir: str | Path, timeout_s: float) -> Path:
+    """Collective: rank 0 converts (unless already done), the other ranks wait for it.
+
+    The others poll the file system instead of sitting in a barrier, because a multi-billion
+    parameter conversion can outlast the process group's collective timeout. A failure on rank 0 is
+    published as ``universal.FAILED`` so every rank raises the same error instead of timing out.
+    """
+    step_dir = Path(step_dir)
+    failed = step_dir / FAILED
+    rank = dist.get_rank()
+    if rank == 0:
+        failed.unlink(missing_ok=True)
+    dist.barrier()  # nobody reads a stale FAILED left by an earlier attempt
+    if rank == 0:
+        try:
+            out = convert_to_universal(step_dir)
+        except BaseException as err:
+            atomic_write_text(failed, f"{type(err).__name__}: {err}")
+            raise
+    else:
+        deadline = time.monotonic() + timeout_s
+        while not is_converted(step_dir):
+            if failed.is_file():
+                raise CheckpointError(f"{step_dir}: universal conversion failed on rank 0: {failed.read_text()}")
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{step_dir}: rank 0's universal conversion did not finish in {timeout_s:.0f}s")
+            time.sleep(POLL_SECONDS)
+        out = universal_dir(step_dir)
+    dist.barrier()
+    return out

@@ -1,0 +1,126 @@
+"""Preemption: turn SIGTERM / SIGUSR1 into "every rank saves at the same step, then exit 75".
+
+Schedulers warn before killing a job: Slurm sends SIGTERM at the time limit or on preemption
+(and SIGUSR1 ahead of time with ``--signal=USR1@120``), Kubernetes sends SIGTERM. The signal may
+reach only some ranks, at different moments, so acting on it locally would make one rank enter
+``save_checkpoint`` (a collective) while the others keep training: a deadlock. Instead:
+
+ * the handler only records the signal number (nothing else is safe inside a handler: logging or
+   I/O could deadlock on a lock the interrupted code holds);
+ * at a step boundary every rank calls ``should_stop(step)``, which all-reduces the flag with MAX,
+   so all ranks see the same answer at the same step;
+ * the trainer then saves, and exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL`` from sysexits.h):
+   "preempted, checkpoint written, requeue me". Launch scripts requeue on 75 and treat every other
+   non-zero code as a real failure.
+
+    handler = PreemptionHandler(PreemptionConfig())
+    handler.install()
+    for step in ...:
+        train_step()
+        if handler.should_stop(step):
+            manager.save(engine, step, state)
+            handler.restore()
+            sys.exit(EXIT_PREEMPTED)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75
+"""Exit code of a run that stopped on a preemption signal after writing its checkpoint (EX_TEMPFAIL)."""
+
+
+@dataclass
+class PreemptionConfig:
+    """Which signals mean "save and stop", and how often the ranks agree on it."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signal names that request a save-and-exit; their previous handlers are restored by ``restore()``."""
+
+    check_every: int = 1
+    """Agree on the flag every this many steps. One all-reduce of one scalar per step is noise next
+    to a T5 step; raise this only if steps are tiny. Must be the same on every rank."""
+
+    def __post_init__(self) -> None:
+        if self.check_every < 1:
+            raise ValueError(f"preemption.check_every must be >= 1, got {self.check_every}")
+        for name in self.signals:
+            if not isinstance(getattr(signal, name, None), signal.Signals):
+                raise ValueError(f"preemption.signals: {name!r} is not a signal name on this platform")
+
+
+class PreemptionHandler:
+    """Records preemption signals and turns them into a stop decision every rank shares."""
+
+    def __init__(self, config: PreemptionConfig | None = None, device: torch.device | None = None) -> None:
+        """``device``: where the all-reduced flag lives; default is the current CUDA device under
+        NCCL (which cannot reduce CPU tensors) and the CPU otherwise (gloo)."""
+        self.config = config or PreemptionConfig()
+        self.device = device
+        self.received: int | None = None
+        """Number of the first signal received on this rank, None while none has arrived."""
+        self.stop_step: int | None = None
+        """Step at which the ranks agreed to stop, None until they did."""
+        self._previous: dict[int, object] = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        # Signal context: assignment only. The first signal wins so the log names the real cause.
+        if self.received is None:
+            self.received = signum
+
+    def install(self) -> "PreemptionHandler":
+        """Install the handlers (main thread only: a Python restriction on ``signal.signal``)."""
+        for name in self.config.signals:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before ``install()``."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def _flag_device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def should_stop(self, step: int) -> bool:
+        """Collective at a step boundary: True on every rank iff any rank has received a signal.
+
+        Every rank must call it at every step with the same ``step``; on steps skipped by
+        ``check_every`` it returns False without communicating.
+        """
+        if self.stop_step is not None:
+            return True
+        if step % self.config.check_every != 0:
+            return False
+        local = 0 if self.received is None else 1
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([local], dtype=torch.int32, device=self._flag_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        else:
+            stop = bool(local)
+        if stop:
+            self.stop_step = step
+            cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+            log.warning("preemption requested (%s): all ranks stop after step %d", cause, step)
+        return stop

@@ -1,0 +1,139 @@
+"""Rank functions for ``run_ranks``: each runs in every rank of a real gloo group.
+
+They return plain data (tensors, floats, strings) for the pytest process to compare; asserts
+inside them would only surface as a crashed rank, so they are kept to what a body cannot return.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch.distributed as dist
+
+from hp_deepspeed.checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
+from hp_deepspeed.checkpointing import manager as manager_module
+from hp_deepspeed.training.preemption import PreemptionHandler
+from tests.checkpointing.toy import MODEL_CONFIG, make_engine, rng_fingerprint, seed, snapshot, train_step
+
+# Higher is better. Best "a" is step 2, best "b" moves from step 4 to step 6: with keep_last=2 the
+# saves at 2, 4, 6, 8 must end as {2 (pinned a), 6 (pinned b, recent), 8 (recent)}.
+EVALS = {2: {"a": 0.9}, 4: {"a": 0.5, "b": 0.5}, 6: {"a": 0.6, "b": 0.7}, 8: {"a": 0.1, "b": 0.1}}
+SAVE_UNTIL = 8
+TOTAL_STEPS = 10
+
+
+def config() -> CheckpointConfig:
+    return CheckpointConfig(interval=2, keep_last=2, keep_best=True, resume="auto")
+
+
+def train_save_resume(run_dir: str) -> dict:
+    """Train 10 steps saving at 2..8, then resume step 8 into fresh engines and replay 9..10."""
+    seed(1)
+    engine = make_engine(init_seed=0)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    out: dict = {"fresh_start": manager.resume(engine)}
+    losses = {}
+    for step in range(1, TOTAL_STEPS + 1):
+        losses[step] = train_step(engine, step)
+        if step in EVALS:
+            manager.record_eval(step, EVALS[step])
+        if step <= SAVE_UNTIL and manager.due(step):
+            manager.save(engine, step, {"sampler": {"offset": 4 * step}}, job_config={"toy": True})
+            if step == SAVE_UNTIL:
+                out["saved"] = snapshot(engine)
+                out["saved_rng"] = rng_fingerprint()
+    out["losses"] = losses
+
+    # A fresh process state: other initial weights and other generator states until the load.
+    seed(99)
+    engine = make_engine(init_seed=123)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    out["trainer_state"] = manager.resume(engine)
+    out["resumed_rng"] = rng_fingerprint()
+    out["resumed"] = snapshot(engine)
+    out["replayed"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+
+    # The reference for the 1-rank universal resume: the same continuation without dropout (a
+    # 1-rank run cannot reproduce rank 1's dropout stream). Re-saving the step just resumed from
+    # must be a no-op rather than a rewrite of a good checkpoint.
+    engine = make_engine(dropout=0.0, init_seed=7)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    point = manager.find_resume_point()
+    manager.load(engine, point)
+    before = os.stat(os.path.join(point.path, "COMPLETE")).st_mtime_ns
+    manager.save(engine, SAVE_UNTIL, {"sampler": {"offset": 4 * SAVE_UNTIL}})
+    out["resave_skipped"] = os.stat(os.path.join(point.path, "COMPLETE")).st_mtime_ns == before
+    out["no_dropout"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+    return out
+
+
+def crash_during_save(run_dir: str) -> None:
+    """Resume, train to step 10, and die after every rank wrote its shards but before the marker.
+
+    The whole job dies at that point, as on a node failure: rank 0 exits instead of writing the
+    marker, rank 1 exits instead of waiting for rank 0's verdict.
+    """
+    seed(5)
+    engine = make_engine()
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    manager.resume(engine)
+    for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1):
+        train_step(engine, step)
+
+    def die(*args, **kwargs):
+        os._exit(17)
+
+    if dist.get_rank() == 0:
+        manager_module.write_marker = die
+    else:
+        manager_module._broadcast = die
+    manager.save(engine, TOTAL_STEPS, {"sampler": {"offset": 4 * TOTAL_STEPS}})
+
+
+def resume_on_one_rank(run_dir: str) -> dict:
+    """1 rank: refuse a wrong model clearly, then resume the 2-rank checkpoint via universal."""
+    out: dict = {}
+    wrong = make_engine(hidden=32)
+    try:
+        CheckpointManager(config(), run_dir, model_config={**MODEL_CONFIG, "hidden": 32}).resume(wrong)
+        out["wrong_model_error"] = None
+    except CheckpointError as err:
+        out["wrong_model_error"] = str(err)
+    try:
+        # Same model config recorded, but the engine's parameters differ: caught at load time.
+        CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG).resume(wrong)
+        out["wrong_shapes_error"] = None
+    except CheckpointError as err:
+        out["wrong_shapes_error"] = str(err)
+
+    seed(42)
+    engine = make_engine(dropout=0.0, init_seed=321)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    out["trainer_state"] = manager.resume(engine)
+    out["resumed_rng"] = rng_fingerprint()
+    out["resumed"] = snapshot(engine)
+    out["losses"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+    # The first save after the crash on this (now 1-rank) run clears the crashed staging folder.
+    out["saved_path"] = str(manager.save(engine, TOTAL_STEPS, {"sampler": {"offset": 4 * TOTAL_STEPS}}))
+    return out
+
+
+def preempt_rank1_at_step3(max_steps: int) -> dict:
+    """Rank 1 signals itself during step 3; every rank must decide to stop at step 3."""
+    handler = PreemptionHandler().install()
+    stopped_at = None
+    try:
+        for step in range(1, max_steps + 1):
+            if dist.get_rank() == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if handler.should_stop(step):
+                stopped_at = step
+                break
+    finally:
+        handler.restore()
+    return {
+        "stopped_at": stopped_at,
+        "received": handler.received,
+        "handler_restored": signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
+    }
