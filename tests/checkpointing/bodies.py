@@ -94,6 +94,12 @@ def crash_during_save(run_dir: str) -> None:
 def resume_on_one_rank(run_dir: str) -> dict:
     """1 rank: refuse a wrong model clearly, then resume the 2-rank checkpoint via universal."""
     out: dict = {}
+    try:
+        incomplete = os.path.join(run_dir, "checkpoints", "step-12")
+        CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG).find_resume_point(incomplete)
+        out["incomplete_error"] = None
+    except CheckpointError as err:
+        out["incomplete_error"] = str(err)
     wrong = make_engine(hidden=32)
     try:
         CheckpointManager(config(), run_dir, model_config={**MODEL_CONFIG, "hidden": 32}).resume(wrong)
