@@ -1,0 +1,145 @@
+"""Configuration of the data pipeline: which tasks, where their files are, how they are mixed.
+
+``DataConfig`` is the ``data:`` section of a run config; it is validated by
+``hp_deepspeed.config.from_dict`` like every other section, so an unknown key or a wrong type
+fails before anything is loaded. ``CustomTaskConfig`` describes one user-defined task.
+
+    data:
+      tasks: [glue/rte, superglue/cb, synthetic/copy]
+      custom_tasks:
+        - name: my/sentiment
+          path: /data/sentiment            # train.jsonl, validation.jsonl ...
+          input_template: "classify: {text}"
+          label_words: [negative, positive]
+          metrics: [accuracy, f1]
+      mixture: proportional
+      mixture_cap: 65536
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+# The folders shipped inside the package (made by scripts/make_bundled_data.py and
+# scripts/train_tokenizer.py), so the demo and the tests need no network.
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "bundled"
+BUNDLED_DATA_DIR = BUNDLED_DIR / "data"
+BUNDLED_TOKENIZER_DIR = BUNDLED_DIR / "tokenizer"
+
+
+@dataclass
+class CustomTaskConfig:
+    """A task defined in the config rather than in the registry of ``hp_deepspeed.data.tasks``."""
+
+    name: str
+    """Unique task name (must not collide with a registry name), e.g. ``my/sentiment``."""
+
+    input_template: str
+    """``str.format`` template over the row's fields giving the model input, e.g.
+    ``"classify: {text}"``. A row lacking a field named here is a malformed row."""
+
+    path: str | None = None
+    """Folder holding one file per split named ``<split>.<jsonl|json|csv|parquet>``, or (with
+    ``DataConfig.hub``) a hub dataset id. Either this or ``data_files`` is required."""
+
+    hub_config: str | None = None
+    """Hub dataset configuration name (the second argument of ``load_dataset``), if any."""
+
+    data_files: dict[str, str] = field(default_factory=dict)
+    """Explicit split -> file mapping; takes precedence over files found under ``path``."""
+
+    target_field: str | None = None
+    """Field holding the target text (generation tasks). Exactly one of this and
+    ``label_words`` must be set."""
+
+    label_field: str = "label"
+    """Field holding the class label, as an index into ``label_words`` or as the word itself."""
+
+    label_words: list[str] | None = None
+    """Label index -> target word, for classification tasks (also used for rank scoring)."""
+
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    """Metric names from ``hp_deepspeed.data.metrics.METRICS``. ``pearson``/``spearman`` make
+    the task a regression task: targets and predictions are parsed as floats."""
+
+    train_split: str | None = "train"
+    """Split used for training; ``null`` makes the task evaluation-only."""
+
+    eval_splits: list[str] = field(default_factory=lambda: ["validation"])
+    """Splits evaluated (each gives its own metrics)."""
+
+
+@dataclass
+class DataConfig:
+    """Tasks, files, tokenisation, mixture sampling and batching of a multi-task run."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Registry task names in task-id order, e.g. ``[glue/rte, superglue/rte, synthetic/copy]``
+    (GLUE and SuperGLUE both have an "rte": they are ``glue/rte`` and ``superglue/rte``)."""
+
+    custom_tasks: list[CustomTaskConfig] = field(default_factory=list)
+    """User-defined tasks; they get the task ids after those of ``tasks``."""
+
+    data_dir: str | None = None
+    """Folder with ``<task name>/<split>.<ext>`` files for registry tasks
+    (e.g. ``glue/rte/train.jsonl``); ``null`` means the bundled demo data."""
+
+    hub: bool = False
+    """Load registry tasks whose files are not under ``data_dir`` from the Hugging Face hub
+    (``nyu-mll/glue``, ``aps/super_glue``). Needs network; never tried when
+    ``HF_DATASETS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` is set."""
+
+    tokenizer: str | None = None
+    """Folder of a transformers tokenizer (T5's sentencepiece one, or the bundled one made by
+    scripts/train_tokenizer.py); ``null`` means the bundled tokenizer."""
+
+    max_input_length: int = 512
+    """Inputs are truncated to this many tokens (EOS included)."""
+
+    max_target_length: int = 128
+    """Targets are truncated to this many tokens (EOS included)."""
+
+    mixture: Literal["proportional", "temperature", "weights"] = "proportional"
+    """How training examples are drawn across tasks: proportional to (capped) dataset size as
+    in T5, proportional to capped size ** (1 / temperature), or the explicit ``weights``."""
+
+    mixture_cap: int | None = 65536
+    """Examples-proportional cap K: a task counts as min(size, K) examples (T5 section 3.5.2);
+    ``null`` disables the cap. Used by ``proportional`` and ``temperature``."""
+
+    temperature: float = 2.0
+    """Mixing temperature T of ``temperature`` mixing (T=1 is proportional, large T uniform)."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    """Task name -> relative weight for ``weights`` mixing; every training task needs one."""
+
+    bucket_pool_batches: int = 50
+    """Length bucketing: this many global batches are drawn at once, sorted by length, cut
+    into batches and the batches shuffled. Larger pools pad less but mix tasks less evenly in
+    time; 1 disables bucketing (random batches)."""
+
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed row (bad JSON/CSV, missing or mistyped field) raises an error naming the file
+    and line, or with ``skip`` is dropped and counted (logged, and in ``TrainStream.skipped``).
+    A label outside the task's label set is always an error."""
+
+    cache_dir: str | None = None
+    """Tokenisation cache; ``null`` means ``$HP_DEEPSPEED_CACHE`` or ``~/.cache/hp_deepspeed``."""
+
+    seed: int = 0
+    """Seed of the example stream (mixture draws, per-epoch permutations, batch order)."""
+
+    eval_splits: dict[str, list[str]] = field(default_factory=dict)
+    """Per-task override of the evaluated splits, e.g. ``{glue/mnli: [validation_matched]}``."""
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else BUNDLED_DATA_DIR
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir)
+        root = os.environ.get("HP_DEEPSPEED_CACHE") or Path.home() / ".cache" / "hp_deepspeed"
+        return Path(root) / "data"

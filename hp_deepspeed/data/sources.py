@@ -1,0 +1,189 @@
+"""Reading one split of one task: local files through ``datasets``, or the hub when allowed.
+
+Local files (``<folder>/<split>.jsonl|json|csv|parquet`` or an explicit file) are loaded with
+``datasets.load_dataset(<format>, data_files=...)``, which works offline. When ``datasets``
+cannot parse a JSON-lines or CSV file (a malformed row breaks the whole Arrow conversion),
+the file is re-read line by line with the standard library to name the bad line, or, under
+``on_bad_row: skip``, to keep every good row. Each row carries its location (``file:line``
+for JSON lines and CSV, ``file record i`` otherwise) so later errors can name it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hp_deepspeed.data.tasks import DataError, Task
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class RawSplit:
+    """The rows of one split and where each came from."""
+
+    rows: list[dict[str, Any]]
+    locations: list[str]
+    """Per row: ``path:line`` (JSON lines, CSV) or ``path record i`` (JSON, parquet, hub)."""
+    skipped: int
+    """Rows dropped as malformed while parsing (``on_bad_row: skip``)."""
+    fingerprint: str
+    """Identifies the content (sha256 of the file, or the hub dataset's fingerprint)."""
+    description: str
+
+
+def hub_disabled() -> bool:
+    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def find_split_file(task: Task, split: str) -> Path | None:
+    """The local file of ``split``: ``data_files[split]`` or ``<folder>/<split>.<ext>``."""
+    if split in task.source.data_files:
+        return Path(task.source.data_files[split])
+    if task.source.folder is None:
+        return None
+    for ext in FORMATS:
+        candidate = Path(task.source.folder) / f"{split}{ext}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def locate(task: Task, split: str) -> tuple[Path | None, str]:
+    """The local file of the split (None when it must come from the hub) and a content
+    fingerprint; raises ``DataError`` naming every place looked at when there is none."""
+    path = find_split_file(task, split)
+    if path is not None:
+        if not path.is_file():
+            raise DataError(f"task {task.name}: data file {path} for split {split!r} does not exist")
+        return path, file_sha256(path)
+    if task.source.hub is not None and not hub_disabled():
+        return None, f"hub:{task.source.hub}:{split}"
+    where = task.source.folder or "(no folder)"
+    hint = "" if task.source.hub is None else " (the hub is disabled: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)"
+    raise DataError(
+        f"task {task.name}: no file for split {split!r}: looked for {where}/{split}.{{{','.join(e[1:] for e in FORMATS)}}}"
+        f"{hint}; set data.data_dir, or data.hub: true to download it"
+    )
+
+
+def read_split(task: Task, split: str, path: Path | None, fingerprint: str, on_bad_row: str, cache_dir: Path) -> RawSplit:
+    """All rows of a split; malformed rows raise ``DataError`` (``file:line: reason``) or, with
+    ``on_bad_row == "skip"``, are dropped and counted."""
+    import datasets  # deferred: importing datasets costs about a second
+
+    if path is None:
+        hub_path, hub_name = task.source.hub
+        dataset = datasets.load_dataset(hub_path, hub_name, split=split, cache_dir=str(cache_dir / "hub"))
+        rows = dataset.to_list()
+        desc = f"{hub_path}/{hub_name}[{split}]"
+        return RawSplit(rows, [f"{desc} record {i}" for i in range(len(rows))], 0, dataset._fingerprint, desc)
+
+    fmt = FORMATS.get(path.suffix)
+    if fmt is None:
+        raise DataError(f"task {task.name}: {path} has an unsupported extension; use one of {sorted(FORMATS)}")
+    try:
+        dataset = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir / "datasets"))
+        rows = dataset.to_list()
+    except Exception as err:  # noqa: BLE001 - every parse failure is re-diagnosed below
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, fingerprint, on_bad_row)
+        if path.suffix == ".csv":
+            return _read_csv(path, fingerprint, on_bad_row)
+        raise DataError(f"task {task.name}: {path} cannot be read: {err}") from err
+    if path.suffix == ".jsonl":
+        locations = [f"{path}:{line}" for line in _nonblank_lines(path)]
+    elif path.suffix == ".csv":
+        locations = [f"{path}:{line}" for line in _csv_lines(path)]
+    else:
+        locations = [f"{path} record {i}" for i in range(len(rows))]
+    if len(locations) != len(rows):  # e.g. a CSV the csv module splits differently from pandas
+        locations = [f"{path} record {i}" for i in range(len(rows))]
+    return RawSplit(rows, locations, 0, fingerprint, str(path))
+
+
+def _nonblank_lines(path: Path) -> list[int]:
+    with path.open(encoding="utf-8") as fh:
+        return [n for n, line in enumerate(fh, start=1) if line.strip()]
+
+
+def _csv_lines(path: Path) -> list[int]:
+    """The line on which each data row of a CSV file starts (quoted fields may span lines)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        starts, line = [], reader.line_num + 1
+        for i, _ in enumerate(reader):
+            if i > 0:
+                starts.append(line)
+            line = reader.line_num + 1
+        return starts
+
+
+def _bad(path: Path, line: int, reason: str, on_bad_row: str) -> None:
+    if on_bad_row == "error":
+        raise DataError(f"{path}:{line}: {reason} (set data.on_bad_row: skip to drop such rows)")
+    logger.warning("skipping %s:%d: %s", path, line, reason)
+
+
+def _read_jsonl(path: Path, fingerprint: str, on_bad_row: str) -> RawSplit:
+    rows, locations, skipped = [], [], 0
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as err:
+                _bad(path, n, f"malformed JSON row: {err}", on_bad_row)
+                skipped += 1
+                continue
+            rows.append(row)
+            locations.append(f"{path}:{n}")
+    return RawSplit(rows, locations, skipped, fingerprint, str(path))
+
+
+def _read_csv(path: Path, fingerprint: str, on_bad_row: str) -> RawSplit:
+    rows, locations, skipped = [], [], 0
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty CSV file (no header)")
+        line = reader.line_num + 1
+        for values in reader:
+            if len(values) != len(header):
+                _bad(path, line, f"malformed CSV row: {len(values)} fields, header has {len(header)}", on_bad_row)
+                skipped += 1
+            else:
+                rows.append({k: _csv_value(v) for k, v in zip(header, values)})
+                locations.append(f"{path}:{line}")
+            line = reader.line_num + 1
+    return RawSplit(rows, locations, skipped, fingerprint, str(path))
+
+
+def _csv_value(text: str) -> Any:
+    """CSV cells are text; integers and floats are converted as ``datasets`` would infer them."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text

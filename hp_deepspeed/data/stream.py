@@ -1,0 +1,251 @@
+"""The training stream: mixture sampling, length bucketing, rank sharding, resumable state.
+
+Design: there is one global, rank-independent stream of global batches of
+``G = micro_batch_size * world_size`` examples; rank ``r`` takes examples ``r, r+W, r+2W, ...``
+of each global batch. The stream is built pool by pool; pool ``p`` is a pure function of
+``(seed, p, G, bucket_pool_batches, per-task offsets at the start of pool p)``:
+
+1. ``P*G`` task draws from the mixing rates (``np.random.default_rng([seed, p, 0])``);
+2. the ``c``-th draw of task ``k`` overall takes position ``c`` of task ``k``'s example
+   sequence, which is epoch after epoch of a fresh permutation of its examples (seeded by
+   ``seed``, the task name and the epoch), so within an epoch of a task no example repeats:
+   no two ranks and no two steps see the same example of the same epoch;
+3. the pool is sorted by (input length, target length), cut into ``P`` global batches, and the
+   batches are shuffled (``default_rng([seed, p, 1])``). Sorting makes each batch's lengths
+   similar, so dynamic padding wastes few tokens; shuffling removes the length curriculum.
+
+The state is ``(pool, batch within pool, per-task offsets at the pool start)``, plain JSON.
+Guarantees on ``load_state_dict``:
+
+* same tasks, seed, sizes, global batch size and pool size (any world size whose
+  ``micro_batch_size * world_size`` equals the saved ``G``): the identical global sequence
+  of batches continues; each rank's share is its slice of it;
+* a different global batch size or pool size: the stream continues at the start of the
+  next pool with the per-task offsets consumed so far, so no example of the current epoch is
+  repeated; the rest of the interrupted pool (fewer than ``bucket_pool_batches`` batches) is
+  not seen in this epoch;
+* different tasks, task sizes, mixing rates or seed: ``ValueError`` (it would be another
+  stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hp_deepspeed.data.config import DataConfig
+from hp_deepspeed.data.tasks import DataError, Task
+from hp_deepspeed.data.tokenization import TokenizedSplit, load_split
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+LABEL_PAD = -100
+
+
+def mixing_rates(cfg: DataConfig, names: Sequence[str], sizes: Sequence[int]) -> np.ndarray:
+    """Probability of drawing each task (T5 section 3.5.2).
+
+    ``proportional``: min(size, cap); ``temperature``: min(size, cap) ** (1/T);
+    ``weights``: ``cfg.weights[name]``; all normalised to sum to one."""
+    if cfg.mixture == "weights":
+        missing = [n for n in names if n not in cfg.weights]
+        extra = sorted(set(cfg.weights) - set(names))
+        if missing or extra:
+            raise DataError(
+                f"data.weights must give a weight to exactly the training tasks {list(names)}; "
+                f"missing {missing}, not training tasks {extra}"
+            )
+        raw = np.array([cfg.weights[n] for n in names], dtype=np.float64)
+        if (raw < 0).any() or raw.sum() <= 0:
+            raise DataError(f"data.weights must be non-negative and not all zero, got {cfg.weights}")
+    else:
+        raw = np.array(sizes, dtype=np.float64)
+        if cfg.mixture_cap is not None:
+            raw = np.minimum(raw, cfg.mixture_cap)
+        if cfg.mixture == "temperature":
+            if cfg.temperature <= 0:
+                raise DataError(f"data.temperature must be positive, got {cfg.temperature}")
+            raw = raw ** (1.0 / cfg.temperature)
+    return raw / raw.sum()
+
+
+def collate(
+    splits: Sequence[TokenizedSplit], items: Sequence[tuple[int, int]], task_ids: Sequence[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Dynamically padded batch of ``(split index, example index)`` items: ``input_ids`` and
+    ``attention_mask`` [B, S], ``labels`` [B, T] (-100 on padding), ``task_ids`` [B]."""
+    inputs = [splits[k].inputs(i) for k, i in items]
+    targets = [splits[k].targets(i) for k, i in items]
+    seq = max(len(x) for x in inputs)
+    tgt = max(len(x) for x in targets)
+    input_ids = torch.full((len(items), seq), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), seq), dtype=torch.long)
+    labels = torch.full((len(items), tgt), LABEL_PAD, dtype=torch.long)
+    for row, (x, y) in enumerate(zip(inputs, targets)):
+        input_ids[row, : len(x)] = torch.from_numpy(x.astype(np.int64))
+        attention_mask[row, : len(x)] = 1
+        labels[row, : len(y)] = torch.from_numpy(y.astype(np.int64))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "task_ids": torch.tensor([task_ids[k] for k, _ in items], dtype=torch.long),
+    }
+
+
+class TrainStream:
+    """Infinite iterator of this rank's training micro-batches (see the module docstring).
+
+    Tasks without a training split (AX-b, AX-g) are left out. ``skipped`` counts the rows
+    dropped under ``on_bad_row: skip`` per task."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tasks: Sequence[Task],
+        tokenizer,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int | None = None,
+    ):
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size} rank={rank} world_size={world_size}")
+        if cfg.bucket_pool_batches < 1:
+            raise ValueError(f"data.bucket_pool_batches must be at least 1, got {cfg.bucket_pool_batches}")
+        self.tasks = [t for t in tasks if t.train_split is not None]
+        if not self.tasks:
+            raise DataError(f"none of the tasks {[t.name for t in tasks]} has a training split")
+        self.splits = [load_split(t, t.train_split, cfg, tokenizer, training=True) for t in self.tasks]
+        self.skipped = {t.name: s.skipped for t, s in zip(self.tasks, self.splits)}
+        self.sizes = [len(s) for s in self.splits]
+        self.rates = mixing_rates(cfg, [t.name for t in self.tasks], self.sizes)
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch_size = micro_batch_size * world_size
+        self.pool_batches = cfg.bucket_pool_batches
+        self.seed = cfg.seed if seed is None else seed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._task_ids = [t.task_id for t in self.tasks]
+        self._name_keys = [zlib.crc32(t.name.encode()) for t in self.tasks]
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._pool_index = 0
+        self._batch_in_pool = 0
+        self._offsets = [0] * len(self.tasks)
+        self._pool: tuple[list[np.ndarray], list[int]] | None = None
+
+    # ------------------------------------------------------------------ the global stream
+
+    def _permutation(self, k: int, epoch: int) -> np.ndarray:
+        key = (k, epoch)
+        if key not in self._perm_cache:
+            if len(self._perm_cache) > 4 * len(self.tasks):
+                self._perm_cache.clear()
+            rng = np.random.default_rng([self.seed, self._name_keys[k], epoch])
+            self._perm_cache[key] = rng.permutation(self.sizes[k])
+        return self._perm_cache[key]
+
+    def _examples(self, k: int, start: int, count: int) -> np.ndarray:
+        """Example indices at positions ``start .. start+count-1`` of task k's sequence."""
+        positions = np.arange(start, start + count)
+        epochs = positions // self.sizes[k]
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            at = epochs == epoch
+            out[at] = self._permutation(k, int(epoch))[positions[at] % self.sizes[k]]
+        return out
+
+    def _make_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int, pool_batches: int):
+        """Global batches of pool ``pool_index`` (arrays of (task, example) rows, sorted by
+        length) and the number of examples drawn from each task."""
+        size = global_batch * pool_batches
+        draws = np.random.default_rng([self.seed, pool_index, 0]).choice(len(self.tasks), size=size, p=self.rates)
+        examples = np.empty(size, dtype=np.int64)
+        counts = []
+        for k in range(len(self.tasks)):
+            where = np.flatnonzero(draws == k)
+            examples[where] = self._examples(k, offsets[k], len(where))
+            counts.append(len(where))
+        in_len = np.empty(size, dtype=np.int64)
+        tgt_len = np.empty(size, dtype=np.int64)
+        for k, split in enumerate(self.splits):
+            where = draws == k
+            in_len[where] = split.input_lengths[examples[where]]
+            tgt_len[where] = split.target_lengths[examples[where]]
+        order = np.lexsort((np.arange(size), tgt_len, in_len))
+        items = np.stack([draws[order], examples[order]], axis=1)
+        batches = np.split(items, pool_batches)
+        shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
+        return [batches[i] for i in shuffle], counts
+
+    def next_global_batch(self) -> np.ndarray:
+        """The next global batch as a [G, 2] array of (task index, example index); advances."""
+        if self._pool is None:
+            self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
+        batches, counts = self._pool
+        batch = batches[self._batch_in_pool]
+        self._batch_in_pool += 1
+        if self._batch_in_pool == self.pool_batches:
+            self._offsets = [o + c for o, c in zip(self._offsets, counts)]
+            self._pool_index += 1
+            self._batch_in_pool = 0
+            self._pool = None
+        return batch
+
+    # ------------------------------------------------------------------ this rank's batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        share = self.next_global_batch()[self.rank :: self.world_size]
+        return collate(self.splits, [(int(k), int(i)) for k, i in share], self._task_ids, self.pad_id)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-JSON position in the global stream (see the module docstring)."""
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "tasks": [t.name for t in self.tasks],
+            "sizes": list(self.sizes),
+            "rates": [float(r) for r in self.rates],
+            "global_batch_size": self.global_batch_size,
+            "pool_batches": self.pool_batches,
+            "pool": self._pool_index,
+            "batch_in_pool": self._batch_in_pool,
+            "offsets": list(self._offsets),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data stream state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("seed", "tasks", "sizes"):
+            if state[key] != mine[key]:
+                raise ValueError(f"cannot resume the data stream: {key} was {state[key]}, is now {mine[key]}")
+        if not np.allclose(state["rates"], mine["rates"], rtol=0, atol=1e-12):
+            raise ValueError(f"cannot resume the data stream: mixing rates were {state['rates']}, are {mine['rates']}")
+        self._pool = None
+        self._offsets = [int(o) for o in state["offsets"]]
+        self._pool_index = int(state["pool"])
+        self._batch_in_pool = int(state["batch_in_pool"])
+        same_shape = (state["global_batch_size"], state["pool_batches"]) == (self.global_batch_size, self.pool_batches)
+        if not same_shape and self._batch_in_pool > 0:
+            _, counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"])
+            logger.warning(
+                "data stream: global batch %d -> %d, pool %d -> %d batches: resuming at the next pool; "
+                "%d batches of the interrupted pool are skipped",
+                state["global_batch_size"], self.global_batch_size, state["pool_batches"], self.pool_batches,
+                state["pool_batches"] - self._batch_in_pool,
+            )
+            self._offsets = [o + c for o, c in zip(self._offsets, counts)]
+            self._pool_index += 1
+            self._batch_in_pool = 0

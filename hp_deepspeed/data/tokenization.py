@@ -1,0 +1,193 @@
+"""Tokenizer loading and cached tokenisation of a task's split.
+
+``load_split`` reads a split (``sources``), preprocesses every row (``Task.preprocess``),
+tokenises inputs and targets, and stores the token ids in ``cache_dir`` under a key made of
+the file's sha256, the preprocessing fingerprint, the tokenizer's fingerprint, the maximum
+lengths and the bad-row policy. A restart with the same key loads the ids without reading
+the file through ``datasets`` or calling the tokenizer. Cache files are written to a
+temporary name and renamed, so ranks tokenising the same split at once do not corrupt them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hp_deepspeed.data.config import BUNDLED_TOKENIZER_DIR, DataConfig
+from hp_deepspeed.data.sources import locate, read_split
+from hp_deepspeed.data.tasks import DataError, MalformedRow, Task
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+_TOKENIZE_CHUNK = 1024
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """A transformers tokenizer from a local folder (None: the bundled one).
+
+    T5's own tokenizer folder (``spiece.model`` + ``tokenizer_config.json``) and the folder
+    written by scripts/train_tokenizer.py both load here; nothing is downloaded."""
+    from transformers import AutoTokenizer  # deferred: importing transformers is slow
+
+    folder = Path(path) if path is not None else BUNDLED_TOKENIZER_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} does not exist; point data.tokenizer at a folder with a saved "
+            f"tokenizer (e.g. T5's), or create the bundled one with: python scripts/train_tokenizer.py"
+        )
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} holds no tokenizer.json, spiece.model or tokenizer_config.json"
+        )
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies what the tokenizer does: its full serialisation when it is a fast tokenizer,
+    otherwise its class, vocabulary and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
+    blob += json.dumps([str(tokenizer.eos_token), str(tokenizer.pad_token), tokenizer.pad_token_id])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class TokenizedSplit:
+    """Token ids of one split as ragged arrays (``ids[offsets[i]:offsets[i+1]]``), plus the
+    references and target strings evaluation needs."""
+
+    task: str
+    split: str
+    input_ids: np.ndarray
+    input_offsets: np.ndarray
+    target_ids: np.ndarray
+    target_offsets: np.ndarray
+    references: list[dict[str, Any]]
+    target_texts: list[str]
+    skipped: int
+
+    def __len__(self) -> int:
+        return len(self.input_offsets) - 1
+
+    @property
+    def input_lengths(self) -> np.ndarray:
+        return np.diff(self.input_offsets)
+
+    @property
+    def target_lengths(self) -> np.ndarray:
+        return np.diff(self.target_offsets)
+
+    def inputs(self, i: int) -> np.ndarray:
+        return self.input_ids[self.input_offsets[i] : self.input_offsets[i + 1]]
+
+    def targets(self, i: int) -> np.ndarray:
+        return self.target_ids[self.target_offsets[i] : self.target_offsets[i + 1]]
+
+
+def _ragged(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = list(texts[start : start + _TOKENIZE_CHUNK])
+        ids += tokenizer(chunk, truncation=True, max_length=max_length)["input_ids"]
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
+
+
+def _save(path: Path, split: TokenizedSplit) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"references": split.references, "target_texts": split.target_texts, "skipped": split.skipped})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(
+        tmp,
+        input_ids=split.input_ids,
+        input_offsets=split.input_offsets,
+        target_ids=split.target_ids,
+        target_offsets=split.target_offsets,
+        meta=np.frombuffer(meta.encode(), dtype=np.uint8),
+    )
+    os.replace(tmp, path)
+
+
+def _load(path: Path, task: str, split: str) -> TokenizedSplit:
+    with np.load(path) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        return TokenizedSplit(
+            task=task,
+            split=split,
+            input_ids=data["input_ids"],
+            input_offsets=data["input_offsets"],
+            target_ids=data["target_ids"],
+            target_offsets=data["target_offsets"],
+            references=meta["references"],
+            target_texts=meta["target_texts"],
+            skipped=meta["skipped"],
+        )
+
+
+def load_split(task: Task, split: str, cfg: DataConfig, tokenizer, training: bool) -> TokenizedSplit:
+    """Tokenised examples of one split, from the cache when possible.
+
+    Raises ``DataError`` for a missing file, a malformed row (unless skipped), a label outside
+    the label set, or a split without any example."""
+    path, content = locate(task, split)
+    cache_dir = cfg.resolved_cache_dir()
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                CACHE_FORMAT_VERSION,
+                task.fingerprint,
+                content,
+                tokenizer_fingerprint(tokenizer),
+                cfg.max_input_length,
+                cfg.max_target_length,
+                training,
+                cfg.on_bad_row,
+            ]
+        ).encode()
+    ).hexdigest()[:24]
+    cache_file = cache_dir / "tokenized" / f"{task.name.replace('/', '__')}.{split}.{key}.npz"
+    if cache_file.is_file():
+        return _load(cache_file, task.name, split)
+
+    raw = read_split(task, split, path, content, cfg.on_bad_row, cache_dir)
+    inputs, targets, references = [], [], []
+    skipped = raw.skipped
+    for row, where in zip(raw.rows, raw.locations):
+        try:
+            examples = task.preprocess(row, training)
+        except MalformedRow as err:
+            if cfg.on_bad_row == "error" or not err.skippable:
+                raise DataError(f"{where}: task {task.name}: {err}") from None
+            logger.warning("skipping %s: task %s: %s", where, task.name, err)
+            skipped += 1
+            continue
+        for example in examples:
+            inputs.append(example.inputs)
+            targets.append(example.targets)
+            references.append(example.reference)
+    if not inputs:
+        raise DataError(f"task {task.name}: split {split!r} in {raw.description} has no examples ({skipped} skipped)")
+    if skipped:
+        logger.warning("task %s split %s: skipped %d malformed rows of %s", task.name, split, skipped, raw.description)
+    input_ids, input_offsets = _ragged(tokenizer, inputs, cfg.max_input_length)
+    target_ids, target_offsets = _ragged(tokenizer, targets, cfg.max_target_length)
+    result = TokenizedSplit(
+        task.name, split, input_ids, input_offsets, target_ids, target_offsets, references, targets, skipped
+    )
+    _save(cache_file, result)
+    return result
