@@ -37,6 +37,13 @@ ActivationCheckpointing = Literal["none", "reentrant", "non_reentrant"]
 _NUM_COND_ARGS = len(LayerConditioning().as_args())
 
 
+def _normal_(param: Tensor, std: float) -> None:
+    """Random-init ``param``; meta tensors have no values, and skipping them keeps building an
+    11B model on the meta device (to count parameters) instantaneous."""
+    if not param.is_meta:
+        nn.init.normal_(param, std=std)
+
+
 def _activation(name: str):
     if name == "relu":
         return F.relu
@@ -103,13 +110,13 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(d_model, inner, bias=False)
         self.o = nn.Linear(inner, d_model, bias=False)
         # Mesh-TF initialisation: the query absorbs the 1/sqrt(d_kv) that attention omits.
-        nn.init.normal_(self.q.weight, std=f * (d_model * self.d_kv) ** -0.5)
-        nn.init.normal_(self.k.weight, std=f * d_model**-0.5)
-        nn.init.normal_(self.v.weight, std=f * d_model**-0.5)
-        nn.init.normal_(self.o.weight, std=f * inner**-0.5)
+        _normal_(self.q.weight, f * (d_model * self.d_kv) ** -0.5)
+        _normal_(self.k.weight, f * d_model**-0.5)
+        _normal_(self.v.weight, f * d_model**-0.5)
+        _normal_(self.o.weight, f * inner**-0.5)
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, self.num_heads)
-            nn.init.normal_(self.relative_attention_bias.weight, std=f * d_model**-0.5)
+            _normal_(self.relative_attention_bias.weight, f * d_model**-0.5)
 
     def _heads(self, x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
@@ -189,8 +196,8 @@ class T5DenseActDense(nn.Module):
         f = config.initializer_factor
         self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        nn.init.normal_(self.wi.weight, std=f * config.d_model**-0.5)
-        nn.init.normal_(self.wo.weight, std=f * config.d_ff**-0.5)
+        _normal_(self.wi.weight, f * config.d_model**-0.5)
+        _normal_(self.wo.weight, f * config.d_ff**-0.5)
         self.act = _activation(config.activation)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -207,9 +214,9 @@ class T5DenseGatedActDense(nn.Module):
         self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
-        nn.init.normal_(self.wi_0.weight, std=f * config.d_model**-0.5)
-        nn.init.normal_(self.wi_1.weight, std=f * config.d_model**-0.5)
-        nn.init.normal_(self.wo.weight, std=f * config.d_ff**-0.5)
+        _normal_(self.wi_0.weight, f * config.d_model**-0.5)
+        _normal_(self.wi_1.weight, f * config.d_model**-0.5)
+        _normal_(self.wo.weight, f * config.d_ff**-0.5)
         self.act = _activation(config.activation)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -391,7 +398,7 @@ class T5Model(nn.Module):
             raise ValueError(f"activation_checkpointing={activation_checkpointing!r}: expected none, reentrant or non_reentrant")
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
-        nn.init.normal_(self.shared.weight, std=config.initializer_factor)
+        _normal_(self.shared.weight, config.initializer_factor)
         self.encoder = T5Stack(config, is_decoder=False, activation_checkpointing=activation_checkpointing)
         self.decoder = T5Stack(config, is_decoder=True, activation_checkpointing=activation_checkpointing)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -399,7 +406,7 @@ class T5Model(nn.Module):
             # One Parameter in two modules, as HF does; ZeRO-3 gathers it through either module.
             self.lm_head.weight = self.shared.weight
         else:
-            nn.init.normal_(self.lm_head.weight, std=config.initializer_factor)
+            _normal_(self.lm_head.weight, config.initializer_factor)
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
         """Switch per-block checkpointing (``none``, ``reentrant``, ``non_reentrant``)."""
