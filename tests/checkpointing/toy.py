@@ -41,7 +41,7 @@ def seed(base: int) -> None:
     torch.manual_seed(value)
 
 
-def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0):
+def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16: bool = False):
     """A fresh ZeRO-3 engine; ``init_seed`` changes the initial weights (a resume must overwrite them)."""
     world = dist.get_world_size()
     with torch.random.fork_rng():
@@ -57,15 +57,17 @@ def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0):
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "bf16": {"enabled": bf16},
     }
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     assert engine.zero_optimization_stage() == 3
     return engine
 
 
-def batch(step: int, sample_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, sample_group: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(10_000 * step + sample_group)
-    return torch.randn(MICRO_BATCH, 8, generator=generator), torch.randn(MICRO_BATCH, 1, generator=generator)
+    x, y = torch.randn(MICRO_BATCH, 8, generator=generator), torch.randn(MICRO_BATCH, 1, generator=generator)
+    return x.to(dtype), y.to(dtype)
 
 
 def train_step(engine, step: int) -> float:
@@ -73,10 +75,11 @@ def train_step(engine, step: int) -> float:
     accumulation = engine.gradient_accumulation_steps()
     total = torch.zeros(1)
     for micro in range(accumulation):
-        loss = engine(*batch(step, dist.get_rank() * accumulation + micro))
+        dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        loss = engine(*batch(step, dist.get_rank() * accumulation + micro, dtype))
         engine.backward(loss)
         engine.step()
-        total += loss.detach()
+        total += loss.detach().float()
     dist.all_reduce(total)
     return total.item() / (accumulation * dist.get_world_size())
 
