@@ -77,7 +77,9 @@ SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
 # Requeue: \`scontrol requeue\` and preemption put jobs back in the queue.
 JobRequeue=1
-# Fast tests: short kill grace, finished jobs visible to scontrol for 10 minutes.
+# Fast tests: a requeued job may start again after cred_expire seconds (default 120), a short
+# kill grace, finished jobs visible to scontrol for 10 minutes.
+AuthInfo=cred_expire=10
 KillWait=10
 MinJobAge=600
 ReturnToService=2

@@ -1,6 +1,7 @@
 """A tiny real training job for the launcher tests, with the trainer's command-line contract.
 
-    python tests/scripts/launch_workload.py train [--config FILE] [--resume auto] [key=value ...]
+    python -m tests.scripts.launch_workload train [--config FILE] [--resume auto] [key=value ...]
+    python -m tests.scripts.launch_workload eval [--checkpoint auto] run.dir=PATH
 
 Understood overrides: ``run.dir=PATH`` (required), ``train.steps=N`` (default 6),
 ``train.step_sleep=SECONDS`` (default 0). Like the real trainer it calls
@@ -10,6 +11,7 @@ model through ``deepspeed.initialize``, and on SIGUSR1/SIGTERM stops at the next
 ``run.dir/checkpoints/state.json`` and exits 75. With ``--resume auto`` it continues from that
 count. Each rank appends the steps it ran to ``run.dir/steps-rank{R}.txt`` and writes
 ``run.dir/rank{R}.json`` (its DistInfo, SLURM_RESTART_COUNT, first and last step) on exit.
+``eval`` all-reduces the checkpointed step count and writes ``run.dir/eval-rank{R}.json``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,27 @@ def _request_stop(signum, frame):
     print(f"[workload] rank {os.environ.get('RANK')} got signal {signum}", flush=True)
 
 
+def evaluate(info, run_dir: Path, state_file: Path) -> int:
+    """The eval contract: read the run's checkpoint, agree on a number, write it per rank."""
+    step = json.loads(state_file.read_text())["step"] if state_file.exists() else -1
+    total = torch.tensor([float(step)])
+    dist.all_reduce(total)
+    record = dict(info.as_dict(), checkpoint_step=step, summed=total.item())
+    (run_dir / f"eval-rank{info.rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    return 0
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["train"])
-    parser.add_argument("--config")
-    parser.add_argument("--resume", choices=["auto"])
-    parser.add_argument("--local_rank", type=int)  # passed by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("train", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--config")
+        p.add_argument("--local_rank", type=int)  # passed by the deepspeed launcher
+        p.add_argument("overrides", nargs="*")
+    sub.choices["train"].add_argument("--resume", choices=["auto"])
+    sub.choices["eval"].add_argument("--checkpoint", default="auto")
     args = parser.parse_args(argv)
     overrides = dict(o.split("=", 1) for o in args.overrides)
     run_dir = Path(overrides["run.dir"])
@@ -57,6 +73,8 @@ def main(argv: list[str]) -> int:
     rank = info.rank
     run_dir.mkdir(parents=True, exist_ok=True)
     state_file = run_dir / "checkpoints" / "state.json"
+    if args.command == "eval":
+        return evaluate(info, run_dir, state_file)
 
     start = 0
     if args.resume == "auto" and state_file.exists():
