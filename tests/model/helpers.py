@@ -34,3 +34,48 @@ def padded_batch(seed: int = 0, vocab: int = 96):
     labels[0, 5:] = -100
     labels[2, 2:] = -100
     return input_ids, attention_mask, labels
+
+
+def random_conditioning(
+    config: T5Config,
+    batch: int,
+    prompt_len: int = 3,
+    adapter_dim: int = 0,
+    input_prompt_len: int = 0,
+    seed: int = 0,
+    requires_grad: bool = False,
+):
+    """A ConditioningOutput with random key/value prompts in every block of both stacks,
+    optionally adapters (``adapter_dim`` > 0) and a soft input prompt; all leaves."""
+    from hp_deepspeed.model import ConditioningOutput, LayerConditioning
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_(requires_grad)
+
+    def layer():
+        kwargs = {}
+        if prompt_len:
+            kwargs.update(key_prompt=leaf(batch, config.num_heads, prompt_len, config.d_kv),
+                          value_prompt=leaf(batch, config.num_heads, prompt_len, config.d_kv))
+        if adapter_dim:
+            kwargs.update(adapter_down=leaf(batch, config.d_model, adapter_dim, scale=0.3),
+                          adapter_down_bias=leaf(batch, adapter_dim, scale=0.1),
+                          adapter_up=leaf(batch, adapter_dim, config.d_model, scale=0.3),
+                          adapter_up_bias=leaf(batch, config.d_model, scale=0.1))
+        return LayerConditioning(**kwargs)
+
+    return ConditioningOutput(
+        input_prompt=leaf(batch, input_prompt_len, config.d_model) if input_prompt_len else None,
+        encoder=[layer() for _ in range(config.num_layers)],
+        decoder=[layer() for _ in range(config.num_decoder_layers)],
+    )
+
+
+def conditioning_leaves(conditioning) -> list[torch.Tensor]:
+    """Every tensor of a ConditioningOutput, in a fixed order."""
+    leaves = [conditioning.input_prompt] if conditioning.input_prompt is not None else []
+    for layer in conditioning.encoder + conditioning.decoder:
+        leaves.extend(t for t in layer.as_args() if t is not None)
+    return leaves
