@@ -1,0 +1,196 @@
+"""``hp-deepspeed plan``: parameter counts, DeepSpeed's estimator, the activation formula
+against what autograd really saves, and the suggestion logic."""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from hp_deepspeed.model.builder import ModelConfig
+from hp_deepspeed.model.conditioning import ConditioningConfig
+from hp_deepspeed.model.hyperprompt_t5 import build_model
+from hp_deepspeed.model.t5_config import PRESETS
+from hp_deepspeed.tools import plan
+
+with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+
+GIB = 2**30
+XXL = "google/t5-v1_1-xxl"
+
+
+@pytest.fixture(scope="module")
+def xxl():
+    return plan.load_model_spec(XXL)
+
+
+def test_counts_match_deepspeed_on_a_real_model():
+    """On a materialised model DeepSpeed's own counter (tied weights deduplicated by storage)
+    and ours (meta-safe, by identity) agree; the meta-built spec matches both."""
+    for preset in ("tiny-v1_0", "tiny-v1_1"):  # tied and untied lm_head
+        model = build_model(ModelConfig(name_or_path=preset), ConditioningConfig(), num_tasks=3)
+        total, largest, _ = plan.count_params(model)
+        assert (total, largest) == model_to_params(model)
+        spec = plan.load_model_spec(preset, num_tasks=3)
+        assert spec.total_params == total
+        assert spec.largest_layer_params == largest
+        assert spec.conditioning_params == sum(p.numel() for p in model.conditioning.parameters()) > 0
+
+
+def test_xxl_backbone_count_from_its_dimensions(xxl):
+    """T5 v1.1 XXL derived by hand: untied embedding and lm_head, 24 + 24 gated blocks."""
+    d, inner, f, vocab, layers = 4096, 64 * 64, 10240, 32128, 24
+    enc_block = 4 * d * inner + 3 * d * f + 2 * d
+    dec_block = 8 * d * inner + 3 * d * f + 3 * d
+    expected = 2 * vocab * d + layers * (enc_block + dec_block) + 2 * 32 * 64 + 2 * d
+    assert xxl.backbone_params == expected == 11_135_332_352
+    assert xxl.largest_layer == "shared" and xxl.largest_layer_params == vocab * d
+    assert 0 < xxl.conditioning_params < 0.01 * xxl.backbone_params
+
+
+@pytest.mark.parametrize("preset", ["t5-small", XXL])
+@pytest.mark.parametrize("nodes,gpus", [(1, 8), (4, 8), (1, 1)])
+def test_model_states_are_deepspeeds_estimate(preset, nodes, gpus, xxl):
+    spec = xxl if preset == XXL else plan.load_model_spec(preset)
+    cluster = plan.Cluster(nodes, gpus, 80, 1024)
+    result = plan.make_plan(spec, cluster, plan.Workload(512, 128, 0.1))
+    assert [o["offload"] for o in result["options"]] == ["none", "cpu_optimizer", "cpu_optimizer_params"]
+    for option, (offload, params) in zip(result["options"], [(False, False), (True, False), (True, True)]):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            spec.total_params, spec.largest_layer_params, num_gpus_per_node=gpus, num_nodes=nodes,
+            cpu_offload=offload, cpu_offload_params=params, zero_init=True, additional_buffer_factor=1.5)
+        assert option["gpu_model_states_gib"] * GIB == pytest.approx(gpu, abs=1)
+        assert option["gpu_model_states_per_node_gib"] * GIB == pytest.approx(gpu * gpus, abs=gpus)
+        assert option["cpu_per_node_gib"] * GIB == pytest.approx(cpu, abs=1)
+
+
+def _measure_saved_bytes(model, batch: int, src: int, tgt: int, num_tasks: int) -> int:
+    """Bytes autograd holds after one forward (storages counted once, parameters excluded),
+    plus the logits the caller keeps -- what ``ActivationEstimate.saved`` predicts."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 200, (batch, src), generator=gen)
+    labels = torch.randint(2, 200, (batch, tgt), generator=gen)
+    task_ids = torch.arange(batch) % num_tasks
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=task_ids)
+    seen.setdefault(out.logits.untyped_storage().data_ptr(), out.logits.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1_0", "tiny-v1_1"])
+@pytest.mark.parametrize("variant", ["none", "hyperprompt_global", "prompt_tuning"])
+def test_activation_formula_matches_autograd(tmp_path, preset, variant):
+    """The derived formula against the tensors autograd actually saves, on a small bf16 model.
+
+    Dropout 0: on the CPU, SDPA with dropout (and with a bias that needs a gradient) falls back to
+    the math kernel, which stores [len, len] probabilities in fp32 where the GPU's memory-efficient
+    kernel stores none; for the same reason the relative-bias tables are frozen here. Reentrant
+    checkpointing saves block inputs through the same hook, so both modes are measured.
+    """
+    config = dataclasses.replace(PRESETS[preset], vocab_size=512, d_model=128, d_kv=16, num_heads=8, d_ff=384,
+                                 num_layers=3, num_decoder_layers=2, dropout_rate=0.0)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    num_tasks, batch, src, tgt = 3, 4, 96, 24
+    spec = plan.load_model_spec(str(tmp_path), variant=variant, num_tasks=num_tasks, prompt_length=8)
+    for mode in ("none", "reentrant"):
+        model = build_model(
+            ModelConfig(name_or_path=str(tmp_path), load_weights=False, activation_checkpointing=mode, dtype="bfloat16"),
+            ConditioningConfig(variant=variant, prompt_length=8), num_tasks,
+        ).train()
+        for stack in (model.backbone.encoder, model.backbone.decoder):
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(False)
+        measured = _measure_saved_bytes(model, batch, src, tgt, num_tasks)
+        estimate = plan.activation_bytes(spec, plan.Workload(src, tgt, 0.0), batch, checkpointing=mode != "none")
+        assert estimate.saved == pytest.approx(measured, rel=0.08), (mode, estimate.saved, measured)
+
+
+def test_activations_grow_with_batch_and_checkpointing_saves(xxl):
+    work = plan.Workload(512, 128, 0.1)
+    one, two = (plan.activation_bytes(xxl, work, b, False) for b in (1, 2))
+    assert two.saved > one.saved and two.peak > one.peak
+    ckpt = plan.activation_bytes(xxl, work, 8, True)
+    assert ckpt.peak < 0.25 * plan.activation_bytes(xxl, work, 8, False).peak
+
+
+def test_checkpointing_suggested_when_the_micro_batch_needs_it(xxl):
+    cluster = plan.Cluster(1, 8, 80, 1024)
+    work = plan.Workload(512, 128, 0.1)
+    fits_plain = plan.make_plan(xxl, cluster, work, micro_batch=2)["suggestion"]
+    assert fits_plain["offload"] == "none" and not fits_plain["activation_checkpointing"]
+    needs_ckpt = plan.make_plan(xxl, cluster, work, micro_batch=32)["suggestion"]
+    assert needs_ckpt["offload"] == "none" and needs_ckpt["activation_checkpointing"]
+    assert needs_ckpt["micro_batch"] == 32 and needs_ckpt["gpu_estimate_gib"] <= 80
+    # Long inputs: not even one example fits without checkpointing, so the search suggests it.
+    long = plan.make_plan(xxl, cluster, plan.Workload(4096, 256, 0.1))
+    none = long["options"][0]
+    assert none["max_micro_batch"] == 0 and none["max_micro_batch_checkpointed"] >= 1
+    assert long["suggestion"]["activation_checkpointing"]
+    assert long["suggestion"]["micro_batch"] == none["max_micro_batch_checkpointed"]
+
+
+def test_more_nodes_lower_per_gpu_memory(xxl):
+    work = plan.Workload(512, 128, 0.1)
+    plans = [plan.make_plan(xxl, plan.Cluster(n, 8, 80, 1024), work) for n in (1, 2, 4, 8)]
+    for i in range(3):  # none, cpu_optimizer: sharded states shrink with the GPU count
+        per_gpu = [p["options"][i]["gpu_model_states_gib"] for p in plans]
+        assert per_gpu == sorted(per_gpu, reverse=True) and len(set(per_gpu)) == (4 if i < 2 else 1)
+    for i in (1, 2):  # offloaded states are split over the nodes' CPUs
+        per_node = [p["options"][i]["cpu_per_node_gib"] for p in plans]
+        assert all(a > b for a, b in zip(per_node, per_node[1:]))
+    micro = [p["options"][0]["max_micro_batch"] for p in plans]
+    assert micro == sorted(micro) and micro[-1] > micro[0]
+
+
+def test_offload_follows_gpu_and_cpu_memory(xxl):
+    work = plan.Workload(512, 128, 0.1)
+    # 24 GB GPUs cannot hold the sharded states of 11B on 8 GPUs: the optimizer goes to the CPU.
+    small_gpus = plan.make_plan(xxl, plan.Cluster(1, 8, 24, 1024), work)
+    assert small_gpus["options"][0]["max_micro_batch_checkpointed"] == 0
+    assert small_gpus["suggestion"]["offload"] == "cpu_optimizer"
+    # ... unless the node has too little RAM for the offloaded optimizer: nothing fits.
+    small_node = plan.make_plan(xxl, plan.Cluster(1, 8, 24, 128), work)
+    assert not small_node["options"][1]["cpu_fits"] and small_node["suggestion"] is None
+    assert "does NOT fit" in plan.format_plan(small_node)
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    plan.add_arguments(parser)
+    return plan.run(parser.parse_args(argv))
+
+
+def test_cli_json_and_table(capsys):
+    assert _cli(["--preset", "t5-small", "--nodes", "2", "--gpus-per-node", "4", "--gpu-mem-gb", "24", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["cluster"]["num_gpus"] == 8 and result["suggestion"]["offload"] == "none"
+    assert _cli(["--preset", "t5-small", "--variant", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "suggestion: offload=none" in table and "cpu_optimizer_params" in table
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert _cli(["--config", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert _cli(["--preset", "t5-smal"]) == 2
+    assert "'t5-smal' is not a preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(["--preset", "t5-small", "--variant", "hyperprompt"])
+    assert "invalid choice: 'hyperprompt'" in capsys.readouterr().err
+    assert _cli(["--preset", "t5-small", "--nodes", "0"]) == 2
+    assert "--nodes must be >= 1" in capsys.readouterr().err
+    # Fits nowhere: exit status 1, so scripts can branch on it.
+    assert _cli(["--preset", XXL, "--gpus-per-node", "1", "--gpu-mem-gb", "16", "--cpu-mem-gb", "64"]) == 1
