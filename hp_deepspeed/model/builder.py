@@ -73,7 +73,9 @@ def build_model(
     if zero3:
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # No dtype argument: DeepSpeed then takes it from the config (bf16 section or fp32).
+        # Passing one is ignored on accelerators without fp16 (0.19's _set_dtype), giving bf16.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = T5Model(t5_config, config.activation_checkpointing)
     else:
         model = T5Model(t5_config, config.activation_checkpointing).to(device=device, dtype=dtype)

@@ -30,7 +30,7 @@ def shape_of(config) -> T5Shape:
         d_model=config.d_model, d_kv=config.d_kv, d_ff=config.d_ff, num_heads=config.num_heads,
         num_layers=config.num_layers,
         num_decoder_layers=getattr(config, "num_decoder_layers", None) or config.num_layers,
-        vocab_size=config.vocab_size, gated_ffn=config.is_gated_act,
+        vocab_size=config.vocab_size, gated_ffn=config.is_gated,
     )
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from hp_deepspeed.checkpointing import CheckpointConfig
 from hp_deepspeed.data import DataConfig
 from hp_deepspeed.model.conditioning import ConditioningConfig
-from hp_deepspeed.model.t5_config import ModelConfig
+from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.training.optim import OptimConfig
+from hp_deepspeed.training.preemption import PreemptionConfig
 
 
 @dataclass
@@ -71,3 +72,4 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)

@@ -7,8 +7,8 @@ model, so a typo fails in seconds rather than after an 11B model has been loaded
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import random
 import time
 from collections import defaultdict
@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from hp_deepspeed.checkpointing import CheckpointManager
-from hp_deepspeed.config import save_config, to_dict
+from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.launching.distributed import init_distributed
+from hp_deepspeed.model.builder import resolve_t5_config
 from hp_deepspeed.model.hyperprompt_t5 import build_model
 from hp_deepspeed.training.ds_config import build_ds_config, precision_of, read_ds_config
 from hp_deepspeed.training.evaluation import Evaluator
@@ -39,6 +40,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_vocabulary(tokenizer, t5_config, where: str) -> None:
+    """Token ids past the embedding table would crash deep inside the first forward."""
+    if len(tokenizer) > t5_config.vocab_size:
+        raise ConfigError(
+            f"model.name_or_path={where}: vocab_size {t5_config.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens; use a matching tokenizer (data.tokenizer) or model config"
+        )
 
 
 class WindowStats:
@@ -89,47 +99,46 @@ class Trainer:
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)
 
-        # Cheap checks and set-up first: everything that can fail on bad input.
+        # Cheap checks first: everything that can fail on bad input fails before the model exists.
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         self.tasks = build_tasks(cfg.data)
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.world_size)
-        self.ds_config = build_ds_config(
-            read_ds_config(cfg.training.ds_config),
-            micro_batch_size=cfg.training.micro_batch_size,
-            gradient_accumulation=cfg.training.gradient_accumulation,
-            world_size=self.world_size, optim=cfg.optim, d_model=1, log_every=cfg.training.log_every,
-            on_cpu=self.on_cpu,
-        )
+        self.t5_config = resolve_t5_config(cfg.model)
+        check_vocabulary(self.tokenizer, self.t5_config, cfg.model.name_or_path)
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, model_config=self.architecture())
         self.resume_from = self.checkpoints.find_resume_point(cfg.checkpoint.resume)
-
-        # The expensive part: build (and load) the model sharded, then the engine.
-        self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
-        self.model_shape = shape_of(self.model.config)
         self.ds_config = build_ds_config(
             read_ds_config(cfg.training.ds_config),
             micro_batch_size=cfg.training.micro_batch_size,
             gradient_accumulation=cfg.training.gradient_accumulation,
-            world_size=self.world_size, optim=cfg.optim, d_model=self.model_shape.d_model,
+            world_size=self.world_size, optim=cfg.optim, d_model=self.t5_config.d_model,
             log_every=cfg.training.log_every, on_cpu=self.on_cpu,
-            universal_checkpoint=self.checkpoints.needs_universal(self.resume_from),
-        )
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=trainable, config=self.ds_config,
-            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
         )
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
         )
+
+        # The expensive part: build (and stream in) the sharded model, then the engine.
+        self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
+        self.model_shape = shape_of(self.t5_config)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=trainable, config=self.ds_config,
+            lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
+        )
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler(cfg.preemption)
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+
+    def architecture(self) -> dict:
+        """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""
+        t5 = {k: v for k, v in dataclasses.asdict(self.t5_config).items() if k != "dropout_rate"}
+        return {"t5": t5, "conditioning": to_dict(self.cfg.conditioning), "tasks": [t.name for t in self.tasks]}
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -151,7 +160,7 @@ class Trainer:
                     self.evaluate()
                 if self.checkpoints.due(self.step) and self.step < cfg.steps:
                     self.save()
-                if self.preemption.should_stop(self.device):
+                if self.preemption.should_stop(self.step):
                     log.warning("preemption signal received: saving at step %d and exiting", self.step)
                     self.save()
                     return EXIT_PREEMPTED
@@ -239,6 +248,7 @@ class Trainer:
         if self.resume_from is None:
             return
         state = self.checkpoints.load(self.engine, self.resume_from)
+        self.resume_from = None  # loaded once; a ZeRO-3 engine only loads into pristine partitions
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
         if self.is_main:
