@@ -107,9 +107,12 @@ class CheckpointManager:
         self.model_config = dict(model_config or {})
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        # Step of the checkpoint this process resumed from and has not trained past yet: saving
-        # that step again would write identical state, so the save is skipped.
-        self._resumed_step: int | None = None
+        # Step whose complete checkpoint holds this process's current state: the one just loaded
+        # or just saved. A second save at the same step (an interval save followed by a preemption
+        # save, or a preemption right after resuming) would rewrite identical state, which on an
+        # 11B model costs minutes of the grace period, so it is skipped. Steps count optimizer
+        # updates, so an unchanged step means unchanged weights and optimizer state.
+        self._on_disk_step: int | None = None
         best_path = self.root / BEST
         self.best: dict[str, dict[str, float | int]] = read_json(best_path) if best_path.is_file() else {}
 
@@ -144,8 +147,8 @@ class CheckpointManager:
         stored as ``config.yaml`` so every checkpoint says exactly how it was trained.
         """
         final = self.root / step_tag(step)
-        if self._resumed_step == step and read_marker(final) is not None:
-            log.info("checkpoint %s already holds this exact state (just resumed from it); not re-saving", final)
+        if self._on_disk_step == step and read_marker(final) is not None:
+            log.info("checkpoint %s already holds this exact state; not re-saving", final)
             return final
         state = dict(trainer_state or {})
         if state.setdefault("step", step) != step:
@@ -195,7 +198,7 @@ class CheckpointManager:
         outcome = _broadcast(outcome)
         if outcome is not None:
             raise CheckpointError(f"{final}: rank 0 could not commit the checkpoint: {outcome}")
-        self._resumed_step = None
+        self._on_disk_step = step
         log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - started)
         return final
 
@@ -329,7 +332,7 @@ class CheckpointManager:
         if not rng.load(step_dir, self.rank):
             log.warning("%s has no RNG state for rank %d (saved on %d ranks); keeping this rank's seeded "
                         "generators", step_dir, self.rank, point.world_size)
-        self._resumed_step = point.step
+        self._on_disk_step = point.step
         log.info("resumed from %s (step %d)", step_dir, point.step)
         return read_json(step_dir / TRAINER_STATE)
 

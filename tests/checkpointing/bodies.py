@@ -43,6 +43,11 @@ def train_save_resume(run_dir: str) -> dict:
             if step == SAVE_UNTIL:
                 out["saved"] = snapshot(engine)
                 out["saved_rng"] = rng_fingerprint()
+                # A second save at the same step (interval save, then a preemption save) is a no-op.
+                marker = os.path.join(run_dir, "checkpoints", f"step-{step}", "COMPLETE")
+                before = os.stat(marker).st_mtime_ns
+                manager.save(engine, step, {"sampler": {"offset": 4 * step}})
+                out["double_save_skipped"] = os.stat(marker).st_mtime_ns == before
     out["losses"] = losses
 
     # A fresh process state: other initial weights and other generator states until the load.

@@ -42,6 +42,14 @@ def crashed(trained, tmp_path_factory):
     # during a deletion, or a copy interrupted by hand, leaves. It must never be loaded either.
     root = run_dir / "checkpoints"
     shutil.copytree(root / f"step-{TOTAL_STEPS}.staging", root / "step-12")
+    # A complete step-10 committed before step-8: left by an abandoned continuation (the run was
+    # once resumed from an older step). Auto-resume must prefer the newer commit, and the next
+    # save of step 10 must replace it.
+    abandoned = root / f"step-{TOTAL_STEPS}"
+    shutil.copytree(root / "step-2", abandoned)
+    marker = json.loads((abandoned / MARKER).read_text())
+    (abandoned / MARKER).write_text(json.dumps(dict(marker, step=TOTAL_STEPS, time=marker["time"] - 1)))
+    (abandoned / "abandoned").write_text("")
     return run_dir
 
 
@@ -106,7 +114,8 @@ def test_retention_keeps_last_k_plus_best_per_task(trained):
     assert best == {"a": {"step": 2, "score": 0.9}, "b": {"step": 6, "score": 0.7}}
 
 
-def test_resaving_the_step_just_resumed_from_is_skipped(trained):
+def test_saving_a_step_already_on_disk_from_this_process_is_skipped(trained):
+    assert [r["double_save_skipped"] for r in trained[1]] == [True, True]
     assert [r["resave_skipped"] for r in trained[1]] == [True, True]
 
 
@@ -114,9 +123,10 @@ def test_crash_between_shards_and_marker_keeps_previous_checkpoint(crashed):
     root = crashed / "checkpoints"
     staging = root / f"step-{TOTAL_STEPS}.staging"
     assert staging.is_dir() and any(staging.glob("zero_pp_rank_1_*_optim_states.pt"))
-    assert not (staging / MARKER).exists() and not (root / f"step-{TOTAL_STEPS}").exists()
+    assert not (staging / MARKER).exists()
     assert read_latest(root) == f"step-{SAVE_UNTIL}"
-    assert find_latest(root).step == SAVE_UNTIL  # neither the staging folder nor step-12 counts
+    # Neither the staging folder, nor step-12 (no marker), nor the older commit of step-10 wins.
+    assert find_latest(root).step == SAVE_UNTIL
 
 
 def test_resume_on_fewer_ranks_goes_through_universal_checkpoint(one_rank, trained):
@@ -139,6 +149,7 @@ def test_save_after_the_crash_cleans_debris_and_records_the_new_world_size(one_r
     root = run_dir / "checkpoints"
     assert r["saved_path"] == str(root / f"step-{TOTAL_STEPS}")
     assert json.loads((root / f"step-{TOTAL_STEPS}" / MARKER).read_text())["world_size"] == 1
+    assert not (root / f"step-{TOTAL_STEPS}" / "abandoned").exists()  # the abandoned one was replaced
     assert read_latest(root) == f"step-{TOTAL_STEPS}"
     assert not (root / f"step-{TOTAL_STEPS}.staging").exists() and not (root / "step-12").exists()
 
