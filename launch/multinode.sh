@@ -21,7 +21,7 @@ launcher=${HP_LAUNCHER:-pdsh}
 module=${HP_MODULE:-hp_deepspeed.cli}
 master_addr=${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")}
 args=(--hostfile "$hostfile" --launcher "$launcher" --master_addr "$master_addr"
-      --master_port "${MASTER_PORT:-29500}")
+      --master_port "${MASTER_PORT:-29500}" --no_local_rank)
 if [ "$launcher" = mpich ]; then
   # deepspeed's mpich runner cannot run a module (-m); give it a file that does.
   program=("$(python -c 'import hp_deepspeed.launching.entry as e; print(e.__file__)')" "$module")

@@ -80,7 +80,7 @@ hp_run() {
           local hostfile="${HP_RUN_DIR:-.}/hostfile-${SLURM_JOB_ID}"
           mkdir -p "$(dirname "$hostfile")"
           scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$HP_PER_NODE/" > "$hostfile"
-          launcher=(deepspeed --hostfile="$hostfile" --no_ssh --node_rank='$SLURM_NODEID'
+          launcher=(deepspeed --hostfile="$hostfile" --no_ssh --no_local_rank --node_rank='$SLURM_NODEID'
                     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --module "$HP_MODULE") ;;
         *) echo "HP_NODE_LAUNCHER must be torchrun or deepspeed" >&2; return 1 ;;
       esac

@@ -300,7 +300,15 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
         raise LaunchEnvironmentError(
             "mpi: started by mpirun but mpi4py is not importable (pip install 'hp-deepspeed[mpi]')"
         ) from err
-    return info_from_mpi(MPI.COMM_WORLD, env, MPI.COMM_TYPE_SHARED)
+    info = info_from_mpi(MPI.COMM_WORLD, env, MPI.COMM_TYPE_SHARED)
+    expected = next((env[k] for k in MPI_MARKERS[:3] if env.get(k)), None)
+    if expected is not None and int(expected) != info.world_size:
+        raise LaunchEnvironmentError(
+            f"mpi: mpirun started {expected} ranks but mpi4py sees a world of {info.world_size}: "
+            f"mpi4py uses {MPI.Get_library_version().splitlines()[0]!r}, not the MPI of this "
+            "mpirun; install mpi4py against the same MPI"
+        )
+    return info
 
 
 # ----------------------------------------------------------------------------- choosing

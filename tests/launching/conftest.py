@@ -1,0 +1,93 @@
+"""Fixtures for the launcher end-to-end tests: a clean environment and a local SLURM cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hp_deepspeed.testing.distributed import base_env, run_command
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "scripts" / "slurm_local_cluster.sh"
+WORKLOAD = "tests.scripts.launch_workload"
+# Launcher and scheduler variables of an outer job must not leak into the jobs under test.
+_LEAKY = re.compile(r"^(SLURM_|SBATCH_|SRUN_|OMPI_|PMI_|PMIX_|MPI_LOCAL|TORCHELASTIC_)|"
+                    r"^(RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|LOCAL_SIZE|MASTER_ADDR|MASTER_PORT)$")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment for a launcher: the venv first on PATH, no launcher vars."""
+    env = {k: v for k, v in base_env().items() if not _LEAKY.search(k) or k == "SLURM_CONF"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["HP_MODULE"] = WORKLOAD
+    env.update(extra)
+    return env
+
+
+def launch(cmd: list[str], timeout: float, check: bool = True, **extra: str):
+    """Run a launcher command from the repository root with :func:`clean_env`. run_command
+    starts from os.environ, so the variables clean_env leaves out are unset with `env -u`."""
+    env = clean_env(**extra)
+    unset = [arg for key in os.environ if key not in env for arg in ("-u", key)]
+    return run_command(["env", *unset, *cmd], timeout=timeout, env=env, cwd=REPO, check=check)
+
+
+def _can_manage_slurm() -> str | None:
+    """Why the SLURM tests cannot run here, or None when they can."""
+    if shutil.which("sbatch") and shutil.which("slurmctld") and shutil.which("munged"):
+        return None if os.geteuid() == 0 else "the local SLURM cluster must be started as root"
+    if os.geteuid() != 0:
+        return "SLURM is not installed and installing it (apt-get) needs root"
+    if not shutil.which("apt-get"):
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node SLURM cluster on this machine, started by scripts/slurm_local_cluster.sh
+    (which installs SLURM with apt when missing) and stopped at the end if we started it."""
+    reason = _can_manage_slurm()
+    if reason:
+        pytest.skip(reason)
+    was_running = subprocess.run(
+        [str(CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
+    run_command([str(CLUSTER), "start"], timeout=900)
+    yield
+    if not was_running:
+        run_command([str(CLUSTER), "stop"], timeout=120)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for_job(job_id: str, timeout: float, log_glob: Path | None = None) -> dict[str, str]:
+    """Poll until the job has ended (completed, failed, cancelled...); fail with its logs."""
+    deadline = time.monotonic() + timeout
+    info: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        info = job_info(job_id)
+        if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], timeout=30)
+    logs = "" if log_glob is None else "\n".join(
+        f"--- {p} ---\n{p.read_text()[-4000:]}" for p in sorted(log_glob.parent.glob(log_glob.name)))
+    pytest.fail(f"job {job_id} did not end in {timeout:.0f}s (last: {info})\n{logs}")
+
+
+def sbatch(args: list[str], timeout: float = 60, **extra: str) -> str:
+    """Submit from the repository root; returns the job id."""
+    result = launch(["sbatch", "--parsable", *args], timeout=timeout, **extra)
+    return result.output.strip().splitlines()[-1].split(";")[0]

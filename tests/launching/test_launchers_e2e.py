@@ -1,0 +1,86 @@
+"""launch/*.sh end to end: real launchers start 2 ranks of a ZeRO-3 workload on the CPU.
+
+Each run goes through hp_deepspeed.launching.distributed.init_distributed, so every test also
+checks which launcher environment the ranks found (``source``) and that they agree on it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hp_deepspeed.testing.distributed import free_port
+from tests.launching.conftest import REPO, launch
+
+pytestmark = pytest.mark.e2e
+LAUNCH = REPO / "launch"
+STEPS = 3
+
+
+def check_ranks(run_dir: Path, source: str, output: str) -> list[dict]:
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1], output[-3000:]
+    for r in ranks:
+        assert (r["world_size"], r["local_world_size"], r["source"]) == (2, 2, source), r
+        assert (r["start_step"], r["end_step"], r["preempted"]) == (0, STEPS, False), r
+        assert r["local_rank"] == r["rank"]
+        assert (run_dir / f"steps-rank{r['rank']}.txt").read_text().split() == [
+            str(s) for s in range(STEPS)]
+    # ZeRO-3 ran: the ranks saw different data, the same master.
+    assert len({(r["master_addr"], r["master_port"]) for r in ranks}) == 1
+    assert ranks[0]["loss"] != ranks[1]["loss"]
+    return ranks
+
+
+def workload_args(run_dir: Path) -> list[str]:
+    # --resume auto goes through every launcher's argument passing along with the overrides.
+    return ["train", "--resume", "auto", f"run.dir={run_dir}", f"train.steps={STEPS}"]
+
+
+def test_deepspeed_one_node(tmp_path):
+    port = free_port()
+    out = launch([str(LAUNCH / "local.sh"), *workload_args(tmp_path)], timeout=240,
+                 HP_NUM_GPUS="2", MASTER_PORT=str(port)).output
+    ranks = check_ranks(tmp_path, "deepspeed", out)
+    assert ranks[0]["master_port"] == port
+
+
+def test_torchrun(tmp_path):
+    out = launch([str(LAUNCH / "torchrun.sh"), *workload_args(tmp_path)], timeout=240,
+                 HP_NPROC_PER_NODE="2", MASTER_PORT=str(free_port())).output
+    check_ranks(tmp_path, "torchrun", out)
+
+
+def test_mpirun_rank_discovery_through_mpi4py(tmp_path):
+    pytest.importorskip("mpi4py")
+    if not shutil.which("mpirun", path=str(Path(__import__("sys").executable).parent)) and \
+            not shutil.which("mpirun"):
+        pytest.skip("no mpirun (pip install mpich, or the system MPI)")
+    out = launch([str(LAUNCH / "mpirun.sh"), *workload_args(tmp_path)], timeout=240,
+                 HP_NPROCS="2").output
+    ranks = check_ranks(tmp_path, "mpi", out)
+    assert ranks[0]["master_port"] > 0  # chosen by rank 0 and broadcast
+
+
+def test_deepspeed_hostfile_mpich_runner(tmp_path):
+    """`deepspeed --hostfile --launcher mpich` on a one-host hostfile. --force_multi takes the
+    multi-node path although there is one host; --no_ssh_check because MPICH's Hydra starts
+    local ranks without ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# host slots\nlocalhost slots=2\n")
+    run_dir = tmp_path / "run"
+    out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=300,
+                 HP_HOSTFILE=str(hostfile), HP_LAUNCHER="mpich", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()),
+                 HP_LAUNCHER_ARGS="--force_multi --no_ssh_check").output
+    assert "mpirun -n 2 -ppn 2" in out, out[-3000:]
+    check_ranks(run_dir, "deepspeed", out)
+
+
+def test_launch_scripts_refuse_missing_settings(tmp_path):
+    for script, var in (("multinode.sh", "HP_HOSTFILE"), ("mpirun.sh", "HP_NPROCS")):
+        result = launch([str(LAUNCH / script), "train"], timeout=60, check=False)
+        assert result.returncode != 0 and var in result.output, result.output
