@@ -329,8 +329,9 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
     ``block_activation_bytes``), plus per stack the shared [B, a, L, L] bf16 bias, and outside
     the blocks: the embedding dropout masks, the final norms, the encoder output (saved once by
     all cross-attention k/v projections), the lm_head input, the bf16 logits (returned to the
-    trainer, alive through backward) and the fp32 log-softmax of the loss. Conditioned blocks
-    also receive their [B, a, P, d_kv] key and value prompts.
+    trainer, alive through backward) and the fp32 log-softmax of the loss. Task conditioning
+    adds what its generator saves (measured on the meta device, see
+    ``_conditioning_activation_bytes``) and its outputs gathered to the B examples.
 
     With per-block checkpointing a block keeps only its arguments: its input hidden state
     (2*B*L*h bytes; the bias, encoder output and prompts are shared), and the backward pass
@@ -425,10 +426,10 @@ def make_plan(spec: ModelSpec, cluster: Cluster, workload: Workload, margins: Ma
     """
     budget = gpu_budget_bytes(cluster, margins)
     cpu_budget = int(cluster.cpu_mem_gib * GIB * (1.0 - margins.cpu_fraction))
-    options = []
+    options, free_bytes = [], {}
     for offload in OFFLOAD_MODES:
         gpu_states, cpu_states = model_states_bytes(spec.total_params, spec.largest_layer_params, cluster, offload)
-        free = budget - gpu_states
+        free = free_bytes[offload] = budget - gpu_states
         options.append({
             "offload": offload,
             "ds_config": OFFLOAD_DS_CONFIG[offload],
@@ -444,7 +445,7 @@ def make_plan(spec: ModelSpec, cluster: Cluster, workload: Workload, margins: Ma
     for option in options:
         if not option["cpu_fits"]:
             continue
-        free = budget - int(option["gpu_model_states_gib"] * GIB)
+        free = free_bytes[option["offload"]]
         if micro_batch is not None:
             if activation_bytes(spec, workload, micro_batch, False).peak <= free:
                 mb, ckpt = micro_batch, False
@@ -464,8 +465,8 @@ def make_plan(spec: ModelSpec, cluster: Cluster, workload: Workload, margins: Ma
             "ds_config": option["ds_config"],
             "micro_batch": mb,
             "activation_checkpointing": ckpt,
-            "gpu_estimate_gib": (int(option["gpu_model_states_gib"] * GIB) + act.peak) / GIB
-            + margins.gpu_reserved_gib,
+            # Model states + activation peak + the reserve: what one GPU is expected to use.
+            "gpu_estimate_gib": (budget - free + act.peak) / GIB + margins.gpu_reserved_gib,
             "cpu_per_node_gib": option["cpu_per_node_gib"],
         }
         break
@@ -546,7 +547,8 @@ def format_plan(plan: dict) -> str:
             f"suggestion: offload={s['offload']} ({s['ds_config']}), training.micro_batch_size={s['micro_batch']}, "
             f"model.activation_checkpointing={'non_reentrant' if s['activation_checkpointing'] else 'none'}"
         )
-        lines.append(f"            ~{s['gpu_estimate_gib']:.1f} GB per GPU, {s['cpu_per_node_gib']:.1f} GB CPU per node")
+        lines.append(f"            ~{s['gpu_estimate_gib']:.1f} of {c['gpu_mem_gib']:g} GB per GPU (incl. the reserve), "
+                     f"{s['cpu_per_node_gib']:.1f} of {c['cpu_mem_gib']:g} GB CPU per node")
     return "\n".join(lines)
 
 
