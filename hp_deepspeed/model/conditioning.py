@@ -259,18 +259,22 @@ class LayerAwareTaskEmbedding(nn.Module):
     decoder do different jobs), while the task embeddings, the projector and the global
     hypernetworks are shared by both stacks: the cheapest choice that still tells every block of
     the model apart.
+
+    The projector's weights are this module's own parameters rather than ``nn.Linear`` children:
+    under ``deepspeed.zero.Init`` a child is partitioned as soon as its constructor returns, so a
+    parent that re-initialises it afterwards writes into an empty partition and is silently lost.
     """
 
     def __init__(self, cfg: ConditioningConfig, num_blocks: int, num_tasks: int):
         super().__init__()
+        fan_in = cfg.task_embedding_dim + cfg.layer_embedding_dim
         self.task_embedding = _normal(num_tasks, cfg.task_embedding_dim, std=1.0)
         self.block_embedding = _normal(num_blocks, cfg.layer_embedding_dim, std=1.0)
-        fan_in = cfg.task_embedding_dim + cfg.layer_embedding_dim
-        self.projector_in = nn.Linear(fan_in, cfg.projector_hidden_dim)
-        self.projector_out = nn.Linear(cfg.projector_hidden_dim, cfg.hyper_embedding_dim)
-        for linear in (self.projector_in, self.projector_out):
-            nn.init.normal_(linear.weight, std=linear.in_features**-0.5)
-            nn.init.zeros_(linear.bias)
+        self.projector_in = _normal(fan_in, cfg.projector_hidden_dim, std=fan_in**-0.5)
+        self.projector_in_bias = nn.Parameter(torch.zeros(cfg.projector_hidden_dim))
+        self.projector_out = _normal(cfg.projector_hidden_dim, cfg.hyper_embedding_dim,
+                                     std=cfg.projector_hidden_dim**-0.5)
+        self.projector_out_bias = nn.Parameter(torch.zeros(cfg.hyper_embedding_dim))
 
     def forward(self, tasks: Tensor) -> Tensor:
         """-> [U, blocks, hyper_embedding_dim]"""
@@ -279,7 +283,8 @@ class LayerAwareTaskEmbedding(nn.Module):
             task.unsqueeze(1).expand(-1, self.block_embedding.shape[0], -1),
             self.block_embedding.unsqueeze(0).expand(task.shape[0], -1, -1),
         ], dim=-1)
-        return self.projector_out(torch.relu(self.projector_in(pairs)))
+        hidden = torch.relu(torch.addmm(self.projector_in_bias, pairs.flatten(0, 1), self.projector_in))
+        return torch.addmm(self.projector_out_bias, hidden, self.projector_out).view(*pairs.shape[:2], -1)
 
 
 class HyperPromptGlobal(nn.Module):

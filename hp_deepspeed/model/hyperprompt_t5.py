@@ -126,7 +126,9 @@ def build_model(
     elif _zero_stage(ds_config) == 3 and cond_cfg.variant != "none":
         import deepspeed
 
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=DTYPES[model_cfg.dtype]):
+        # No dtype argument: the DeepSpeed config's precision section decides (and DeepSpeed
+        # 0.19 ignores an explicit dtype on accelerators without fp16, creating bf16 weights).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             conditioning = build_conditioning(cond_cfg, dims, num_tasks)
     else:
         conditioning = build_conditioning(cond_cfg, dims, num_tasks)

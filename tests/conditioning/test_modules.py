@@ -34,7 +34,7 @@ def task_layer_embedding(gen, t: int, m: int) -> torch.Tensor:
     """I(t, m) = h_t([k_t; z_m]) written out for one task and block."""
     emb = gen.task_layer_embedding
     x = torch.cat([emb.task_embedding[t], emb.block_embedding[m]])
-    return emb.projector_out(torch.relu(emb.projector_in(x)))
+    return torch.relu(x @ emb.projector_in + emb.projector_in_bias) @ emb.projector_out + emb.projector_out_bias
 
 
 def local_hypernet(prompt, down, up):
