@@ -30,8 +30,8 @@ EXTRA_IDS = 100
 
 
 def corpus(data_dir: Path) -> list[str]:
-    """Every input and target text of every registry task's splits under ``data_dir``."""
-    cfg = DataConfig(tasks=list(REGISTRY), data_dir=str(data_dir))
+    """Every input and target text of the splits of the registry tasks found in ``data_dir``."""
+    cfg = DataConfig(tasks=[name for name in REGISTRY if (data_dir / name).is_dir()], data_dir=str(data_dir))
     lines = []
     with tempfile.TemporaryDirectory() as cache:
         for task in build_tasks(cfg):

@@ -116,10 +116,11 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     """Task name -> relative weight for ``weights`` mixing; every training task needs one."""
 
-    bucket_pool_batches: int = 50
+    bucket_pool_batches: int = 200
     """Length bucketing: this many global batches are drawn at once, sorted by length, cut
-    into batches and the batches shuffled. Larger pools pad less but mix tasks less evenly in
-    time; 1 disables bucketing (random batches)."""
+    into batches and the batches shuffled. Larger pools pad less (bench/batching.py: about 96%
+    real tokens at 200 on a GLUE-like mix, 89% at 50); the cost is that resuming with another
+    global batch size skips the rest of the interrupted pool. 1 disables bucketing."""
 
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row (bad JSON/CSV, missing or mistyped field) raises an error naming the file

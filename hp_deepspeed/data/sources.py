@@ -88,6 +88,17 @@ def read_split(task: Task, split: str, path: Path | None, fingerprint: str, on_b
     ``on_bad_row == "skip"``, are dropped and counted."""
     import datasets  # deferred: importing datasets costs about a second
 
+    # One progress bar per file would bury the training log.
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _read_split(datasets, task, split, path, fingerprint, on_bad_row, cache_dir)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _read_split(datasets, task: Task, split: str, path: Path | None, fingerprint: str, on_bad_row: str, cache_dir: Path) -> RawSplit:
     if path is None:
         hub_path, hub_name = task.source.hub
         dataset = datasets.load_dataset(hub_path, hub_name, split=split, cache_dir=str(cache_dir / "hub"))

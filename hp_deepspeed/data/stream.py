@@ -9,7 +9,10 @@ of each global batch. The stream is built pool by pool; pool ``p`` is a pure fun
 2. the ``c``-th draw of task ``k`` overall takes position ``c`` of task ``k``'s example
    sequence, which is epoch after epoch of a fresh permutation of its examples (seeded by
    ``seed``, the task name and the epoch), so within an epoch of a task no example repeats:
-   no two ranks and no two steps see the same example of the same epoch;
+   no two ranks and no two steps see the same example of the same epoch. (Epochs are counted
+   in draws of the task; in a pool that straddles an epoch boundary the last examples of one
+   epoch and the first of the next are interleaved, so there an example may recur after
+   fewer than ``len(task)`` draws, once per epoch.)
 3. the pool is sorted by (input length, target length), cut into ``P`` global batches, and the
    batches are shuffled (``default_rng([seed, p, 1])``). Sorting makes each batch's lengths
    similar, so dynamic padding wastes few tokens; shuffling removes the length curriculum.

@@ -471,11 +471,14 @@ def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], A
         raise ConfigError(f"custom task {cfg.name}: input_template {cfg.input_template!r} uses no field")
     regression = bool(set(cfg.metrics) & REGRESSION_METRICS)
 
+    roots = sorted({re.split(r"[.\[]", f)[0] for f in fields})
+
     def inputs_of(row: Mapping[str, Any]) -> str:
-        try:
-            return cfg.input_template.format_map(row)
-        except KeyError as err:
-            raise MalformedRow(f"missing field {err.args[0]!r} used by input_template") from None
+        # ``datasets`` fills a field absent from one row with None: that is a missing field too.
+        for root in roots:
+            if row.get(root) is None:
+                raise MalformedRow(f"missing field {root!r} used by input_template")
+        return cfg.input_template.format_map(row)
 
     if cfg.label_words is not None:
         words = tuple(cfg.label_words)

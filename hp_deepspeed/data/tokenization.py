@@ -56,7 +56,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     otherwise its class, vocabulary and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        blob = backend.to_str()
+        spec = json.loads(backend.to_str())
+        # Truncation and padding settings are call state (each call with truncation=True
+        # stores its max_length there), not part of what a text tokenises to.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        blob = json.dumps(spec, sort_keys=True)
     else:
         blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())])
     blob += json.dumps([str(tokenizer.eos_token), str(tokenizer.pad_token), tokenizer.pad_token_id])

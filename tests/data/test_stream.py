@@ -1,0 +1,164 @@
+"""Mixture sampling, sharding over ranks, resumable state, batch format and padding."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bench.batching import measure
+from hp_deepspeed.data import DataError, TrainStream, build_tasks, mixing_rates
+
+SYNTH = ["synthetic/copy", "synthetic/reverse"]
+
+
+def stream(make_cfg, tokenizer, tasks, micro_batch_size=4, rank=0, world_size=1, **cfg):
+    cfg.setdefault("bucket_pool_batches", 10)
+    config = make_cfg(tasks=tasks, **cfg)
+    return TrainStream(config, build_tasks(config), tokenizer, micro_batch_size, rank, world_size)
+
+
+def rows(batch):
+    """The examples of a batch as hashable (task id, unpadded input ids)."""
+    return [
+        (int(t), tuple(ids[mask.bool()].tolist()))
+        for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
+    ]
+
+
+def test_mixing_rates_by_hand(make_cfg):
+    names, sizes = ["a", "b", "c"], [1000, 12, 12]
+    cap = mixing_rates(make_cfg(mixture_cap=100), names, sizes)
+    np.testing.assert_allclose(cap, [100 / 124, 12 / 124, 12 / 124])
+    temp = mixing_rates(make_cfg(mixture="temperature", temperature=2.0, mixture_cap=None), names, sizes)
+    root = np.sqrt([1000, 12, 12])
+    np.testing.assert_allclose(temp, root / root.sum())
+    weights = mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2, "c": 1}), names, sizes)
+    np.testing.assert_allclose(weights, [0.25, 0.5, 0.25])
+    with pytest.raises(DataError, match=r"missing \['c'\]"):
+        mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2}), names, sizes)
+
+
+@pytest.mark.parametrize(
+    "mixture",
+    [dict(mixture="proportional", mixture_cap=100), dict(mixture="temperature", temperature=3.0),
+     dict(mixture="weights", weights={"synthetic/copy": 1.0, "glue/rte": 2.0, "superglue/cb": 1.0})],
+)
+def test_sampled_proportions(make_cfg, tokenizer, mixture):
+    s = stream(make_cfg, tokenizer, ["synthetic/copy", "glue/rte", "superglue/cb"], micro_batch_size=100, **mixture)
+    draws = np.concatenate([s.next_global_batch()[:, 0] for _ in range(100)])  # 10,000 draws
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    # binomial standard deviation is at most 0.005 here; 0.02 is four of them
+    np.testing.assert_allclose(freq, s.rates, atol=0.02)
+
+
+def test_batch_format(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, ["glue/rte", "synthetic/sort"], micro_batch_size=6)
+    batch = next(s)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "task_ids"}
+    assert all(v.dtype == torch.long for v in batch.values())
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["labels"].shape[0] == 6
+    assert batch["task_ids"].shape == (6,)
+    assert ((batch["input_ids"] == tokenizer.pad_token_id) == (batch["attention_mask"] == 0)).all()
+    for labels, ids, mask in zip(batch["labels"], batch["input_ids"], batch["attention_mask"]):
+        real = labels[labels != -100]
+        assert real[-1] == tokenizer.eos_token_id and (labels[len(real):] == -100).all()
+        assert ids[int(mask.sum()) - 1] == tokenizer.eos_token_id
+
+
+def test_seed_determines_stream(make_cfg, tokenizer):
+    a = [s.next_global_batch() for s in [stream(make_cfg, tokenizer, SYNTH, seed=1)] for _ in range(5)]
+    b = [s.next_global_batch() for s in [stream(make_cfg, tokenizer, SYNTH, seed=1)] for _ in range(5)]
+    c = [s.next_global_batch() for s in [stream(make_cfg, tokenizer, SYNTH, seed=2)] for _ in range(5)]
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert not all((x == y).all() for x, y in zip(a, c))
+
+
+def test_resume_gives_same_next_100_batches(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, SYNTH + ["glue/rte"], micro_batch_size=4, rank=1, world_size=2)
+    for _ in range(37):  # mid-pool (10 batches per pool)
+        next(s)
+    state = json.loads(json.dumps(s.state_dict()))  # the checkpoint holds plain JSON
+    expected = [next(s) for _ in range(100)]
+    resumed = stream(make_cfg, tokenizer, SYNTH + ["glue/rte"], micro_batch_size=4, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ranks_never_share_an_example_in_an_epoch(make_cfg, tokenizer):
+    """One task of 1000 examples, 2 ranks x 8, pools of 10 global batches: the first 60 steps
+    (6 pools, 960 draws) are all in epoch 0; pool 6 straddles the epoch boundary."""
+    ranks = [stream(make_cfg, tokenizer, ["synthetic/copy"], micro_batch_size=8, rank=r, world_size=2) for r in (0, 1)]
+    seen = [[row for _ in range(60) for row in rows(next(s))] for s in ranks]
+    assert len(set(seen[0])) == len(seen[0]) == 480 and len(set(seen[1])) == 480
+    assert not set(seen[0]) & set(seen[1])
+    # the rest of epoch 0 (40 examples) is in pool 6, mixed with the start of epoch 1
+    rest = [row for _ in range(10) for s in ranks for row in rows(next(s))]
+    epoch0 = set(seen[0]) | set(seen[1])
+    assert len(set(rest) - epoch0) == 40
+
+
+def test_each_epoch_is_a_permutation(make_cfg, tokenizer):
+    """glue/rte has 12 examples: every run of 12 consecutive draws of it is one epoch."""
+    s = stream(make_cfg, tokenizer, ["glue/rte", "synthetic/copy"], micro_batch_size=16, mixture_cap=24)
+    drawn = np.concatenate([s.next_global_batch() for _ in range(30)])
+    # stream order within a batch is by length; the per-epoch cursor order is what matters,
+    # so count how often each example was drawn: epochs complete before one repeats
+    rte = drawn[drawn[:, 0] == 0, 1]
+    counts = np.bincount(rte, minlength=12)
+    assert counts.max() - counts.min() <= 1
+    assert len(rte) > 36
+
+
+def test_resume_on_other_world_size_continues_global_stream(make_cfg, tokenizer):
+    tasks = SYNTH + ["superglue/cb"]
+    two = [stream(make_cfg, tokenizer, tasks, micro_batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(13):
+        for s in two:
+            next(s)
+    state = two[0].state_dict()
+    four = [stream(make_cfg, tokenizer, tasks, micro_batch_size=2, rank=r, world_size=4) for r in range(4)]
+    for s in four:
+        s.load_state_dict(state)
+    for _ in range(25):  # crosses pool boundaries
+        before = collections.Counter(row for s in two for row in rows(next(s)))
+        after = collections.Counter(row for s in four for row in rows(next(s)))
+        assert before == after
+
+
+def test_resume_with_other_global_batch_moves_to_next_pool(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=8)
+    for _ in range(3):
+        s.next_global_batch()
+    state = s.state_dict()
+    pool_counts = s._make_pool(0, [0, 0], 8, 10)[1]
+    other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
+    other.load_state_dict(state)
+    new = other.state_dict()
+    assert (new["pool"], new["batch_in_pool"], new["offsets"]) == (1, 0, pool_counts)
+
+
+def test_resume_refuses_another_stream(make_cfg, tokenizer):
+    state = stream(make_cfg, tokenizer, SYNTH, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        stream(make_cfg, tokenizer, SYNTH, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="tasks"):
+        stream(make_cfg, tokenizer, SYNTH[:1], seed=1).load_state_dict(state)
+
+
+def test_eval_only_tasks_are_not_trained(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, ["superglue/rte", "superglue/axb"])
+    assert [t.name for t in s.tasks] == ["superglue/rte"]
+    with pytest.raises(DataError, match="has a training split"):
+        stream(make_cfg, tokenizer, ["superglue/axb"])
+
+
+def test_bucketing_pads_little_on_glue_like_mix(session_cache):
+    result = measure(examples=600, micro_batch_size=16, batches=60, pool_batches=200, cache_dir=session_cache)
+    assert result["bucketed_real_token_fraction"] >= 0.9
+    assert result["random_real_token_fraction"] < 0.6
