@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -159,10 +159,10 @@ def find_latest(root: str | Path) -> CheckpointInfo | None:
     time, not the step number: after a deliberate resume from an older step, checkpoints of the
     abandoned continuation have higher steps but older commits than the ones written since.
     """
-    found = complete_checkpoints(root)
+    found = by_commit_order(complete_checkpoints(root))
     if not found:
         return None
-    newest = max(found, key=lambda info: (info.saved_at, info.step))
+    newest = found[-1]
     name = read_latest(root)
     if name is not None:
         for info in found:
@@ -171,13 +171,18 @@ def find_latest(root: str | Path) -> CheckpointInfo | None:
     return newest
 
 
+def by_commit_order(checkpoints: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Oldest commit first. Recency is the commit time, not the step: after a deliberate resume
+    from an older step, the abandoned continuation's higher steps are the old ones."""
+    return sorted(checkpoints, key=lambda info: (info.saved_at, info.step))
+
+
 def select_for_deletion(
-    complete_steps: Iterable[int], keep_last: int, pinned: Iterable[int], protect: Iterable[int] = ()
+    steps_oldest_first: Sequence[int], keep_last: int, pinned: Iterable[int], protect: Iterable[int] = ()
 ) -> list[int]:
-    """Steps retention deletes: everything but the newest ``keep_last``, the pins and ``protect``."""
-    steps = sorted(set(complete_steps))
-    keep = set(steps[-keep_last:]) | set(pinned) | set(protect)
-    return [s for s in steps if s not in keep]
+    """Steps retention deletes: everything but the ``keep_last`` most recent, the pins and ``protect``."""
+    keep = set(steps_oldest_first[-keep_last:]) | set(pinned) | set(protect)
+    return [s for s in steps_oldest_first if s not in keep]
 
 
 def remove_checkpoint(step_dir: str | Path) -> None:

@@ -52,6 +52,7 @@ from hp_deepspeed.checkpointing.layout import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
+    by_commit_order,
     compare_metadata,
     compare_params,
     complete_checkpoints,
@@ -147,7 +148,9 @@ class CheckpointManager:
         stored as ``config.yaml`` so every checkpoint says exactly how it was trained.
         """
         final = self.root / step_tag(step)
-        if self._on_disk_step == step and read_marker(final) is not None:
+        # Skipped only while `latest` names it: after an explicit resume from an older checkpoint
+        # the save must run, so that the new commit outranks the abandoned continuation.
+        if self._on_disk_step == step and read_marker(final) is not None and read_latest(self.root) == final.name:
             log.info("checkpoint %s already holds this exact state; not re-saving", final)
             return final
         state = dict(trainer_state or {})
@@ -232,7 +235,7 @@ class CheckpointManager:
         self._apply_retention(protect=step)
 
     def _apply_retention(self, protect: int) -> None:
-        steps = [info.step for info in complete_checkpoints(self.root)]
+        steps = [info.step for info in by_commit_order(complete_checkpoints(self.root))]
         pinned = {int(entry["step"]) for entry in self.best.values()} if self.config.keep_best else set()
         for step in select_for_deletion(steps, self.config.keep_last, pinned, protect=(protect,)):
             path = self.root / step_tag(step)

@@ -11,6 +11,7 @@ from hp_deepspeed.checkpointing.layout import (
     LATEST,
     MARKER,
     atomic_write_text,
+    by_commit_order,
     compare_metadata,
     complete_checkpoints,
     find_latest,
@@ -34,10 +35,19 @@ def make_checkpoint(root, step, saved_at=None, complete=True):
 def test_deletion_keeps_last_k_pins_and_the_protected_step():
     assert select_for_deletion([2, 4, 6, 8], keep_last=2, pinned=[]) == [2, 4]
     assert select_for_deletion([2, 4, 6, 8], keep_last=2, pinned=[2, 6]) == [4]
-    assert select_for_deletion([8, 2, 4], keep_last=1, pinned=[], protect=[4]) == [2]
+    assert select_for_deletion([2, 4, 8], keep_last=1, pinned=[], protect=[4]) == [2]
     assert select_for_deletion([2, 4], keep_last=5, pinned=[]) == []
     # A pin on a step that was never saved keeps nothing extra and deletes nothing wrongly.
     assert select_for_deletion([2, 4, 6], keep_last=1, pinned=[5]) == [2, 4]
+
+
+def test_retention_rotates_out_an_abandoned_continuation_first(tmp_path):
+    # Run reached step 10, was resumed on purpose from step 4, and has since saved 6 and 8.
+    for step, saved_at in ((4, 1.0), (10, 2.0), (6, 3.0), (8, 4.0)):
+        make_checkpoint(tmp_path, step, saved_at=saved_at)
+    order = [info.step for info in by_commit_order(complete_checkpoints(tmp_path))]
+    assert order == [4, 10, 6, 8]
+    assert select_for_deletion(order, keep_last=2, pinned=[]) == [4, 10]
 
 
 def test_only_marked_step_folders_are_checkpoints(tmp_path):
