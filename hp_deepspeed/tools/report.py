@@ -16,6 +16,7 @@ values. Only matplotlib's Agg backend is used: it needs no display, as on a clus
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -131,7 +132,11 @@ def write_report(run_dir: str | Path) -> list[Path]:
             f"{run_dir} has no metrics.jsonl: it is written by rank 0 of `hp-deepspeed train` into "
             f"run.dir (is this the run directory, and has the run logged its first step?)"
         )
-    records = read_metrics(metrics)
+    try:
+        records = read_metrics(metrics)
+    except (json.JSONDecodeError, KeyError) as err:
+        # e.g. a line cut short when a node died mid-write
+        raise ReportError(f"{metrics} is not a valid metrics file ({type(err).__name__}: {err})") from None
     overall, per_task = loss_series(records)
     benchmarks = eval_series(records)
     if not overall and not per_task and not benchmarks:

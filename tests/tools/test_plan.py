@@ -145,7 +145,7 @@ def test_checkpointing_suggested_when_the_micro_batch_needs_it(xxl):
 def test_more_nodes_lower_per_gpu_memory(xxl):
     work = plan.Workload(512, 128, 0.1)
     plans = [plan.make_plan(xxl, plan.Cluster(n, 8, 80, 1024), work) for n in (1, 2, 4, 8)]
-    for i in range(3):  # none, cpu_optimizer: sharded states shrink with the GPU count
+    for i in range(3):  # sharded states shrink with the GPU count; fully offloaded, only a layer stays
         per_gpu = [p["options"][i]["gpu_model_states_gib"] for p in plans]
         assert per_gpu == sorted(per_gpu, reverse=True) and len(set(per_gpu)) == (4 if i < 2 else 1)
     for i in (1, 2):  # offloaded states are split over the nodes' CPUs

@@ -92,4 +92,8 @@ def test_missing_or_empty_metrics_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "time": 0.0, "lr": 1e-4}) + "\n")
     with pytest.raises(report.ReportError, match="no training loss"):
         report.write_report(tmp_path)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "train", "st')
+    with pytest.raises(report.ReportError, match="not a valid metrics file"):
+        report.write_report(tmp_path)
     assert not (tmp_path / "report").exists()
