@@ -24,6 +24,37 @@ from hp_deepspeed.training.train_config import EvalConfig
 LABEL_PAD = -100
 
 
+@torch.no_grad()
+def rank_classify(model, batch: dict, label_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the most likely label word per example: one forward per label word, scored by the
+    summed log-likelihood of the word (T5's rank classification)."""
+    scores = []
+    for k in range(label_ids.shape[0]):
+        labels = label_ids[k].to(batch["input_ids"].device).expand(batch["input_ids"].shape[0], -1)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=labels, task_ids=batch["task_ids"])
+        scores.append(-out.example_loss_sum.float())
+    return torch.stack(scores, dim=1).argmax(dim=1)
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, batch: dict, max_new_tokens: int) -> list[str]:
+    """Greedy decoding, detokenised (the start token dropped, special tokens skipped)."""
+    tokens = model.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
+                            max_new_tokens=max_new_tokens)
+    return tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True)
+
+
+def tokenize_label_words(tokenizer, words) -> torch.Tensor:
+    """[K, T] label-word targets (EOS appended by the tokenizer), -100 on padding."""
+    ids = [tokenizer(w, add_special_tokens=True)["input_ids"] for w in words]
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), LABEL_PAD, dtype=torch.long)
+    for i, row in enumerate(ids):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
 class Evaluator:
     def __init__(self, cfg: EvalConfig, data_cfg: DataConfig, tasks: list[Task], tokenizer, rank: int, world_size: int):
         self.cfg = cfg
@@ -32,7 +63,7 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.rank, self.world_size = rank, world_size
         self._sets: list[EvalSet] | None = None
-        self._label_ids = {t.name: self._tokenize_labels(t.label_words) for t in tasks if t.label_words}
+        self._label_ids = {t.name: tokenize_label_words(tokenizer, t.label_words) for t in tasks if t.label_words}
 
     @property
     def eval_sets(self) -> list[EvalSet]:
@@ -53,34 +84,6 @@ class Evaluator:
         eval_set.batches = eval_set.batches[:keep]
         return eval_set
 
-    def _tokenize_labels(self, words) -> torch.Tensor:
-        """[K, T] label-word targets (EOS appended by the tokenizer), -100 on padding."""
-        ids = [self.tokenizer(w, add_special_tokens=True)["input_ids"] for w in words]
-        width = max(len(x) for x in ids)
-        out = torch.full((len(ids), width), LABEL_PAD, dtype=torch.long)
-        for i, row in enumerate(ids):
-            out[i, : len(row)] = torch.tensor(row)
-        return out
-
-    # ------------------------------------------------------------------ per batch
-    @torch.no_grad()
-    def _rank_classify(self, model, batch: dict, task: Task, label_ids: torch.Tensor) -> list[str]:
-        """The most likely label word per example: one forward per label word."""
-        scores = []
-        for k in range(label_ids.shape[0]):
-            labels = label_ids[k].to(batch["input_ids"].device).expand(batch["input_ids"].shape[0], -1)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=labels, task_ids=batch["task_ids"])
-            scores.append(-out.example_loss_sum.float())  # summed log-likelihood of the word
-        best = torch.stack(scores, dim=1).argmax(dim=1)
-        return [task.label_words[int(i)] for i in best]
-
-    @torch.no_grad()
-    def _generate(self, model, batch: dict) -> list[str]:
-        tokens = model.generate(batch["input_ids"], batch["attention_mask"], batch["task_ids"],
-                                max_new_tokens=self.cfg.max_new_tokens)
-        return self.tokenizer.batch_decode(tokens[:, 1:], skip_special_tokens=True)
-
     # ------------------------------------------------------------------ a whole evaluation
     def evaluate(self, model, step: int) -> dict[str, float]:
         """``{"<eval set>/<metric>": value, ..., "glue_average": ...}``, identical on every rank."""
@@ -91,8 +94,10 @@ class Evaluator:
             label_ids = self._label_ids.get(eval_set.task.name)
             for raw in eval_set.batches:
                 batch = {k: v.to(device) for k, v in raw.items() if k != "example_index"}
-                texts = (self._rank_classify(model, batch, eval_set.task, label_ids) if label_ids is not None
-                         else self._generate(model, batch))
+                if label_ids is not None:
+                    texts = [eval_set.task.label_words[int(i)] for i in rank_classify(model, batch, label_ids)]
+                else:
+                    texts = generate_texts(model, self.tokenizer, batch, self.cfg.max_new_tokens)
                 outputs.update((int(i), t) for i, t in zip(raw["example_index"], texts) if i >= 0)
             outputs = self._merge_ranks(outputs)
             if self.cfg.max_examples_per_task:

@@ -1,0 +1,112 @@
+"""``hp-deepspeed export``: a sharded ZeRO checkpoint -> a folder anyone can serve from.
+
+    EXPORT/
+      backbone/            config.json + model*.safetensors: transformers' T5ForConditionalGeneration loads it
+      conditioning.safetensors   the hypernetworks / prompt tables (to continue training elsewhere)
+      prompts.safetensors  each task's conditioning precomputed (serving needs no hypernetwork)
+      tokenizer/           the run's tokenizer
+      export.json          tasks and their ids, the model and conditioning configs, the source step
+      config.yaml          the job config the checkpoint was trained with
+
+Runs in one process on the CPU, without DeepSpeed's engine: DeepSpeed's ``zero_to_fp32``
+consolidates the fp32 master weights from the optimizer shards (``lazy_mode`` keeps only one
+tensor materialised at a time, so an 11B export needs about one copy of the weights in RAM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hp_deepspeed.checkpointing import CheckpointError, find_latest
+from hp_deepspeed.checkpointing.layout import BEST, CONFIG, read_json, read_marker, step_tag
+from hp_deepspeed.config import from_dict, read_yaml, to_dict
+from hp_deepspeed.data import build_tasks, load_tokenizer
+from hp_deepspeed.model.hf_checkpoint import save_hf_checkpoint
+from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5, build_model
+from hp_deepspeed.training.train_config import JobConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "hp_deepspeed.export/1"
+
+
+def resolve_checkpoint(run_dir: Path, spec: str) -> Path:
+    """``auto`` (newest complete), ``best:<task>`` (the pinned best of a task) or a folder."""
+    root = run_dir / "checkpoints"
+    if spec == "auto":
+        info = find_latest(root)
+        if info is None:
+            raise CheckpointError(f"{root}: no complete checkpoint to export")
+        return info.path
+    if spec.startswith("best:"):
+        task = spec[len("best:"):]
+        best = read_json(root / BEST) if (root / BEST).is_file() else {}
+        if task not in best:
+            raise CheckpointError(f"{root / BEST}: no best checkpoint recorded for task {task!r} (have {sorted(best)})")
+        path = root / step_tag(int(best[task]["step"]))
+    else:
+        path = Path(spec) if Path(spec).is_absolute() or Path(spec).exists() else root / spec
+    if read_marker(path) is None:
+        raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
+    return path
+
+
+def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of every parameter (frozen ones included) from a ZeRO checkpoint folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+
+
+def load_run_model(step_dir: Path) -> tuple[JobConfig, HyperPromptT5]:
+    """The job config saved with ``step_dir`` and the model with its consolidated weights (CPU)."""
+    cfg = from_dict(JobConfig, read_yaml(step_dir / CONFIG))
+    tasks = build_tasks(cfg.data)
+    model_cfg = dataclasses.replace(cfg.model, load_weights=False)  # the checkpoint has the weights
+    model = build_model(model_cfg, cfg.conditioning, num_tasks=len(tasks))
+    state = consolidated_state_dict(step_dir)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{step_dir}: the checkpoint does not fit the model of its own config.yaml: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict({k: v.contiguous() for k, v in state.items()})
+    return cfg, model.eval()
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto") -> Path:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    step_dir = resolve_checkpoint(run_dir, checkpoint)
+    cfg, model = load_run_model(step_dir)
+    tasks = build_tasks(cfg.data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    save_hf_checkpoint(model.backbone, out_dir / "backbone")
+    if model.conditioning is not None:
+        save_file({k: v.contiguous() for k, v in model.conditioning.state_dict().items()},
+                  str(out_dir / "conditioning.safetensors"))
+        with torch.no_grad():
+            model.precompute().save(out_dir / "prompts.safetensors")
+    load_tokenizer(cfg.data.tokenizer).save_pretrained(str(out_dir / "tokenizer"))
+    (out_dir / "config.yaml").write_text((step_dir / CONFIG).read_text())
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "source": str(step_dir.resolve()),
+        "step": int(read_marker(step_dir)["step"]),
+        "tasks": [{"name": t.name, "task_id": t.task_id, "label_words": t.label_words} for t in tasks],
+        "conditioning": to_dict(cfg.conditioning),
+        "model": to_dict(cfg.model),
+    }
+    (out_dir / "export.json").write_text(json.dumps(manifest, indent=2))
+    log.info("exported %s to %s", step_dir, out_dir)
+    print(out_dir)
+    return out_dir
