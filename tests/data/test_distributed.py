@@ -1,0 +1,56 @@
+"""The stream in real ranks (separate processes, gloo): ranks agree on one global stream,
+take disjoint shares of it, and a checkpointed position is continued by another world size."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch.distributed as dist
+
+from hp_deepspeed.data import DataConfig, TrainStream, build_tasks, load_tokenizer
+from hp_deepspeed.testing.distributed import run_ranks
+
+TASKS = ["synthetic/copy", "synthetic/sort", "glue/rte"]
+
+
+def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = DataConfig(tasks=TASKS, cache_dir=cache_dir, bucket_pool_batches=8)
+    stream = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8 // world, rank, world)
+    if state is not None:
+        stream.load_state_dict(state)
+    seen = []
+    for _ in range(steps):
+        batch = next(stream)
+        seen += [
+            (int(t), tuple(ids[mask.bool()].tolist()))
+            for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
+        ]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, seen)
+    return {"pid": os.getpid(), "seen": gathered, "state": stream.state_dict()}
+
+
+@pytest.mark.distributed
+def test_real_ranks_take_interleaved_shares_of_one_global_stream(tmp_path):
+    cache = str(tmp_path / "cache")
+    two = run_ranks("tests.data.test_distributed:rank_body", 2, timeout=180, args=(cache, 12, None))
+    assert two[0]["seen"] == two[1]["seen"] and two[0]["pid"] != two[1]["pid"]
+    rank0, rank1 = two[0]["seen"]
+    assert len(rank0) == len(rank1) == 48
+    # every rank holds the same position, the one a single rank reaches after the same 12 global batches
+    assert two[0]["state"] == two[1]["state"]
+    cfg = DataConfig(tasks=TASKS, cache_dir=cache, bucket_pool_batches=8)
+    single = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8, 0, 1)
+    reference = [next(single) for _ in range(12)]  # the same global stream from the start
+    ref_rows = [
+        (int(t), tuple(ids[mask.bool()].tolist()))
+        for batch in reference
+        for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
+    ]
+    for step in range(12):
+        global_batch = ref_rows[8 * step : 8 * step + 8]
+        assert global_batch[0::2] == rank0[4 * step : 4 * step + 4]
+        assert global_batch[1::2] == rank1[4 * step : 4 * step + 4]
+    assert single.state_dict() == two[0]["state"]
