@@ -7,13 +7,11 @@ inside them would only surface as a crashed rank, so they are kept to what a bod
 from __future__ import annotations
 
 import os
-import signal
 
 import torch.distributed as dist
 
 from hp_deepspeed.checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
 from hp_deepspeed.checkpointing import manager as manager_module
-from hp_deepspeed.training.preemption import PreemptionHandler
 from tests.checkpointing.toy import MODEL_CONFIG, make_engine, rng_fingerprint, seed, snapshot, train_step
 
 # Higher is better. Best "a" is step 2, best "b" moves from step 4 to step 6: with keep_last=2 the
@@ -129,22 +127,3 @@ def resume_on_one_rank(run_dir: str) -> dict:
     out["saved_path"] = str(manager.save(engine, TOTAL_STEPS, {"sampler": {"offset": 4 * TOTAL_STEPS}}))
     return out
 
-
-def preempt_rank1_at_step3(max_steps: int) -> dict:
-    """Rank 1 signals itself during step 3; every rank must decide to stop at step 3."""
-    handler = PreemptionHandler().install()
-    stopped_at = None
-    try:
-        for step in range(1, max_steps + 1):
-            if dist.get_rank() == 1 and step == 3:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            if handler.should_stop(step):
-                stopped_at = step
-                break
-    finally:
-        handler.restore()
-    return {
-        "stopped_at": stopped_at,
-        "received": handler.received,
-        "handler_restored": signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
-    }

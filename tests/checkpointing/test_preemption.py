@@ -6,14 +6,35 @@ import os
 import signal
 
 import pytest
+import torch.distributed as dist
 
 from hp_deepspeed.testing.distributed import run_ranks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionConfig, PreemptionHandler
 
 
+def preempt_rank1_at_step3(max_steps: int) -> dict:
+    """Rank 1 signals itself during step 3; every rank must decide to stop at step 3."""
+    handler = PreemptionHandler().install()
+    stopped_at = None
+    try:
+        for step in range(1, max_steps + 1):
+            if dist.get_rank() == 1 and step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            if handler.should_stop(step):
+                stopped_at = step
+                break
+    finally:
+        handler.restore()
+    return {
+        "stopped_at": stopped_at,
+        "received": handler.received,
+        "handler_restored": signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL,
+    }
+
+
 @pytest.mark.distributed
 def test_signal_on_one_rank_stops_all_ranks_at_the_same_step():
-    results = run_ranks("tests.checkpointing.bodies:preempt_rank1_at_step3", 2, timeout=120, args=(10,))
+    results = run_ranks("tests.checkpointing.test_preemption:preempt_rank1_at_step3", 2, timeout=120, args=(10,))
     assert [r["stopped_at"] for r in results] == [3, 3]
     assert results[0]["received"] is None  # rank 0 stopped only because of the agreement
     assert results[1]["received"] == signal.SIGUSR1
