@@ -244,7 +244,7 @@ def model_states_bytes(total_params: int, largest_layer_params: int, cluster: Cl
 # ---------------------------------------------------------------------------------------------
 BF16 = 2  # bytes per activation element: the DeepSpeed configs train in bf16
 FP32 = 4
-MASK = 1  # torch stores a dropout mask as bool
+MASK = 1  # the fused CUDA dropout kernel keeps its mask as bool
 
 
 def _norm_internal_bytes(tokens: int, d_model: int) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hp_deepspeed.training.metrics_log import read_metrics
 
-# Train-record keys that are not a loss; they are not plotted here (TensorBoard has them).
+# The keys plotted here; the other train values (lr, throughput, memory) are in TensorBoard.
 _LOSS_KEY = "loss"
 _TASK_LOSS_PREFIX = "loss/"
 _AVERAGE_SUFFIX = "_average"
@@ -118,7 +118,7 @@ def _draw(ax, series: Series, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     if len(series) > 1 or title.endswith("average"):
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", ncol=2 if len(series) > 8 else 1)  # 16 GLUE+SuperGLUE tasks
 
 
 def write_report(run_dir: str | Path) -> list[Path]:
