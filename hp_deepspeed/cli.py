@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from hp_deepspeed.config import ConfigError, load_config
 
@@ -27,8 +28,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="YAML config file; repeat to merge several, later ones win")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue_rte,super_cb]")
-    # The deepspeed launcher appends --local_rank=N; the environment carries the same value.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    _add_local_rank(parser)
+
+
+def _add_local_rank(parser: argparse.ArgumentParser) -> None:
+    # The deepspeed launcher passes --local_rank=N (before the subcommand with --module); the
+    # environment carries the same value, so it is accepted anywhere and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _job_config(args: argparse.Namespace, extra: list[str] = ()):
@@ -87,6 +93,7 @@ def cmd_convert_universal(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO")
+    _add_local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="resolve and check a config, print it; starts nothing")
@@ -134,13 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_dependencies() -> None:
+    """DeepSpeed logs every engine detail at INFO and torch warns on each deprecated collective
+    call inside DeepSpeed; neither is actionable for a user, and both bury the training log."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (a file, key or value named in the message), not a bug: they are
+    reported in one line instead of a traceback from every rank."""
+    from hp_deepspeed.checkpointing import CheckpointError
+    from hp_deepspeed.data import DataError
+    from hp_deepspeed.launching.distributed import LaunchEnvironmentError
+    from hp_deepspeed.model.hf_checkpoint import CheckpointError as WeightsError
+
+    return (ConfigError, DataError, CheckpointError, WeightsError, LaunchEnvironmentError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_dependencies()
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"hp-deepspeed: config error: {err}", file=sys.stderr)
+    except _input_errors() as err:
+        print(f"hp-deepspeed {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

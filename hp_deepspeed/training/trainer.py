@@ -173,14 +173,28 @@ class Trainer:
             self.metrics.close()
 
     def train_step(self, batches, window: WindowStats) -> None:
-        """One optimizer step: ``gradient_accumulation`` micro-batches, then ``engine.step``."""
-        for _ in range(self.cfg.training.gradient_accumulation):
-            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+        """One optimizer step over ``gradient_accumulation`` micro-batches per rank.
+
+        The objective is the mean token loss over the whole global batch, however it is split
+        across ranks and micro-batches: each micro-batch contributes its summed token loss divided
+        by the global batch's token count. DeepSpeed averages gradients over ranks and scales the
+        loss by 1/accumulation in ``backward``; the factor ``world x accumulation`` undoes both.
+        Without this a rank holding short targets would weigh its tokens more, and a run resumed
+        on a different number of ranks would follow a different trajectory.
+        """
+        accumulation = self.cfg.training.gradient_accumulation
+        micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(accumulation)]
+        tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)],
+                              dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(tokens)
+        scale = self.world_size * accumulation / max(tokens.item(), 1.0)
+        for batch in micro_batches:
             out = self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"], task_ids=batch["task_ids"],
             )
-            self.engine.backward(out.loss)
+            self.engine.backward(out.example_loss_sum.sum() * scale)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
             window.flops += train_step_flops(
