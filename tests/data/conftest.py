@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from hp_deepspeed.data import DataConfig, load_tokenizer
+# The data tests run offline, as the demo does: set before datasets/transformers are imported
+# (hp_deepspeed.data imports them lazily), since both read these variables at import time.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from hp_deepspeed.data import DataConfig, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -35,22 +35,22 @@ def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
 @pytest.mark.distributed
 def test_real_ranks_take_interleaved_shares_of_one_global_stream(tmp_path):
     cache = str(tmp_path / "cache")
+    # One rank with the same global batch (8 x 1) gives the global stream; it also fills the
+    # tokenisation cache, so the ranks below do not tokenise.
+    cfg = DataConfig(tasks=TASKS, cache_dir=cache, bucket_pool_batches=8)
+    single = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8, 0, 1)
+    global_rows = [
+        (int(t), tuple(ids[mask.bool()].tolist()))
+        for batch in (next(single) for _ in range(12))
+        for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
+    ]
     two = run_ranks("tests.data.test_distributed:rank_body", 2, timeout=180, args=(cache, 12, None))
     assert two[0]["seen"] == two[1]["seen"] and two[0]["pid"] != two[1]["pid"]
     rank0, rank1 = two[0]["seen"]
-    assert len(rank0) == len(rank1) == 48
-    # every rank holds the same position, the one a single rank reaches after the same 12 global batches
-    assert two[0]["state"] == two[1]["state"]
-    cfg = DataConfig(tasks=TASKS, cache_dir=cache, bucket_pool_batches=8)
-    single = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8, 0, 1)
-    reference = [next(single) for _ in range(12)]  # the same global stream from the start
-    ref_rows = [
-        (int(t), tuple(ids[mask.bool()].tolist()))
-        for batch in reference
-        for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
-    ]
+    assert len(rank0) == len(rank1) == 48 and not set(rank0) & set(rank1)
     for step in range(12):
-        global_batch = ref_rows[8 * step : 8 * step + 8]
+        global_batch = global_rows[8 * step : 8 * step + 8]
         assert global_batch[0::2] == rank0[4 * step : 4 * step + 4]
         assert global_batch[1::2] == rank1[4 * step : 4 * step + 4]
-    assert single.state_dict() == two[0]["state"]
+    # every rank holds the position the single rank reached after the same 12 global batches
+    assert two[0]["state"] == two[1]["state"] == single.state_dict()
