@@ -164,3 +164,21 @@ def test_unknown_duplicate_and_no_tasks(make_cfg):
         build_tasks(make_cfg(tasks=["glue/rte", "glue/rte"]))
     with pytest.raises(DataError, match="no tasks configured"):
         build_tasks(make_cfg())
+
+
+def test_data_config_loads_strictly_from_yaml_tree():
+    from hp_deepspeed.config import from_dict
+    from hp_deepspeed.data import DataConfig
+
+    tree = {
+        "tasks": ["glue/rte"],
+        "custom_tasks": [{"name": "my/t", "path": "/d", "input_template": "c: {text}", "label_words": ["a", "b"]}],
+        "mixture": "weights",
+        "weights": {"glue/rte": 1, "my/t": 2},
+    }
+    cfg = from_dict(DataConfig, tree)
+    assert cfg.custom_tasks[0].label_words == ["a", "b"] and cfg.weights == {"glue/rte": 1.0, "my/t": 2.0}
+    with pytest.raises(ConfigError, match="unknown config key custom_tasks\\[0\\].labels"):
+        from_dict(DataConfig, {"custom_tasks": [{"name": "x", "input_template": "{a}", "labels": []}]})
+    with pytest.raises(ConfigError, match="mixture: expected one of"):
+        from_dict(DataConfig, {"mixture": "uniform"})
