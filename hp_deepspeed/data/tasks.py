@@ -100,6 +100,8 @@ def _class_label(row: Mapping[str, Any], name: str, label_words: Sequence[str]) 
         return list(label_words).index(value)
     if value is None:
         raise MalformedRow(f"missing field {name!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # one fractional label elsewhere makes ``datasets`` read all as floats
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(label_words):
         raise MalformedRow(
             f"label {value!r} is outside the label set: indices 0..{len(label_words) - 1} "

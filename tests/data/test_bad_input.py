@@ -94,3 +94,10 @@ def test_missing_tokenizer_names_the_path(tmp_path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_fractional_label_is_named_not_its_neighbours(make_cfg, tokenizer, tmp_path):
+    # one 0.5 makes datasets read the whole column as floats; 0.0 and 1.0 stay valid labels
+    write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in GOOD] + [json.dumps({"text": "x", "label": 0.5})])
+    with pytest.raises(DataError, match=r"train.jsonl:6: task my/task: label 0.5 is outside the label set"):
+        train(make_cfg, tokenizer, tmp_path)
