@@ -62,8 +62,10 @@ class CustomTaskConfig:
     """Label index -> target word, for classification tasks (also used for rank scoring)."""
 
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
-    """Metric names from ``hp_deepspeed.data.metrics.METRICS``. ``pearson``/``spearman`` make
-    the task a regression task: targets and predictions are parsed as floats."""
+    """Metric names from ``hp_deepspeed.data.metrics.METRICS``: with ``label_words`` any of
+    accuracy, f1 (binary), macro_f1, matthews_corrcoef; with ``target_field`` accuracy (exact
+    match) or pearson/spearman, which make it a regression task (targets and predictions are
+    parsed as floats)."""
 
     train_split: str | None = "train"
     """Split used for training; ``null`` makes the task evaluation-only."""

@@ -46,8 +46,9 @@ def hub_disabled() -> bool:
 
 def find_split_file(task: Task, split: str) -> Path | None:
     """The local file of ``split``: ``data_files[split]`` or ``<folder>/<split>.<ext>``."""
-    if split in task.source.data_files:
-        return Path(task.source.data_files[split])
+    data_files = dict(task.source.data_files)
+    if split in data_files:
+        return Path(data_files[split])
     if task.source.folder is None:
         return None
     for ext in FORMATS:

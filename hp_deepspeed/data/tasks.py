@@ -413,7 +413,8 @@ class TaskSource:
     """Where a task's split files are: explicit files, a folder, and/or a hub dataset."""
 
     folder: str | None
-    data_files: dict[str, str]
+    data_files: tuple[tuple[str, str], ...]
+    """(split, file) pairs (a tuple so that Task stays hashable)."""
     hub: tuple[str, str | None] | None
 
 
@@ -460,12 +461,22 @@ class Task:
         return eval_set_name(self.name, self.eval_splits, split)
 
 
+_CLASSIFICATION_METRICS = frozenset({"accuracy", "f1", "macro_f1", "matthews_corrcoef"})
+_TEXT_METRICS = frozenset({"accuracy"}) | REGRESSION_METRICS
+
+
 def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], Any], tuple[str, ...] | None]:
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"custom task {cfg.name}: unknown metric {unknown[0]!r}; known: {sorted(METRICS)}")
     if (cfg.target_field is None) == (cfg.label_words is None):
         raise ConfigError(f"custom task {cfg.name}: set exactly one of target_field and label_words")
+    # The other metrics need references (answer lists, groups, pairs) only registry tasks make.
+    usable = _CLASSIFICATION_METRICS if cfg.label_words is not None else _TEXT_METRICS
+    unusable = [m for m in cfg.metrics if m not in usable]
+    if unusable or not cfg.metrics:
+        kind = "label_words" if cfg.label_words is not None else "target_field"
+        raise ConfigError(f"custom task {cfg.name}: a task with {kind} takes metrics from {sorted(usable)}, got {cfg.metrics}")
     if cfg.path is None and not cfg.data_files:
         raise ConfigError(f"custom task {cfg.name}: set path (folder or hub id) or data_files")
     fields = [f for _, f, _, _ in string.Formatter().parse(cfg.input_template) if f]
@@ -484,8 +495,6 @@ def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], A
 
     if cfg.label_words is not None:
         words = tuple(cfg.label_words)
-        if regression:
-            raise ConfigError(f"custom task {cfg.name}: pearson/spearman need target_field, not label_words")
 
         def preprocess(row: Mapping[str, Any], training: bool) -> list[Example]:
             label = _class_label(row, cfg.label_field, words)
@@ -547,7 +556,7 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
                 train_split=spec.train_split,
                 eval_splits=tuple(cfg.eval_splits.get(name, spec.eval_splits)),
                 in_benchmark_average=spec.in_benchmark_average,
-                source=TaskSource(folder=str(data_dir / name), data_files={}, hub=spec.hub if cfg.hub else None),
+                source=TaskSource(folder=str(data_dir / name), data_files=(), hub=spec.hub if cfg.hub else None),
                 fingerprint=_fingerprint(name),
                 preprocess_fn=spec.preprocess,
                 postprocess_fn=spec.postprocess,
@@ -567,7 +576,7 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
                 in_benchmark_average=False,
                 source=TaskSource(
                     folder=custom.path,
-                    data_files=dict(custom.data_files),
+                    data_files=tuple(sorted(custom.data_files.items())),
                     hub=(custom.path, custom.hub_config) if cfg.hub and custom.path else None,
                 ),
                 fingerprint=_fingerprint(to_dict(custom)),

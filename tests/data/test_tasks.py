@@ -148,6 +148,8 @@ def test_custom_tasks(make_cfg, tokenizer, tmp_path):
         (dict(label_words=["a"], target_field="t"), "exactly one"),
         (dict(label_words=["a"], metrics=["bleu"]), "unknown metric 'bleu'"),
         (dict(target_field="t", input_template="no fields"), "uses no field"),
+        (dict(label_words=["a"], metrics=["pearson"]), "label_words takes metrics from"),
+        (dict(target_field="t", metrics=["record_f1"]), "target_field takes metrics from"),
         (dict(target_field="t", path=None), "set path"),
     ],
 )
