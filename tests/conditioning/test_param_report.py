@@ -1,0 +1,46 @@
+"""The parameter report counts what the formulas in docs/hyperprompt.md say, on the meta device."""
+
+import pytest
+
+from hp_deepspeed.model.conditioning import ConditioningConfig
+from hp_deepspeed.model.param_report import count_parameters, format_table, main, parameter_report
+from hp_deepspeed.model.t5_config import T5Config
+
+
+def expected(variant: str, c: T5Config, cfg: ConditioningConfig, tasks: int) -> int:
+    l, b, d = cfg.prompt_length, cfg.bottleneck, c.d_model
+    e, m = c.num_heads * c.d_kv, c.num_layers + c.num_decoder_layers
+    t, tk, tz, h = cfg.hyper_embedding_dim, cfg.task_embedding_dim, cfg.layer_embedding_dim, cfg.projector_hidden_dim
+    projector = tasks * tk + m * tz + (tk + tz) * h + h + h * t + t      # I(t, m) = h_t([k_t; z_m])
+    return {
+        "prompt_tuning": tasks * l * d,
+        "kv_prompt": tasks * 2 * m * l * e,
+        "hyperprompt_share": tasks * l * d + 2 * m * b * (d + e),
+        "hyperprompt_sep": tasks * l * d + tasks * 2 * m * b * (d + e),
+        "hyperprompt_global": tasks * l * d + projector + 2 * t * b * (d + e),
+        "hyperformer": projector + t * (2 * d * b + b + d),
+    }[variant]
+
+
+# t5-11b: heads * d_kv (16384) != d_model (1024), so a mixed-up width cannot pass.
+@pytest.mark.parametrize("preset", ["t5-small", "t5-11b"])
+def test_counts_follow_the_documented_formulas(preset):
+    cfg = ConditioningConfig()
+    rows = parameter_report([preset], num_tasks=8)
+    assert len(rows) == 6
+    for row in rows:
+        assert row.conditioning == expected(row.variant, T5Config.from_pretrained(preset), cfg, 8), row.variant
+    assert len({row.backbone for row in rows}) == 1
+
+
+def test_xxl_default_global_is_near_the_papers_ratio():
+    row = count_parameters("google/t5-v1_1-xxl", ConditioningConfig())
+    assert 11.0e9 < row.backbone < 11.3e9
+    assert 0.001 < row.ratio < 0.002  # the paper: "as few as 0.14%"; docs/hyperprompt.md has the exact value
+
+
+def test_main_prints_the_table_with_overrides(capsys):
+    main(["--presets", "t5-small", "--variants", "hyperprompt_global", "--set", "bottleneck=8"])
+    text = capsys.readouterr().out
+    row = count_parameters("t5-small", ConditioningConfig(bottleneck=8))
+    assert "bottleneck=8" in text and format_table([row]) in text
