@@ -21,6 +21,8 @@ from hp_deepspeed.model.t5 import ActivationCheckpointing, T5Model
 from hp_deepspeed.model.t5_config import PRESETS, T5Config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Presets without published weights: always randomly initialised.
+_RANDOM_ONLY = {name for name in PRESETS if name.startswith("tiny-")}
 
 
 @dataclass
@@ -39,8 +41,8 @@ class ModelConfig:
     dropout_rate: float | None = None
     """Overrides the checkpoint's dropout everywhere (T5 fine-tuning usually uses 0.1); None keeps it."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the parameters are created in. Under DeepSpeed keep float32 and let the DeepSpeed
-    config's bf16/fp16 section decide (it keeps fp32 master weights)."""
+    """Dtype the parameters are created in without ZeRO-3 (and on the meta device). Under ZeRO-3
+    ``zero.Init`` takes it from the DeepSpeed config's bf16/fp16 section instead."""
     seed: int = 0
     """Seed of the random initialisation (only matters when weights are not loaded)."""
 
@@ -82,10 +84,6 @@ def build_model(
     if config.load_weights and config.name_or_path not in _RANDOM_ONLY:
         load_hf_weights(model, config.name_or_path, zero3=zero3)
     return model
-
-
-# Presets without published weights.
-_RANDOM_ONLY = {name for name in PRESETS if name.startswith("tiny-")}
 
 
 def _zero_stage(ds_config: dict[str, Any] | str | None) -> int:

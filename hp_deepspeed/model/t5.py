@@ -374,7 +374,12 @@ class T5Stack(nn.Module):
 
 @dataclass
 class T5Output:
-    """What ``T5Model.forward`` returns."""
+    """What ``T5Model.forward`` returns.
+
+    ZeRO-3 logs once that it cannot see the tensors inside this dataclass; that only concerns
+    hooks of the module returning it, and ``T5Model`` owns no parameter directly (every one
+    belongs to a submodule whose outputs are plain tensors), so nothing is missed.
+    """
 
     logits: Tensor
     """[batch, target_len, vocab]"""

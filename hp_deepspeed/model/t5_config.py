@@ -39,6 +39,22 @@ SUPPORTED_ARCHITECTURES = (
 )
 
 
+def _parse_activation(feed_forward_proj: str) -> str:
+    """``relu`` / ``gated-gelu`` ... -> the HF ``dense_act_fn`` name, or ConfigError."""
+    parts = feed_forward_proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        raise ConfigError(
+            f"T5Config.feed_forward_proj={feed_forward_proj!r}: expected ACT or gated-ACT, e.g. 'relu' or 'gated-gelu'"
+        )
+    act = "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]  # HF's historical meaning
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(
+            f"T5Config.feed_forward_proj={feed_forward_proj!r}: activation {act!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
+        )
+    return act
+
+
 @dataclass
 class T5Config:
     """Shapes and numerics of one T5 encoder-decoder (names follow HF's config.json)."""
@@ -83,7 +99,7 @@ class T5Config:
     """``"t5"`` or ``"mt5"``; written back to config.json so transformers picks the right class."""
 
     def __post_init__(self) -> None:
-        self.activation  # validates feed_forward_proj early, with a clear message
+        _parse_activation(self.feed_forward_proj)  # fail at config time, with a clear message
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "relative_attention_num_buckets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
@@ -98,21 +114,7 @@ class T5Config:
     @property
     def activation(self) -> str:
         """The HF ``dense_act_fn`` name of the FFN activation."""
-        parts = self.feed_forward_proj.split("-")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ConfigError(
-                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: expected ACT or gated-ACT, "
-                f"e.g. 'relu' or 'gated-gelu'"
-            )
-        act = parts[-1]
-        if self.feed_forward_proj == "gated-gelu":
-            act = "gelu_new"  # HF's historical meaning of "gated-gelu"
-        if act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(
-                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}: activation {act!r} is not "
-                f"supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})"
-            )
-        return act
+        return _parse_activation(self.feed_forward_proj)
 
     @property
     def inner_dim(self) -> int:
