@@ -151,6 +151,9 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
 
     ``name_or_path``: a preset name (``t5-small`` ... ``google/t5-v1_1-xxl``) or a local folder
     or config.json. Nothing is allocated and no weights are read, so T5-XXL takes a second.
+    The totals are those of ``hp_deepspeed.model.param_report`` (tests/tools checks it); the
+    model is counted here rather than through it because the largest layer and the conditioning
+    module's activations need the model itself.
     """
     from hp_deepspeed.model.builder import ModelConfig
     from hp_deepspeed.model.conditioning import ConditioningConfig

@@ -14,6 +14,7 @@ import torch
 from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.model.conditioning import ConditioningConfig
 from hp_deepspeed.model.hyperprompt_t5 import build_model
+from hp_deepspeed.model.param_report import count_parameters
 from hp_deepspeed.model.t5 import T5Attention
 from hp_deepspeed.model.t5_config import PRESETS
 from hp_deepspeed.tools import plan
@@ -41,6 +42,17 @@ def test_counts_match_deepspeed_on_a_real_model():
         assert spec.total_params == total
         assert spec.largest_layer_params == largest
         assert spec.conditioning_params == sum(p.numel() for p in model.conditioning.parameters()) > 0
+
+
+@pytest.mark.parametrize("variant", ["hyperprompt_global", "prompt_tuning", "hyperformer"])
+def test_counts_agree_with_param_report(variant):
+    """The planner counts the model once, itself (it also needs the largest layer and the
+    conditioning module); its totals must be the project's parameter report's. t5-11b: its
+    attention width (128 heads x 128) is not d_model, which the conditioning shapes follow."""
+    spec = plan.load_model_spec("t5-11b", variant=variant, num_tasks=8)
+    row = count_parameters("t5-11b", ConditioningConfig(variant=variant), num_tasks=8)
+    assert (spec.backbone_params, spec.conditioning_params) == (row.backbone, row.conditioning)
+    assert spec.conditioning_params > 0
 
 
 def test_xxl_backbone_count_from_its_dimensions(xxl):
