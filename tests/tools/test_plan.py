@@ -4,7 +4,6 @@ against what autograd really saves, and the suggestion logic."""
 import argparse
 import contextlib
 import dataclasses
-import io
 import json
 import sys
 
