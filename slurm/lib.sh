@@ -44,8 +44,10 @@ hp_setup() {
          "mode=$HP_LAUNCH_MODE master=$MASTER_ADDR:$MASTER_PORT"
 }
 
-# The batch shell receives USR1 (--signal=B:USR1@T, or scancel --signal=USR1 --batch) or TERM:
-# pass it to the training step, which checkpoints at the next step boundary and exits 75.
+# The batch shell receives USR1 (--signal=B:USR1@T, or scancel --signal=USR1 --batch): pass it
+# to the training step, which checkpoints at the next step boundary and exits 75. TERM is not
+# trapped: on scancel or the time limit SLURM sends TERM to every process, the ranks checkpoint
+# (within KillWait) and the job ends without being requeued.
 hp_on_signal() {
   hp_log "caught SIG$1: asking the training step to checkpoint and stop"
   HP_SIGNALLED=1
@@ -69,9 +71,12 @@ hp_run() {
       ;;
     node)
       # One launcher per node; it starts HP_PER_NODE ranks with RANK/LOCAL_RANK set. The
-      # launcher ignores USR1 (it would die of it); its ranks get the signal from slurmstepd.
+      # launcher ignores USR1 (it would die of it); its ranks get the signal from slurmstepd,
+      # which signals every process of the step. deepspeed's launcher exits with its failing
+      # rank's code, so 75 reaches this script; torchrun turns any rank's non-zero exit into 1,
+      # so with torchrun a preempted job is not requeued automatically.
       local launcher
-      case "${HP_NODE_LAUNCHER:-torchrun}" in
+      case "${HP_NODE_LAUNCHER:-deepspeed}" in
         torchrun)
           launcher=(torchrun --nnodes="$HP_NNODES" --nproc_per_node="$HP_PER_NODE"
                     --node_rank='$SLURM_NODEID' --master_addr="$MASTER_ADDR"
@@ -96,7 +101,6 @@ hp_run() {
   hp_log "running: ${step[*]}"
   HP_SIGNALLED=0
   trap 'hp_on_signal USR1' USR1
-  trap 'hp_on_signal TERM' TERM
   "${step[@]}" &
   HP_STEP_PID=$!
   local rc
@@ -110,7 +114,7 @@ hp_run() {
     wait "$HP_STEP_PID" 2>/dev/null; local again=$?
     [ "$again" -ne 127 ] && rc=$again
   fi
-  trap - USR1 TERM
+  trap - USR1
   HP_STEP_PID=
   hp_log "training step exited with $rc (signalled=$HP_SIGNALLED)"
   if [ "$rc" -eq 75 ]; then

@@ -68,7 +68,30 @@ def test_train_sbatch_preempted_requeued_and_resumed(slurm_cluster, tmp_path):
         assert steps_of(run_dir, r["rank"]) == list(range(steps))
 
 
-def test_train_sbatch_one_launcher_per_node(slurm_cluster, tmp_path):
+def test_train_sbatch_one_deepspeed_per_node_preempted_with_full(slurm_cluster, tmp_path):
+    """HP_LAUNCH_MODE=node: one deepspeed launcher per node. `scancel --full` signals the batch
+    shell (trap) and every process of the step: the launcher ignores USR1, the ranks save and
+    exit 75, the launcher passes 75 on, the job is requeued and resumes."""
+    run_dir, steps = tmp_path / "run", 12
+    job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
+                  "slurm/train.sbatch", f"train.steps={steps}", "train.step_sleep=0.5"],
+                 HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir), HP_LAUNCH_MODE="node",
+                 HP_NODE_LAUNCHER="deepspeed")
+    log = tmp_path / f"hp-train-{job}.out"
+    wait_for_steps(run_dir, job, at_least=2, timeout=JOB_TIMEOUT)
+    subprocess.run(["scancel", "--signal=USR1", "--full", job], check=True, timeout=30)
+    info = wait_for_job(job, 2 * JOB_TIMEOUT, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-4000:])
+    assert "caught SIGUSR1" in text and "training step exited with 75" in text
+    ranks = read_ranks(run_dir)
+    assert [(r["rank"], r["source"], r["restart_count"], r["end_step"]) for r in ranks] == [
+        (0, "deepspeed", 1, steps), (1, "deepspeed", 1, steps)], text[-4000:]
+    for r in ranks:
+        assert steps_of(run_dir, r["rank"]) == list(range(steps))
+
+
+def test_train_sbatch_one_torchrun_per_node(slurm_cluster, tmp_path):
     """HP_LAUNCH_MODE=node: srun starts one torchrun per node, which starts the 2 ranks."""
     run_dir = tmp_path / "run"
     job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
