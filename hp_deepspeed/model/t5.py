@@ -335,7 +335,7 @@ class T5Stack(nn.Module):
         With a ``cache`` (decoder only) ``hidden`` holds just the new positions and
         ``attention_mask``, if given, covers all positions so far.
         """
-        batch, length = hidden.shape[:2]
+        length = hidden.shape[1]
         offset = cache.length if cache is not None else 0
         key_len = offset + length
         # Blocked positions get the dtype's minimum (not -inf): a fully padded row then yields
