@@ -134,8 +134,7 @@ def write_report(run_dir: str | Path) -> list[Path]:
         )
     try:
         records = read_metrics(metrics)
-    except (json.JSONDecodeError, KeyError) as err:
-        # e.g. a line cut short when a node died mid-write
+    except (ValueError, KeyError) as err:
         raise ReportError(f"{metrics} is not a valid metrics file ({type(err).__name__}: {err})") from None
     overall, per_task = loss_series(records)
     benchmarks = eval_series(records)

@@ -63,12 +63,16 @@ def memory_stats() -> dict[str, float]:
 
 def read_metrics(path: Path) -> list[dict]:
     """All records of a metrics.jsonl, a later record of the same (kind, step) replacing an earlier
-    one (a resumed run re-logs the steps after its checkpoint)."""
+    one (a resumed run re-logs the steps after its checkpoint). A last line cut short by a crash
+    is ignored; a malformed line anywhere else is an error."""
     latest: dict[tuple, dict] = {}
-    with Path(path).open() as fh:
-        for line in fh:
-            line = line.strip()
-            if line:
-                record = json.loads(line)
-                latest[(record["kind"], record["step"])] = record
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line of a run killed mid-write
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record") from None
+        latest[(record["kind"], record["step"])] = record
     return sorted(latest.values(), key=lambda r: (r["step"], r["kind"]))

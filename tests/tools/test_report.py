@@ -94,6 +94,12 @@ def test_missing_or_empty_metrics_is_a_clear_error(tmp_path, capsys):
         report.write_report(tmp_path)
     with (tmp_path / "metrics.jsonl").open("a") as fh:
         fh.write('{"kind": "train", "st')
+    # A last line cut short by a crash is skipped ...
+    with pytest.raises(report.ReportError, match="no training loss"):
+        report.write_report(tmp_path)
+    # ... a malformed line before the end is an error.
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write("\n" + json.dumps({"kind": "train", "step": 2, "time": 0.0, "loss": 1.0}) + "\n")
     with pytest.raises(report.ReportError, match="not a valid metrics file"):
         report.write_report(tmp_path)
     assert not (tmp_path / "report").exists()
