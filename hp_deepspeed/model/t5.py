@@ -266,10 +266,19 @@ class T5Block(nn.Module):
     ) -> Tensor:
         """All tensors positional (the checkpointing contract); ``cache`` only when generating."""
         cond = LayerConditioning(key_prompt, value_prompt, adapter_down, adapter_down_bias, adapter_up, adapter_up_bias)
-        hidden = self.layer[0](hidden, self_bias, key_prompt, value_prompt, cache)
+        hidden = _clamp_fp16(self.layer[0](hidden, self_bias, key_prompt, value_prompt, cache))
         if self.is_decoder:
-            hidden = self.layer[1](hidden, encoder_hidden, cross_bias, cache)
-        return self.layer[-1](hidden, cond)
+            hidden = _clamp_fp16(self.layer[1](hidden, encoder_hidden, cross_bias, cache))
+        return _clamp_fp16(self.layer[-1](hidden, cond))
+
+
+def _clamp_fp16(hidden: Tensor) -> Tensor:
+    """T5's residual stream outgrows float16 (pre-trained checkpoints reach ~1e5); keep it finite
+    as the reference implementation does. A no-op in float32 and bfloat16."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    bound = torch.finfo(torch.float16).max - 1000
+    return hidden.clamp(min=-bound, max=bound)
 
 
 def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
