@@ -4,8 +4,11 @@
 #   HP_HOSTFILE=hosts HP_LAUNCHER=pdsh launch/multinode.sh train --config run.yaml --resume auto
 #
 # The hostfile has one line per node, `hostname slots=GPUS`. Runners:
-#   pdsh     ssh to every host (passwordless ssh needed), one deepspeed launcher per node
-#   openmpi  Open MPI's mpirun (`ompi_info` on PATH); ranks found by mpi4py in init_distributed
+#   pdsh     ssh to every host (passwordless ssh needed; ssh options such as a key go in
+#            PDSH_SSH_ARGS_APPEND, a port in HP_LAUNCHER_ARGS="--ssh_port N"), one deepspeed
+#            launcher per node; PYTHON* variables and .deepspeed_env are exported to the hosts
+#   openmpi  Open MPI's mpirun (`ompi_info` on PATH, mpi4py built against Open MPI); ranks
+#            found by mpi4py in init_distributed
 #   mpich    MPICH/Hydra mpirun -ppn; ranks from PMI_RANK / MPI_LOCALRANKID
 # Every argument goes to `python -m $HP_MODULE`. Environment:
 #   HP_HOSTFILE        the hostfile (required)

@@ -91,3 +91,55 @@ def sbatch(args: list[str], timeout: float = 60, **extra: str) -> str:
     """Submit from the repository root; returns the job id."""
     result = launch(["sbatch", "--parsable", *args], timeout=timeout, **extra)
     return result.output.strip().splitlines()[-1].split(";")[0]
+
+
+def _apt_install(binary: str, package: str) -> str | None:
+    """Install ``package`` with apt when ``binary`` is missing; the reason it cannot, or None."""
+    if shutil.which(binary) or Path("/usr/sbin", binary).exists():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{binary} is missing and cannot be installed here (needs root and apt-get)"
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    run_command(["apt-get", "update", "-qq"], timeout=600, env=env)
+    run_command(["apt-get", "install", "-y", "-qq", package], timeout=600, env=env)
+    return None
+
+
+@pytest.fixture(scope="session")
+def local_sshd(tmp_path_factory):
+    """A private sshd on 127.0.0.1 (own host key, own authorized key, own port) so that the
+    pdsh runner can ssh to this machine without touching ~/.ssh or the system sshd. Yields the
+    environment pdsh's ssh needs (PDSH_SSH_ARGS_APPEND) and the port."""
+    for binary, package in (("sshd", "openssh-server"), ("pdsh", "pdsh")):
+        reason = _apt_install(binary, package)
+        if reason:
+            pytest.skip(reason)
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    tmp = tmp_path_factory.mktemp("sshd")
+    for key in ("hostkey", "userkey"):
+        run_command(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)], timeout=60)
+    (tmp / "authorized_keys").write_text((tmp / "userkey.pub").read_text())
+    from hp_deepspeed.testing.distributed import free_port
+
+    port = free_port()
+    (tmp / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp}/hostkey\n"
+        f"AuthorizedKeysFile {tmp}/authorized_keys\nPidFile {tmp}/sshd.pid\nStrictModes no\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\n")
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege separation dir
+    run_command([sshd, "-f", str(tmp / "sshd_config"), "-E", str(tmp / "sshd.log")], timeout=60)
+    ssh_args = (f"-i {tmp}/userkey -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                "-o BatchMode=yes -o LogLevel=ERROR")
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["ssh", "-p", str(port), *ssh_args.split(), "127.0.0.1", "true"],
+                             capture_output=True, timeout=30).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(f"private sshd did not accept the key: {(tmp / 'sshd.log').read_text()}")
+            time.sleep(0.5)
+        yield {"PDSH_SSH_ARGS_APPEND": ssh_args}, port
+    finally:
+        pid_file = tmp / "sshd.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), 15)

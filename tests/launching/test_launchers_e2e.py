@@ -76,7 +76,22 @@ def test_deepspeed_hostfile_mpich_runner(tmp_path):
                  HP_HOSTFILE=str(hostfile), HP_LAUNCHER="mpich", MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(free_port()),
                  HP_LAUNCHER_ARGS="--force_multi --no_ssh_check").output
-    assert "mpirun -n 2 -ppn 2" in out, out[-3000:]
+    assert "mpirun -n 2 -ppn 2" in out, out[-3000:]  # really the MPICH runner
+    check_ranks(run_dir, "deepspeed", out)
+
+
+def test_deepspeed_hostfile_pdsh_runner(tmp_path, local_sshd):
+    """`deepspeed --hostfile --launcher pdsh`: pdsh really sshes to this machine (a private
+    sshd, see conftest.local_sshd) and starts deepspeed's per-node launcher there."""
+    ssh_env, port = local_sshd
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run_dir = tmp_path / "run"
+    out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=400,
+                 HP_HOSTFILE=str(hostfile), HP_LAUNCHER="pdsh", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()),
+                 HP_LAUNCHER_ARGS=f"--force_multi --no_ssh_check --ssh_port {port}", **ssh_env).output
+    assert "localhost: [workload] rank 0/2" in out, out[-3000:]  # output relayed by pdsh
     check_ranks(run_dir, "deepspeed", out)
 
 
