@@ -154,18 +154,20 @@ class Trainer:
                 self.train_step(batches, window)
                 self.step += 1
                 progress.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                last = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or last:
                     self.log_train(window)
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < cfg.steps:
-                    self.evaluate()
-                if self.checkpoints.due(self.step) and self.step < cfg.steps:
+                save = last or self.checkpoints.due(self.step)
+                if last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                    improved = self.evaluate()
+                    # The paper keeps the best checkpoint per task: a new best must be on disk.
+                    save = save or (bool(improved) and self.cfg.checkpoint.keep_best)
+                stop = self.preemption.should_stop(self.step)  # collective: every rank, every step
+                if save or stop:
                     self.save()
-                if self.preemption.should_stop(self.step):
-                    log.warning("preemption signal received: saving at step %d and exiting", self.step)
-                    self.save()
+                if stop:
+                    log.warning("preemption: checkpoint of step %d written, exiting with %d", self.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
-            self.evaluate()
-            self.save()
             return 0
         finally:
             self.preemption.restore()
@@ -239,17 +241,17 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> list[str]:
+        """Evaluate every task; returns the eval sets whose best score this step improved."""
         self.engine.eval()
         try:
             scores = self.evaluator.evaluate(self.engine.module, self.step)
         finally:
             self.engine.train()
         self.metrics.write("eval", self.step, scores)
-        self.checkpoints.record_eval(self.step, self.evaluator.primary_scores(scores))
         if self.is_main:
             print(self.evaluator.format_table(scores, self.step), flush=True)
-        return scores
+        return self.checkpoints.record_eval(self.step, self.evaluator.primary_scores(scores))
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
