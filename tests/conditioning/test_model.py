@@ -8,7 +8,7 @@ from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.model.builder import build_model as build_backbone
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
 
-from .common import BLOCK_VARIANTS, CONDITIONED_VARIANTS, NUM_TASKS, example, random_batch, tiny_model
+from .common import CONDITIONED_VARIANTS, NUM_TASKS, example, random_batch, tiny_model
 
 
 @pytest.mark.parametrize("preset", ["tiny-v1_0", "tiny-v1_1"])

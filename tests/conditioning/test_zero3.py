@@ -1,7 +1,8 @@
 """Through the real `deepspeed` launcher, 2 ranks, ZeRO-3, fp32 on the CPU: the losses and the
 updated weights after a few AdamW steps equal a single-process plain PyTorch run of the same
 model on the same global batches, with activation checkpointing off, reentrant and
-non-reentrant, for HyperPrompt-Global and the HyperFormer++ / Prompt-Tuning baselines.
+non-reentrant, for HyperPrompt-Global and the HyperFormer++ baseline (and Global with a frozen
+backbone, the case DeepSpeed < 0.19.3 crashes on under non-reentrant checkpointing).
 
 One launcher run trains every case in sequence (tests/scripts/cond_zero3_train.py); the plain
 reference runs here. DeepSpeed averages the ranks' gradients, so the plain loss is the mean of

@@ -32,11 +32,8 @@ out = Path(args.out)
 
 
 def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            state[name] = param.detach().clone()
-    return state
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {name: param.detach().clone() for name, param in module.named_parameters()}
 
 
 results = {}
