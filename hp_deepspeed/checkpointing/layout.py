@@ -6,6 +6,7 @@
         step-1200/
             COMPLETE           written last, by rank 0, after every rank reported its files durable
             params.json        parameter name -> full shape (mismatch errors name the parameter)
+            optimizer_groups.json  every optimizer param group's lr, betas, weight_decay, ...
             trainer_state.json step, sampler state, metrics: whatever the trainer hands over
             config.yaml        the resolved job config
             rng/rank-R.pt      python / numpy / torch / CUDA generator states of rank R
@@ -35,6 +36,7 @@ MARKER = "COMPLETE"
 LATEST = "latest"
 BEST = "best.json"
 PARAMS = "params.json"
+OPTIMIZER_GROUPS = "optimizer_groups.json"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
 RNG_DIR = "rng"

@@ -45,6 +45,7 @@ from hp_deepspeed.checkpointing.layout import (
     CONFIG,
     LATEST,
     MARKER,
+    OPTIMIZER_GROUPS,
     PARAMS,
     STAGING_SUFFIX,
     TRAINER_STATE,
@@ -83,6 +84,48 @@ def _precision(engine) -> str:
 def _param_shapes(engine) -> dict[str, list[int]]:
     # Under ZeRO-3 a parameter's local tensor is an empty placeholder; ds_shape is the full shape.
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
+
+
+def _base_optimizer(engine):
+    # The ZeRO wrapper keeps the wrapped torch optimizer, whose param_groups mirror the groups the
+    # trainer passed in (hyperparameters included); without ZeRO the engine holds it directly.
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _group_hyperparameters(engine) -> list[dict[str, Any]]:
+    """Each optimizer param group's scalar settings (lr, betas, weight_decay, ...), JSON-able."""
+    def plain(value: Any) -> bool:
+        if isinstance(value, (tuple, list)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params" and plain(v)}
+            for group in _base_optimizer(engine).param_groups]
+
+
+def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Path) -> None:
+    """Fix two defects of DeepSpeed's universal ZeRO-3 loader (0.19.8,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), both caught by the 2->1 rank test:
+
+    * it writes param group 0's hyperparameters into every group, so e.g. the no-weight-decay
+      group of biases and LayerNorms silently gets weight decay. We saved every group's settings
+      (``optimizer_groups.json``); put them back.
+    * it stores one and the same ``step`` tensor in the state of every sub-group; torch's Adam
+      increments it in place, so with k sub-groups the step advances k times per update and the
+      bias correction of all but the first sub-group is wrong. Give each sub-group its own copy.
+    """
+    optimizer = _base_optimizer(engine)
+    groups = optimizer.param_groups
+    if len(groups) != len(saved_groups):
+        raise CheckpointError(
+            f"{where}: checkpoint has {len(saved_groups)} optimizer param groups, this job has {len(groups)}")
+    for group, values in zip(groups, saved_groups):
+        for key, value in values.items():
+            if key in group:
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _broadcast(obj: Any) -> Any:
@@ -179,6 +222,7 @@ class CheckpointManager:
                 meta = self.describe(engine)
                 atomic_write_json(staging / TRAINER_STATE, state)
                 atomic_write_json(staging / PARAMS, _param_shapes(engine))
+                atomic_write_json(staging / OPTIMIZER_GROUPS, _group_hyperparameters(engine))
                 if job_config is not None:
                     text = job_config if isinstance(job_config, str) else yaml.safe_dump(
                         dict(job_config), sort_keys=False)
@@ -329,6 +373,8 @@ class CheckpointManager:
             engine._config.load_universal_checkpoint = previous
         if load_path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint files to load")
+        if universal:
+            _repair_universal_load(engine, read_json(step_dir / OPTIMIZER_GROUPS), step_dir)
         saved_step = (client_state or {}).get(CLIENT_STEP_KEY)
         if saved_step != point.step:
             raise CheckpointError(f"{step_dir}: DeepSpeed state is from step {saved_step}, marker says {point.step}")

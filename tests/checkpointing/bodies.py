@@ -68,6 +68,7 @@ def train_save_resume(run_dir: str) -> dict:
     manager.save(engine, SAVE_UNTIL, {"sampler": {"offset": 4 * SAVE_UNTIL}})
     out["resave_skipped"] = os.stat(os.path.join(point.path, "COMPLETE")).st_mtime_ns == before
     out["no_dropout"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+    out["no_dropout_after"] = snapshot(engine)
     return out
 
 
@@ -123,6 +124,7 @@ def resume_on_one_rank(run_dir: str) -> dict:
     out["resumed_rng"] = rng_fingerprint()
     out["resumed"] = snapshot(engine)
     out["losses"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+    out["after"] = snapshot(engine)
     # The first save after the crash on this (now 1-rank) run clears the crashed staging folder.
     out["saved_path"] = str(manager.save(engine, TOTAL_STEPS, {"sampler": {"offset": 4 * TOTAL_STEPS}}))
     return out

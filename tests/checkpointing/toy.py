@@ -59,7 +59,12 @@ def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16
         "wall_clock_breakdown": False,
         "bf16": {"enabled": bf16},
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    # Two param groups with different weight decay, as a real trainer has (none on biases).
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "weight_decay": 0.01},
+        {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     assert engine.zero_optimization_stage() == 3
     return engine
 
@@ -92,6 +97,8 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
         for key in ("exp_avg", "exp_avg_sq"):
             out[f"{name}.{key}"] = safe_get_full_optimizer_state(param, key).detach().clone()
     out["lr"] = torch.tensor(engine.get_lr())
+    groups = getattr(engine.optimizer, "optimizer", engine.optimizer).param_groups
+    out["weight_decay"] = torch.tensor([group["weight_decay"] for group in groups])
     out["global_steps"] = torch.tensor(engine.global_steps)
     return out
 
