@@ -67,7 +67,7 @@ def build_model(
     """
     t5_config = resolve_t5_config(config)
     dtype = DTYPES[config.dtype]
-    zero3 = _zero_stage(ds_config) == 3
+    zero3 = zero_stage(ds_config) == 3
     torch.manual_seed(config.seed)
     if str(device) == "meta":
         with torch.device("meta"):
@@ -86,7 +86,7 @@ def build_model(
     return model
 
 
-def _zero_stage(ds_config: dict[str, Any] | str | None) -> int:
+def zero_stage(ds_config: dict[str, Any] | str | None) -> int:
     if ds_config is None:
         return 0
     if isinstance(ds_config, str):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hp_deepspeed.model.builder import DTYPES, ModelConfig, _zero_stage
+from hp_deepspeed.model.builder import DTYPES, ModelConfig, zero_stage
 from hp_deepspeed.model.builder import build_model as build_backbone
 from hp_deepspeed.model.conditioning import (
     BackboneDims,
@@ -123,7 +123,7 @@ def build_model(
     if str(device) == "meta":
         with torch.device("meta"):
             conditioning = build_conditioning(cond_cfg, dims, num_tasks)
-    elif _zero_stage(ds_config) == 3 and cond_cfg.variant != "none":
+    elif zero_stage(ds_config) == 3 and cond_cfg.variant != "none":
         import deepspeed
 
         # No dtype argument: the DeepSpeed config's precision section decides (and DeepSpeed

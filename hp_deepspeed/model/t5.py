@@ -39,8 +39,20 @@ _NUM_COND_ARGS = len(LayerConditioning().as_args())
 
 def _normal_(param: Tensor, std: float) -> None:
     """Random-init ``param``; meta tensors have no values, and skipping them keeps building an
-    11B model on the meta device (to count parameters) instantaneous."""
-    if not param.is_meta:
+    11B model on the meta device (to count parameters) instantaneous.
+
+    Under ``deepspeed.zero.Init`` a child module's parameters are partitioned as soon as the
+    child's constructor returns, so a parent initialising them afterwards would write into an
+    empty partition and be silently lost: gather, initialise on rank 0, re-partition. Every rank
+    runs the body, so the random streams stay in step with a plain build."""
+    if param.is_meta:
+        return
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            nn.init.normal_(param, std=std)
+    else:
         nn.init.normal_(param, std=std)
 
 

@@ -151,3 +151,31 @@ def test_zero3_streaming_load_forward_generate_backward_save(tiny_checkpoint, tm
     for file in tmp_path.glob("model-*.safetensors"):
         shards.update(load_file(file))
     assert shards.keys() == dict(reference.named_parameters()).keys()
+
+
+def random_init_body(preset: str) -> dict:
+    """Gathered weights of a random-init build under zero.Init (every rank returns them)."""
+    from hp_deepspeed.model.builder import ModelConfig, build_model
+
+    cfg = ModelConfig(name_or_path=preset, load_weights=False, seed=3)
+    model = build_model(cfg, ds_config=DS_CONFIG)
+    import deepspeed
+
+    out = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            out[name] = param.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1_0", "tiny-v1_1"])
+def test_random_init_under_zero3_equals_plain_build(preset):
+    """Parent modules initialise their children's weights (T5's scaled normal init); under
+    zero.Init those children are already partitioned, which must not lose the init."""
+    from hp_deepspeed.model.builder import ModelConfig, build_model
+
+    plain = dict(build_model(ModelConfig(name_or_path=preset, load_weights=False, seed=3)).named_parameters())
+    for gathered in run_ranks("tests.model.test_zero3_loading:random_init_body", 2, timeout=240, args=(preset,)):
+        assert gathered.keys() == plain.keys()
+        for name, tensor in gathered.items():
+            torch.testing.assert_close(tensor, plain[name].detach(), rtol=0, atol=0, msg=name)
