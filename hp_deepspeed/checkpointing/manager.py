@@ -291,8 +291,10 @@ class CheckpointManager:
     def record_eval(self, step: int, scores: Mapping[str, float]) -> list[str]:
         """Record higher-is-better primary metrics of ``step``; returns the tasks it improved.
 
-        The checkpoint of a task's best step is never deleted. Evaluate on checkpoint steps (or save
-        right away when this returns a non-empty list), otherwise the best weights were never written.
+        Call it on every rank with the same scores (rank 0 writes ``best.json`` and applies
+        retention, the other ranks keep the same view). The checkpoint of a task's best step is
+        never deleted. Evaluate on checkpoint steps (or save right away when this returns a
+        non-empty list), otherwise the best weights were never written.
         """
         improved = []
         for task, score in scores.items():
