@@ -263,9 +263,9 @@ class Trainer:
     def resume(self) -> None:
         if self.resume_from is None:
             return
-        state = self.checkpoints.load(self.engine, self.resume_from)
-        self.resume_from = None  # loaded once; a ZeRO-3 engine only loads into pristine partitions
+        point, self.resume_from = self.resume_from, None  # a ZeRO-3 engine loads only once, pristine
+        state = self.checkpoints.load(self.engine, point)
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
         if self.is_main:
-            log.info("resumed from %s at step %d", self.resume_from, self.step)
+            log.info("resumed from %s at step %d", point.path, self.step)
