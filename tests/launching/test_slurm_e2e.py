@@ -42,7 +42,7 @@ def wait_for_steps(run_dir: Path, job_id: str, at_least: int, timeout: float) ->
 def test_train_sbatch_preempted_requeued_and_resumed(slurm_cluster, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@T sends) -> trap forwards it -> the ranks
     checkpoint and exit 75 -> scontrol requeue -> the same job id starts again and resumes."""
-    run_dir, steps = tmp_path / "run", 16
+    run_dir, steps = tmp_path / "run", 12
     job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
                   "slurm/train.sbatch", f"train.steps={steps}", "train.step_sleep=0.5"],
                  HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir))
@@ -91,37 +91,25 @@ def test_train_sbatch_one_deepspeed_per_node_preempted_with_full(slurm_cluster, 
         assert steps_of(run_dir, r["rank"]) == list(range(steps))
 
 
-def test_train_sbatch_one_torchrun_per_node(slurm_cluster, tmp_path):
-    """HP_LAUNCH_MODE=node: srun starts one torchrun per node, which starts the 2 ranks."""
-    run_dir = tmp_path / "run"
-    job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
-                  "slurm/train.sbatch", "train.steps=3"],
-                 HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir), HP_LAUNCH_MODE="node",
-                 HP_NODE_LAUNCHER="torchrun")
-    log = tmp_path / f"hp-train-{job}.out"
-    info = wait_for_job(job, JOB_TIMEOUT, log)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, text[-4000:])
-    assert "srun --nodes=1 --ntasks-per-node=1" in text and "torchrun" in text
-    ranks = read_ranks(run_dir)
-    assert [(r["rank"], r["source"], r["world_size"], r["end_step"]) for r in ranks] == [
-        (0, "torchrun", 2, 3), (1, "torchrun", 2, 3)], text[-4000:]
-    # The master came from the allocation (the batch script), not torchrun's default.
-    assert ranks[0]["master_port"] == 15000 + int(job) % 20000
-
-
-def test_eval_sbatch(slurm_cluster, tmp_path):
+def test_eval_sbatch_one_torchrun_per_node(slurm_cluster, tmp_path):
+    """eval.sbatch, in HP_LAUNCH_MODE=node with torchrun: srun starts one torchrun per node,
+    which starts the 2 ranks; they evaluate the run's checkpoint."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "state.json").write_text(json.dumps({"step": 5}))
     job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out", "slurm/eval.sbatch",
-                  "--checkpoint", "auto"], HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir))
+                  "--checkpoint", "auto"], HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir),
+                 HP_LAUNCH_MODE="node", HP_NODE_LAUNCHER="torchrun")
     log = tmp_path / f"hp-eval-{job}.out"
     info = wait_for_job(job, JOB_TIMEOUT, log)
-    assert info["JobState"] == "COMPLETED", (info, log.read_text()[-4000:])
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", (info, text[-4000:])
+    assert "srun --nodes=1 --ntasks-per-node=1" in text and "exec torchrun" in text
     evals = [json.loads(p.read_text()) for p in sorted(run_dir.glob("eval-rank*.json"))]
-    assert [(e["rank"], e["world_size"], e["checkpoint_step"], e["summed"]) for e in evals] == [
-        (0, 2, 5, 10.0), (1, 2, 5, 10.0)]
+    assert [(e["rank"], e["source"], e["world_size"], e["checkpoint_step"], e["summed"])
+            for e in evals] == [(0, "torchrun", 2, 5, 10.0), (1, "torchrun", 2, 5, 10.0)]
+    # The master came from the allocation (the batch script), not torchrun's default.
+    assert evals[0]["master_port"] == 15000 + int(job) % 20000
 
 
 def test_sweep_array_maps_task_ids_to_variants(slurm_cluster, tmp_path):
