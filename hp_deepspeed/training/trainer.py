@@ -92,22 +92,24 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        # Cheap checks first: everything that can fail on bad input fails before the process
+        # group, the data or the model exist.
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.tasks = build_tasks(cfg.data)
+        self.t5_config = resolve_t5_config(cfg.model)
+        check_vocabulary(self.tokenizer, self.t5_config, cfg.model.name_or_path)
+        base_ds_config = read_ds_config(cfg.training.ds_config)
+
         self.dist_env = init_distributed()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)
-
-        # Cheap checks first: everything that can fail on bad input fails before the model exists.
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        self.tasks = build_tasks(cfg.data)
-        self.t5_config = resolve_t5_config(cfg.model)
-        check_vocabulary(self.tokenizer, self.t5_config, cfg.model.name_or_path)
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, model_config=self.architecture())
         self.resume_from = self.checkpoints.find_resume_point(cfg.checkpoint.resume)
         self.ds_config = build_ds_config(
-            read_ds_config(cfg.training.ds_config),
+            base_ds_config,
             micro_batch_size=cfg.training.micro_batch_size,
             gradient_accumulation=cfg.training.gradient_accumulation,
             world_size=self.world_size, optim=cfg.optim, d_model=self.t5_config.d_model,

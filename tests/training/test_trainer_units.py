@@ -1,0 +1,94 @@
+"""Trainer pieces on the CPU with small fakes: rank classification, metric plumbing, the CLI's
+early rejection of bad input."""
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hp_deepspeed.cli import main
+from hp_deepspeed.config import ConfigError
+from hp_deepspeed.training.evaluation import Evaluator, rank_classify, tokenize_label_words
+from hp_deepspeed.training.trainer import WindowStats, check_vocabulary
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class FakeTokenizer:
+    """Words map to fixed ids; EOS (1) is appended like T5's tokenizer does."""
+
+    ids = {"yes": [5], "no": [6, 7]}
+
+    def __call__(self, word, add_special_tokens=True):
+        return {"input_ids": self.ids[word] + [1]}
+
+    def __len__(self):
+        return 100
+
+
+class FakeScorer(torch.nn.Module):
+    """Loss of a target = its first token id times the example's `bias`: a known ranking."""
+
+    def forward(self, input_ids, attention_mask, labels, task_ids):
+        bias = input_ids[:, 0].float()
+        first = labels[:, 0].float()
+        return SimpleNamespace(example_loss_sum=first * bias)
+
+
+def test_label_words_are_tokenized_with_eos_and_padded():
+    ids = tokenize_label_words(FakeTokenizer(), ["yes", "no"])
+    assert ids.tolist() == [[5, 1, -100], [6, 7, 1]]
+
+
+def test_rank_classification_picks_the_most_likely_word():
+    label_ids = tokenize_label_words(FakeTokenizer(), ["yes", "no"])
+    # bias +1: "yes" (5) has the lower loss; bias -1: "no" (6) has the lower loss (-6 < -5).
+    batch = {"input_ids": torch.tensor([[1, 0], [-1, 0]]), "attention_mask": torch.ones(2, 2),
+             "task_ids": torch.zeros(2, dtype=torch.long)}
+    assert rank_classify(FakeScorer(), batch, label_ids).tolist() == [0, 1]
+
+
+def test_primary_scores_and_table():
+    scores = {"glue/rte/accuracy": 60.0, "glue/rte/score": 60.0, "superglue/cb/macro_f1": 40.0,
+              "superglue/cb/score": 45.0, "glue_average": 60.0}
+    assert Evaluator.primary_scores(scores) == {"glue/rte": 60.0, "superglue/cb": 45.0}
+    table = Evaluator.format_table(scores, step=7)
+    assert "evaluation at step 7" in table and "glue/rte" in table and "glue_average" in table
+
+
+def test_window_stats_per_task_loss_without_distributed():
+    stats = WindowStats(num_tasks=3)
+    batch = {"task_ids": torch.tensor([0, 2, 2]), "attention_mask": torch.ones(3, 4),
+             "labels": torch.tensor([[1, -100], [1, 1], [1, 1]])}
+    out = SimpleNamespace(example_loss_sum=torch.tensor([1.0, 2.0, 4.0]),
+                          example_token_count=torch.tensor([1.0, 2.0, 2.0]))
+    stats.add_micro_batch(batch, out)
+    totals = stats.reduce(torch.device("cpu"))
+    assert totals["task_loss"].tolist() == [1.0, 0.0, 6.0]
+    assert totals["task_tokens"].tolist() == [1.0, 0.0, 4.0]
+    assert totals["tokens"].item() == 12 + 5 and totals["samples"].item() == 3
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_early():
+    with pytest.raises(ConfigError, match="vocab_size 64 is smaller than the tokenizer's 100 tokens"):
+        check_vocabulary(FakeTokenizer(), SimpleNamespace(vocab_size=64), "configs/models/x")
+
+
+def test_cli_rejects_a_typo_before_anything_starts(capsys):
+    assert main(["validate", "--config", str(REPO / "configs" / "demo.yaml"), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key optim.lrr" in err and "lr" in err
+
+
+def test_train_with_a_bad_task_fails_fast_with_the_known_tasks_listed(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hp_deepspeed.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
+         f"run.dir={tmp_path}", "data.tasks=[glue/rtee]"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unknown task 'glue/rtee'" in result.stderr and "glue/rte" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
