@@ -63,11 +63,13 @@ hp_run() {
   # hanging in a collective until the time limit, and a rank still finishing its checkpoint
   # is not killed (--kill-on-bad-exit would kill it, and turn the step's 75 into 143).
   HP_EXIT_WAIT=${HP_EXIT_WAIT:-120}
+  # Since SLURM 22.05 srun does not inherit --cpus-per-task from sbatch: pass it on.
+  local cpus=(${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"})
   case "$HP_LAUNCH_MODE" in
     task)
       # One task per GPU; each rank reads SLURM_PROCID/SLURM_LOCALID (init_distributed).
       step=(srun --nodes="$HP_NNODES" --ntasks-per-node="$HP_PER_NODE"
-            --ntasks=$(( HP_NNODES * HP_PER_NODE )) --kill-on-bad-exit=0 --wait="$HP_EXIT_WAIT" "${cmd[@]}")
+            --ntasks=$(( HP_NNODES * HP_PER_NODE )) "${cpus[@]}" --kill-on-bad-exit=0 --wait="$HP_EXIT_WAIT" "${cmd[@]}")
       ;;
     node)
       # One launcher per node; it starts HP_PER_NODE ranks with RANK/LOCAL_RANK set. The
@@ -94,7 +96,7 @@ hp_run() {
       quoted=$(printf '%q ' "${launcher[@]}" "${@}")
       quoted=${quoted//\\\$SLURM_NODEID/\$SLURM_NODEID}
       step=(srun --nodes="$HP_NNODES" --ntasks-per-node=1 --ntasks="$HP_NNODES"
-            --kill-on-bad-exit=0 --wait="$HP_EXIT_WAIT" bash -c "trap '' USR1; exec $quoted")
+            "${cpus[@]}" --kill-on-bad-exit=0 --wait="$HP_EXIT_WAIT" bash -c "trap '' USR1; exec $quoted")
       ;;
     *) echo "HP_LAUNCH_MODE must be task or node" >&2; return 1 ;;
   esac

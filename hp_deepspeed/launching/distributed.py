@@ -386,7 +386,9 @@ def init_distributed(
         return info
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
+        # GPU LOCAL_RANK of the node's GPUs; a task bound to its own GPU(s) (srun
+        # --gpus-per-task) sees fewer, and takes its share of those.
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     import deepspeed
 
     kwargs = {"timeout": timeout} if timeout is not None else {}
