@@ -178,3 +178,20 @@ def test_forced_source():
     assert resolve({**SRUN_ENV, "HP_DIST_SOURCE": "single"}).source == "single"
     with pytest.raises(LaunchEnvironmentError, match="HP_DIST_SOURCE"):
         detect_source({"HP_DIST_SOURCE": "pbs"})
+
+
+def test_mpi4py_of_another_mpi_is_reported():
+    """A rank started by a foreign mpirun (here: faked Open MPI variables) whose mpi4py sees a
+    world of 1 gets an error naming the mismatch, not a silent one-rank run."""
+    pytest.importorskip("mpi4py")
+    import subprocess
+    import sys
+
+    from tests.launching.conftest import clean_env
+
+    env = clean_env(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", "from hp_deepspeed.launching.distributed import resolve; resolve()"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "mpirun started 2 ranks but mpi4py sees a world of 1" in proc.stderr, proc.stderr[-2000:]
