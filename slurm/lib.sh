@@ -6,6 +6,9 @@ hp_log() { echo "[hp-slurm $(date -u +%H:%M:%S)] $*"; }
 
 # Load the site environment, work out the job's shape and the rendezvous point.
 hp_setup() {
+  # From here on USR1 never kills the batch shell (see hp_on_signal).
+  HP_SIGNALLED=0
+  trap 'hp_on_signal USR1' USR1
   HP_REPO=${HP_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
   cd "$HP_REPO" || { echo "cannot cd to HP_REPO=$HP_REPO" >&2; exit 1; }
   local env_file=${HP_ENV_FILE:-slurm/env.sh}
@@ -100,9 +103,14 @@ hp_run() {
       ;;
     *) echo "HP_LAUNCH_MODE must be task or node" >&2; return 1 ;;
   esac
+  if [ "$HP_SIGNALLED" = 1 ]; then
+    # Told to stop before training even started: go back to the queue right away.
+    hp_log "signalled before the step started: scontrol requeue $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    sleep 60
+    return 75
+  fi
   hp_log "running: ${step[*]}"
-  HP_SIGNALLED=0
-  trap 'hp_on_signal USR1' USR1
   "${step[@]}" &
   HP_STEP_PID=$!
   local rc
