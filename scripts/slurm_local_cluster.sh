@@ -24,7 +24,7 @@ export SLURM_CONF=$CONF
 
 log() { echo "[slurm_local_cluster] $*" >&2; }
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 node_idle() { sinfo -h -N -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
 
@@ -130,9 +130,9 @@ start() {
 stop_pidfile() {
   local file=$1 i
   pid_alive "$file" || return 0
-  kill "$(cat "$file")"
+  kill "$(cat "$file" 2>/dev/null)" 2>/dev/null || return 0
   for i in $(seq 1 50); do pid_alive "$file" || return 0; sleep 0.2; done
-  kill -9 "$(cat "$file")" 2>/dev/null || true
+  kill -9 "$(cat "$file" 2>/dev/null)" 2>/dev/null || true
 }
 
 stop() {
