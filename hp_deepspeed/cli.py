@@ -44,8 +44,9 @@ def _job_config(args: argparse.Namespace, extra: list[str] = ()):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from hp_deepspeed.config import to_dict
     import yaml
+
+    from hp_deepspeed.config import to_dict
 
     cfg = _job_config(args)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -63,8 +64,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hp_deepspeed.training.trainer import Trainer
 
+    from hp_deepspeed.checkpointing import CheckpointError
+
     cfg = _job_config(args, [f"checkpoint.resume={args.checkpoint}"])
     trainer = Trainer(cfg)
+    if trainer.resume_from is None:
+        raise CheckpointError(f"{cfg.run.dir}/checkpoints: no complete checkpoint to evaluate")
     trainer.resume()
     trainer.evaluate()
     return 0
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="resolve and check a config, print it; starts nothing")
     _add_config_args(p)
+    # Accepted so that a train or eval command line validates unchanged (the batch scripts do).
+    p.add_argument("--resume", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train (run under deepspeed, torchrun, srun or mpirun)")

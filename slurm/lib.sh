@@ -103,6 +103,10 @@ hp_run() {
       ;;
     *) echo "HP_LAUNCH_MODE must be task or node" >&2; return 1 ;;
   esac
+  if [ "$HP_MODULE" = hp_deepspeed.cli ] && [[ "$1" == train || "$1" == eval ]]; then
+    # Reject a typo'd key or a wrong type here, in one process, before any rank is started.
+    "$PYTHON" -m hp_deepspeed.cli validate "${@:2}" > /dev/null || return 2
+  fi
   if [ "$HP_SIGNALLED" = 1 ]; then
     # Told to stop before training even started: go back to the queue right away.
     hp_log "signalled before the step started: scontrol requeue $SLURM_JOB_ID"

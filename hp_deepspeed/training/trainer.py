@@ -92,6 +92,9 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        # Handlers first: a preemption signal that arrives while an 11B model is being loaded
+        # must become a save at the first step boundary, not kill the rank.
+        self.preemption = PreemptionHandler(cfg.preemption).install()
         # Cheap checks first: everything that can fail on bad input fails before the process
         # group, the data or the model exist.
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -129,13 +132,9 @@ class Trainer:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
         )
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
-        self.preemption = PreemptionHandler(cfg.preemption)
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""
@@ -145,12 +144,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
         """Train to ``training.steps``; returns the process exit code (75 after a preemption save)."""
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")  # the resolved config of this run
         self.resume()
         cfg = self.cfg.training
         window = WindowStats(len(self.tasks))
         batches = iter(self.stream)
         progress = self._progress_bar()
-        self.preemption.install()
         try:
             while self.step < cfg.steps:
                 self.train_step(batches, window)

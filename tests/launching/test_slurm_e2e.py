@@ -39,35 +39,6 @@ def wait_for_steps(run_dir: Path, job_id: str, at_least: int, timeout: float) ->
     pytest.fail(f"job {job_id} ran fewer than {at_least} steps in {timeout:.0f}s")
 
 
-def test_train_sbatch_preempted_requeued_and_resumed(slurm_cluster, tmp_path):
-    """USR1 to the batch shell (what --signal=B:USR1@T sends) -> trap forwards it -> the ranks
-    checkpoint and exit 75 -> scontrol requeue -> the same job id starts again and resumes."""
-    run_dir, steps = tmp_path / "run", 12
-    job = sbatch(["--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
-                  "slurm/train.sbatch", f"train.steps={steps}", "train.step_sleep=0.5"],
-                 HP_DEVICE="cpu", HP_RUN_DIR=str(run_dir))
-    log = tmp_path / f"hp-train-{job}.out"
-    wait_for_steps(run_dir, job, at_least=2, timeout=JOB_TIMEOUT)
-    # `scancel --batch` signals only the batch shell, exactly like --signal=B:USR1@T.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    info = wait_for_job(job, 2 * JOB_TIMEOUT, log)
-    text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, text[-4000:])
-
-    assert "SLURM_RESTART_COUNT=0" in text and "SLURM_RESTART_COUNT=1" in text
-    assert "caught SIGUSR1" in text
-    assert "training step exited with 75" in text and f"scontrol requeue {job}" in text
-    ranks = read_ranks(run_dir)
-    assert [r["rank"] for r in ranks] == [0, 1], text[-4000:]
-    resumed_at = ranks[0]["start_step"]
-    assert 0 < resumed_at < steps, "the first run neither ran nor was stopped early"
-    for r in ranks:
-        assert (r["source"], r["world_size"], r["local_world_size"]) == ("slurm", 2, 2)
-        assert (r["restart_count"], r["start_step"], r["end_step"]) == (1, resumed_at, steps)
-        # Continuous: every step exactly once across the preemption, nothing repeated.
-        assert steps_of(run_dir, r["rank"]) == list(range(steps))
-
-
 def test_train_sbatch_one_deepspeed_per_node_preempted_with_full(slurm_cluster, tmp_path):
     """HP_LAUNCH_MODE=node: one deepspeed launcher per node. `scancel --full` signals the batch
     shell (trap) and every process of the step: the launcher ignores USR1, the ranks save and

@@ -111,3 +111,10 @@ def test_export_then_predict_without_deepspeed(reference_run, tmp_path):
     predictions = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert len(predictions) == sum(1 for line in rows.read_text().splitlines() if line.strip())
     assert {p["text"] for p in predictions} <= {"entailment", "not_entailment"}
+
+
+def test_eval_command_scores_the_newest_checkpoint(reference_run):
+    cmd = train_cmd(reference_run)
+    cmd[cmd.index("train")] = "eval"
+    result = run_command(cmd + ["--checkpoint", "auto"], timeout=420, cwd=REPO)
+    assert "evaluation at step 8" in result.output and "glue/rte" in result.output
