@@ -10,6 +10,7 @@
 #   MASTER_PORT        rendezvous port (default 29500)
 #   HP_LAUNCHER_ARGS   extra deepspeed launcher options, e.g. "--include localhost:0,1"
 set -euo pipefail
+source "$(dirname "$0")/preflight.sh" "$@"
 args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank --module)
 [ -n "${HP_NUM_GPUS:-}" ] && args=(--num_gpus "$HP_NUM_GPUS" "${args[@]}")
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options

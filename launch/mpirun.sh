@@ -12,6 +12,7 @@
 #   MPIRUN, PYTHON     the programs (default mpirun, python)
 #   MASTER_ADDR/PORT   optional: override what rank 0 broadcasts
 set -euo pipefail
+source "$(dirname "$0")/preflight.sh" "$@"
 nprocs=${HP_NPROCS:?set HP_NPROCS to the total number of ranks}
 # shellcheck disable=SC2086  # HP_MPIRUN_ARGS is a list of options
 exec "${MPIRUN:-mpirun}" -n "$nprocs" ${HP_MPIRUN_ARGS:-} \

@@ -19,6 +19,7 @@
 #   HP_LAUNCHER_ARGS   extra deepspeed options, e.g. "--force_multi --no_ssh_check" for a
 #                      one-host hostfile, or "--launcher_args '-x NCCL_DEBUG'" for mpirun
 set -euo pipefail
+source "$(dirname "$0")/preflight.sh" "$@"
 hostfile=${HP_HOSTFILE:?set HP_HOSTFILE to a hostfile of \"host slots=N\" lines}
 launcher=${HP_LAUNCHER:-pdsh}
 module=${HP_MODULE:-hp_deepspeed.cli}

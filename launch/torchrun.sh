@@ -13,6 +13,7 @@
 #   HP_MODULE          module each rank runs (default hp_deepspeed.cli)
 #   HP_LAUNCHER_ARGS   extra torchrun options
 set -euo pipefail
+source "$(dirname "$0")/preflight.sh" "$@"
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options
 exec torchrun ${HP_LAUNCHER_ARGS:-} --nnodes "${HP_NNODES:-1}" \
   --nproc_per_node "${HP_NPROC_PER_NODE:-gpu}" --node_rank "${HP_NODE_RANK:-0}" \
