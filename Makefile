@@ -26,7 +26,7 @@ demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)
 
 test: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests --durations=30
 
 test-fast: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests -m "not distributed and not e2e"
