@@ -60,7 +60,7 @@ def test_mixed_task_batch_equals_each_example_alone(variant):
             alone = model(**example(batch, i))
             tgt = alone.logits.shape[1]
             torch.testing.assert_close(mixed.logits[i, :tgt], alone.logits[0], rtol=1e-4, atol=5e-5)
-            torch.testing.assert_close(mixed.example_loss_sum[i], alone.example_loss_sum[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mixed.example_loss_sum[i], alone.example_loss_sum[0], rtol=1e-4, atol=5e-5)
     # ... and the task matters: the same example under another task gives other logits.
     other = example(batch, 0) | {"task_ids": torch.tensor([1])}
     with torch.no_grad():
