@@ -105,6 +105,19 @@ def test_export_then_predict_without_deepspeed(reference_run, tmp_path):
                  "--out", str(out)], timeout=300, cwd=REPO)
     manifest = json.loads((out / "export.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["synthetic/first", "glue/rte"]
+    # The backbone is a Hugging Face checkpoint: transformers loads it and agrees with ours.
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from hp_deepspeed.export import load_export
+
+    ours, _, _ = load_export(out, torch.device("cpu"))
+    theirs = T5ForConditionalGeneration.from_pretrained(out / "backbone").eval()
+    ids = torch.tensor([[5, 9, 13, 1]])
+    labels = torch.tensor([[7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.backbone(ids, labels=labels).logits,
+                                   theirs(input_ids=ids, labels=labels).logits, rtol=1e-5, atol=1e-5)
     rows = REPO / "hp_deepspeed" / "bundled" / "data" / "glue" / "rte" / "validation.jsonl"
     result = run_command([sys.executable, "-m", "hp_deepspeed.cli", "predict", "--export", str(out),
                           "--task", "glue/rte", "--input", str(rows)], timeout=300, cwd=REPO)
