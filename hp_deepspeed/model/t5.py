@@ -160,10 +160,12 @@ class T5Attention(nn.Module):
                     value = torch.cat([cache.self_value, value], dim=2)
                 cache.self_key, cache.self_value = key, value
             if key_prompt is not None:
-                # Prompt slots: prepended, zero position bias, never masked.
+                # Prompt slots: prepended, zero position bias, never masked. The stack usually
+                # pads the shared bias once for all its blocks; pad here when it has not.
                 key = torch.cat([key_prompt.to(key.dtype), key], dim=2)
                 value = torch.cat([value_prompt.to(value.dtype), value], dim=2)
-                bias = F.pad(bias, (key_prompt.shape[2], 0))
+                if bias.shape[-1] != key.shape[2]:
+                    bias = F.pad(bias, (key_prompt.shape[2], 0))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=bias.to(query.dtype),
             dropout_p=self.dropout if self.training else 0.0, scale=1.0,
@@ -380,6 +382,11 @@ class T5Stack(nn.Module):
             cross_bias = cross_bias.masked_fill(encoder_attention_mask == 0, min_value)[:, None, None, :]
         if conditioning is not None and len(conditioning) != len(self.block):
             raise ValueError(f"conditioning has {len(conditioning)} entries for {len(self.block)} blocks")
+        prompt_lengths = {None if c.key_prompt is None else c.key_prompt.shape[2] for c in conditioning or ()}
+        if len(prompt_lengths) == 1 and None not in prompt_lengths:
+            # Every block prepends the same number of key/value prompt slots: give them their
+            # zero bias once here rather than re-padding (and un-padding in backward) per block.
+            bias = F.pad(bias, (prompt_lengths.pop(), 0))
 
         hidden = self.dropout(hidden)
         use_checkpoint = self.activation_checkpointing != "none" and self.training and cache is None
