@@ -16,7 +16,6 @@ values. Only matplotlib's Agg backend is used: it needs no display, as on a clus
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys

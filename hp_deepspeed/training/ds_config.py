@@ -97,7 +97,6 @@ def build_ds_config(
     d_model: int,
     log_every: int,
     on_cpu: bool,
-    universal_checkpoint: bool = False,
 ) -> dict:
     """The complete DeepSpeed config for one run (a new dict; ``base`` is not modified)."""
     cfg = json.loads(json.dumps(base))
@@ -120,12 +119,5 @@ def build_ds_config(
         params["torch_adam"] = True
     cfg["optimizer"] = {"type": "AdamW", "params": params}
     _fill_auto(zero, d_model)
-    if universal_checkpoint:
-        cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
 
-
-def precision_of(ds_config: dict) -> str:
-    if ds_config.get("bf16", {}).get("enabled", False):
-        return "bf16"
-    return "fp32"

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import deepspeed
@@ -25,7 +24,7 @@ from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.launching.distributed import init_distributed
 from hp_deepspeed.model.builder import resolve_t5_config
 from hp_deepspeed.model.hyperprompt_t5 import build_model
-from hp_deepspeed.training.ds_config import build_ds_config, precision_of, read_ds_config
+from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
 from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats

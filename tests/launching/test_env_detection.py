@@ -9,7 +9,6 @@ from hp_deepspeed.launching.distributed import (
     expand_hostlist,
     expand_tasks_per_node,
     info_from_mpi,
-    info_from_slurm,
     info_from_torch_env,
     resolve,
     slurm_port,
