@@ -299,13 +299,6 @@ def block_activation_bytes(cfg, micro_batch: int, length: int, encoder_len: int,
     n = micro_batch * length
     h, inner, heads = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.num_heads
     total = _norm_bytes(n, h) + _attention_bytes(n, micro_batch * (length + prompt_len), inner, heads)
-    if prompt_len:
-        # Prompt slots get zero bias: the block pads the stack's bias to [.., L, L + prompt], a
-        # new tensor per block that SDPA saves. The encoder's bias carries the padding mask
-        # ([B, heads, L, L]); the decoder's is causal only ([1, heads, L, L]): the trainer passes
-        # no decoder mask, padded labels are -100 and never attended from.
-        bias_batch = micro_batch if not decoder else 1
-        total += bias_batch * heads * length * (length + prompt_len) * BF16
     if decoder:
         total += _norm_bytes(n, h) + _attention_bytes(n, micro_batch * encoder_len, inner, heads)
     total += _norm_bytes(n, h) + _ffn_bytes(n, cfg.d_ff, cfg.is_gated, dropout)
@@ -356,11 +349,12 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
     enc_block = block_activation_bytes(cfg, b, enc_len, enc_len, enc_prompt, decoder=False, dropout=dropout)
     dec_block = block_activation_bytes(cfg, b, dec_len, enc_len, dec_prompt, decoder=True, dropout=dropout)
 
-    # A stack's own bias ([B, a, S, S] encoder, [1, a, T, T] decoder) is saved by SDPA when its
-    # blocks use it as is, and as a checkpoint argument when checkpointing; blocks with prompts
-    # save their padded copy instead (in ``block_activation_bytes``).
-    enc_bias = b * a * enc_len * enc_len * BF16 if (checkpointing or not enc_prompt) else 0
-    dec_bias = a * dec_len * dec_len * BF16 if (checkpointing or not dec_prompt) else 0
+    # A stack's bias is built once and shared by its blocks (saved by SDPA, or kept as a
+    # checkpoint argument): [B, a, S, S + P] in the encoder, which carries the padding mask, and
+    # [1, a, T, T + P] in the decoder, causal only (the trainer passes no decoder mask; padded
+    # labels are -100 and never attended from). P prompt slots get their zero bias once per stack.
+    enc_bias = b * a * enc_len * (enc_len + enc_prompt) * BF16
+    dec_bias = a * dec_len * (dec_len + dec_prompt) * BF16
     shared = (
         enc_bias + dec_bias
         + n_enc * h * BF16  # encoder output: input of every cross-attention k and v projection

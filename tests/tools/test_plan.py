@@ -155,7 +155,7 @@ def test_checkpointing_suggested_when_the_micro_batch_needs_it(xxl):
     assert needs_ckpt["offload"] == "none" and needs_ckpt["activation_checkpointing"]
     assert needs_ckpt["micro_batch"] == 32 and needs_ckpt["gpu_estimate_gib"] <= 80
     # Long inputs: not even one example fits without checkpointing, so the search suggests it.
-    long = plan.make_plan(xxl, cluster, plan.Workload(4096, 256, 0.1))
+    long = plan.make_plan(xxl, cluster, plan.Workload(8192, 256, 0.1))
     none = long["options"][0]
     assert none["max_micro_batch"] == 0 and none["max_micro_batch_checkpointed"] >= 1
     assert long["suggestion"]["activation_checkpointing"]
