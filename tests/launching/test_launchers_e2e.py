@@ -95,16 +95,6 @@ def test_deepspeed_hostfile_pdsh_runner(tmp_path, local_sshd):
     check_ranks(run_dir, "deepspeed", out)
 
 
-def test_no_launcher_runs_one_process(tmp_path):
-    """The documented default: `python -m ...` without a launcher is a world of one."""
-    import sys
-
-    launch([sys.executable, "-m", "tests.scripts.launch_workload", *workload_args(tmp_path)],
-           timeout=240)
-    (rank,) = [json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")]
-    assert (rank["source"], rank["world_size"], rank["end_step"]) == ("single", 1, STEPS)
-
-
 def test_launch_scripts_refuse_missing_settings(tmp_path):
     for script, var in (("multinode.sh", "HP_HOSTFILE"), ("mpirun.sh", "HP_NPROCS")):
         result = launch([str(LAUNCH / script), "train"], timeout=60, check=False)
