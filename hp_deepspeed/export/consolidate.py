@@ -64,8 +64,9 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
-def load_run_model(step_dir: Path) -> tuple[JobConfig, HyperPromptT5]:
-    """The job config saved with ``step_dir`` and the model with its consolidated weights (CPU)."""
+def load_run_model(step_dir: Path) -> tuple[JobConfig, list, HyperPromptT5]:
+    """The job config saved with ``step_dir``, its tasks, and the model with its consolidated
+    weights (CPU)."""
     cfg = from_dict(JobConfig, read_yaml(step_dir / CONFIG))
     tasks = build_tasks(cfg.data)
     model_cfg = dataclasses.replace(cfg.model, load_weights=False)  # the checkpoint has the weights
@@ -80,14 +81,13 @@ def load_run_model(step_dir: Path) -> tuple[JobConfig, HyperPromptT5]:
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.load_state_dict({k: v.contiguous() for k, v in state.items()})
-    return cfg, model.eval()
+    return cfg, tasks, model.eval()
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto") -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     step_dir = resolve_checkpoint(run_dir, checkpoint)
-    cfg, model = load_run_model(step_dir)
-    tasks = build_tasks(cfg.data)
+    cfg, tasks, model = load_run_model(step_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     save_hf_checkpoint(model.backbone, out_dir / "backbone")

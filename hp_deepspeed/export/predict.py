@@ -19,6 +19,7 @@ import torch
 
 from hp_deepspeed.config import from_dict, read_yaml
 from hp_deepspeed.data import DataError, build_tasks, load_tokenizer
+from hp_deepspeed.data.sources import FORMATS
 from hp_deepspeed.data.tasks import MalformedRow
 from hp_deepspeed.model.hf_checkpoint import load_hf_weights
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
@@ -50,7 +51,7 @@ def read_rows(path: str | None) -> list[dict[str, Any]]:
         return [json.loads(line) for line in sys.stdin if line.strip()]
     import datasets
 
-    fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(Path(path).suffix)
+    fmt = FORMATS.get(Path(path).suffix)
     if fmt is None:
         raise DataError(f"--input {path}: expected a .jsonl, .json, .csv or .parquet file")
     return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()

@@ -63,7 +63,6 @@ class WindowStats:
         self.samples = 0
         self.tokens = 0
         self.flops = 0.0
-        self.steps = 0
         self.started = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, out) -> None:
@@ -205,7 +204,6 @@ class Trainer:
                 self.model_shape, batch["input_ids"].shape[0], batch["input_ids"].shape[1],
                 batch["labels"].shape[1], self.model.prompt_length,
             )
-        window.steps += 1
 
     # ------------------------------------------------------------------ logging
     def log_train(self, window: WindowStats) -> None:
