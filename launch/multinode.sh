@@ -2,13 +2,18 @@
 # Many nodes from a hostfile through the deepspeed launcher and one of its runners.
 #
 #   HP_HOSTFILE=hosts HP_LAUNCHER=pdsh launch/multinode.sh train --config run.yaml --resume auto
+#   HP_HOSTFILE=hosts HP_LAUNCHER=openmpi HP_MPIRUN_ARGS="-x NCCL_DEBUG=INFO" \
+#     launch/multinode.sh train --config run.yaml --resume auto
 #
 # The hostfile has one line per node, `hostname slots=GPUS`. Runners:
 #   pdsh     ssh to every host (passwordless ssh needed; ssh options such as a key go in
 #            PDSH_SSH_ARGS_APPEND, a port in HP_LAUNCHER_ARGS="--ssh_port N"), one deepspeed
 #            launcher per node; PYTHON* variables and .deepspeed_env are exported to the hosts
-#   openmpi  Open MPI's mpirun (`ompi_info` on PATH, mpi4py built against Open MPI); ranks
-#            found by mpi4py in init_distributed
+#   openmpi  Open MPI's mpirun (`ompi_info` on PATH) starts every rank; each finds its rank
+#            through mpi4py (hp_deepspeed.launching.distributed picks mpi4py's Open MPI ABI).
+#            deepspeed does not pass the master address to these ranks, so this script does
+#            (`-x MASTER_ADDR -x MASTER_PORT`); ranks are not bound to cores unless
+#            HP_MPIRUN_ARGS says --bind-to (see openmpi_binding in preflight.sh)
 #   mpich    MPICH/Hydra mpirun -ppn; ranks from PMI_RANK / MPI_LOCALRANKID
 # Every argument goes to `python -m $HP_MODULE`. Environment:
 #   HP_HOSTFILE        the hostfile (required)
@@ -16,22 +21,39 @@
 #   HP_MODULE          module each rank runs (default hp_deepspeed.cli)
 #   MASTER_ADDR        rank 0's address (default: the first host of the hostfile)
 #   MASTER_PORT        rendezvous port (default 29500)
+#   HP_MPIRUN_ARGS     extra mpirun options for the openmpi and mpich runners, e.g.
+#                      "-x NCCL_DEBUG=INFO --mca btl_tcp_if_include ib0" (deepspeed's openmpi
+#                      runner adds `--mca btl_tcp_if_include eth0` unless this names that option)
 #   HP_LAUNCHER_ARGS   extra deepspeed options, e.g. "--force_multi --no_ssh_check" for a
-#                      one-host hostfile, or "--launcher_args '-x NCCL_DEBUG'" for mpirun
+#                      one-host hostfile (mpirun options go in HP_MPIRUN_ARGS, not here)
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 hostfile=${HP_HOSTFILE:?set HP_HOSTFILE to a hostfile of \"host slots=N\" lines}
 launcher=${HP_LAUNCHER:-pdsh}
 module=${HP_MODULE:-hp_deepspeed.cli}
 master_addr=${MASTER_ADDR:-$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$hostfile")}
+master_port=${MASTER_PORT:-29500}
+# Shell-quoted words, so that an option value with spaces survives as one argument.
+eval "extra=(${HP_LAUNCHER_ARGS:-})"
+for word in "${extra[@]}"; do
+  if [ "$word" = --launcher_args ]; then
+    echo "multinode.sh: put mpirun options in HP_MPIRUN_ARGS, not --launcher_args in HP_LAUNCHER_ARGS" >&2
+    exit 2
+  fi
+done
 args=(--hostfile "$hostfile" --launcher "$launcher" --master_addr "$master_addr"
-      --master_port "${MASTER_PORT:-29500}" --no_local_rank)
+      --master_port "$master_port" --no_local_rank)
+mpirun_args=${HP_MPIRUN_ARGS:-}
+if [ "$launcher" = openmpi ]; then
+  mpirun_args="-x MASTER_ADDR=$master_addr -x MASTER_PORT=$master_port $(openmpi_binding "$mpirun_args") $mpirun_args"
+fi
+if [ -n "$mpirun_args" ]; then
+  args+=(--launcher_args "$mpirun_args")
+fi
 if [ "$launcher" = mpich ]; then
   # deepspeed's mpich runner cannot run a module (-m); give it a file that does.
   program=("$(python -c 'import hp_deepspeed.launching.entry as e; print(e.__file__)')" "$module")
 else
   program=(--module "$module")
 fi
-# Shell-quoted words, so that --launcher_args '...' survives as one argument.
-eval "extra=(${HP_LAUNCHER_ARGS:-})"
 exec deepspeed "${extra[@]}" "${args[@]}" "${program[@]}" "$@"

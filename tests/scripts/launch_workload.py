@@ -119,6 +119,9 @@ def main(argv: list[str]) -> int:
         info.as_dict(), start_step=start, end_step=step, preempted=preempted,
         restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
         loss=None if loss is None else loss.item(),
+        # Which MPI library mpi4py loaded, for the ranks that found each other through it.
+        mpi_library=(sys.modules["mpi4py.MPI"].Get_library_version().splitlines()[0]
+                     if "mpi4py.MPI" in sys.modules else None),
     )
     (run_dir / f"rank{rank}.json").write_text(json.dumps(record))
     print(f"[workload] rank {rank}/{info.world_size} via {info.source}: steps {start}..{step}"
