@@ -105,9 +105,14 @@ def _apt_install(binary: str, package: str) -> str | None:
     return None
 
 
+# Two addresses of this machine that stand for two nodes in a hostfile (all of 127/8 is lo).
+LOOPBACK_NODES = ("127.0.0.2", "127.0.0.3")
+
+
 @pytest.fixture(scope="session")
 def local_sshd(tmp_path_factory):
-    """A private sshd on 127.0.0.1 (own host key, own authorized key, own port) so that the
+    """A private sshd on 127.0.0.1 and :data:`LOOPBACK_NODES` (own host key, own authorized
+    key, own port) so that the
     pdsh runner can ssh to this machine without touching ~/.ssh or the system sshd. Yields the
     environment pdsh's ssh needs (PDSH_SSH_ARGS_APPEND) and the port."""
     for binary, package in (("sshd", "openssh-server"), ("pdsh", "pdsh")):
@@ -122,8 +127,10 @@ def local_sshd(tmp_path_factory):
     from hp_deepspeed.testing.distributed import free_port
 
     port = free_port()
+    # Three loopback addresses, so that a hostfile can name two "nodes" besides localhost.
+    listen = "".join(f"ListenAddress {addr}\n" for addr in ("127.0.0.1", *LOOPBACK_NODES))
     (tmp / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {tmp}/hostkey\n"
+        f"Port {port}\n{listen}HostKey {tmp}/hostkey\n"
         f"AuthorizedKeysFile {tmp}/authorized_keys\nPidFile {tmp}/sshd.pid\nStrictModes no\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\n")

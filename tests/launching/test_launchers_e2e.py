@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hp_deepspeed.testing.distributed import free_port
-from tests.launching.conftest import REPO, launch
+from tests.launching.conftest import LOOPBACK_NODES, REPO, launch
 
 pytestmark = pytest.mark.e2e
 LAUNCH = REPO / "launch"
@@ -120,6 +120,27 @@ def test_deepspeed_hostfile_pdsh_runner(tmp_path, local_sshd):
                  HP_LAUNCHER_ARGS=f"--force_multi --no_ssh_check --ssh_port {port}", **ssh_env).output
     assert "localhost: [workload] rank 0/2" in out, out[-3000:]  # output relayed by pdsh
     check_ranks(run_dir, "deepspeed", out)
+
+
+def test_deepspeed_hostfile_two_nodes_pdsh(tmp_path, local_sshd):
+    """A two-line hostfile, one slot each: pdsh sshes to two addresses of this machine, each
+    starts deepspeed's per-node launcher with its node rank, and the two one-rank "nodes" meet
+    at the master address the script takes from the hostfile's first line (no MASTER_ADDR)."""
+    ssh_env, port = local_sshd
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{node} slots=1\n" for node in LOOPBACK_NODES))
+    run_dir = tmp_path / "run"
+    out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=400,
+                 HP_HOSTFILE=str(hostfile), HP_LAUNCHER="pdsh", MASTER_PORT=str(free_port()),
+                 HP_LAUNCHER_ARGS=f"--no_ssh_check --ssh_port {port}", **ssh_env).output
+    for node in LOOPBACK_NODES:
+        assert f"{node}: [workload]" in out, out[-3000:]  # each rank relayed from its own host
+    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
+    assert [(r["rank"], r["local_rank"], r["world_size"], r["local_world_size"]) for r in ranks] \
+        == [(0, 0, 2, 1), (1, 0, 2, 1)], out[-3000:]
+    assert {(r["master_addr"], r["source"], r["end_step"]) for r in ranks} == {
+        (LOOPBACK_NODES[0], "deepspeed", STEPS)}
+    assert ranks[0]["loss"] != ranks[1]["loss"]
 
 
 def test_launch_scripts_refuse_missing_settings(tmp_path):
