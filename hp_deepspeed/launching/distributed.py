@@ -323,7 +323,7 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
     except (ImportError, RuntimeError) as err:  # the extension, or mpi4py's ABI loader
         kind = f"the {abi['MPI4PY_MPIABI']} " if abi else "an "
         raise LaunchEnvironmentError(
-            f"mpi: mpi4py cannot load {kind}MPI library ({str(err).splitlines()[-1]}); put the "
+            f"mpi: mpi4py cannot load {kind}MPI library ({(str(err) or repr(err)).splitlines()[-1]}); put the "
             "lib directory of the MPI that runs mpirun on LD_LIBRARY_PATH, or set MPI4PY_LIBMPI "
             "to its libmpi.so"
         ) from err
