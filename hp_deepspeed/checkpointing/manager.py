@@ -69,6 +69,7 @@ from hp_deepspeed.checkpointing.layout import (
     step_tag,
 )
 from hp_deepspeed.checkpointing.universal import ensure_universal
+from hp_deepspeed.launching import collectives
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Pa
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (small, picklable decisions only)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(obj, src=0)
 
 
 class CheckpointManager:
@@ -206,7 +205,7 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             for path in remove_debris(self.root):
                 log.warning("removed leftover of an interrupted save or deletion: %s", path)
-        dist.barrier()
+        collectives.barrier()
 
         started = time.monotonic()
         error = None
@@ -229,11 +228,10 @@ class CheckpointManager:
                     atomic_write_text(staging / CONFIG, text)
         except Exception as err:  # reported collectively below, then re-raised on this rank
             error = err
-        ok = torch.tensor([0 if error else 1], dtype=torch.int32)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        ok = collectives.all_reduce_flag(error is None, "min")
         if error is not None:
             raise CheckpointError(f"{staging}: rank {self.rank} failed to write its part: {error}") from error
-        if ok.item() == 0:
+        if ok == 0:
             raise CheckpointError(f"{staging}: another rank failed to write its part; checkpoint abandoned")
 
         outcome = None

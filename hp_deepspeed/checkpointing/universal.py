@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from hp_deepspeed.checkpointing.layout import (
     MARKER,
     STAGING_SUFFIX,
@@ -34,6 +32,7 @@ from hp_deepspeed.checkpointing.layout import (
     is_complete,
     read_marker,
 )
+from hp_deepspeed.launching import collectives
 
 FAILED = UNIVERSAL + ".FAILED"
 POLL_SECONDS = 2.0
@@ -99,10 +98,10 @@ def ensure_universal(step_dir: str | Path, timeout_s: float) -> Path:
     """
     step_dir = Path(step_dir)
     failed = step_dir / FAILED
-    rank = dist.get_rank()
+    rank = collectives.rank()
     if rank == 0:
         failed.unlink(missing_ok=True)
-    dist.barrier()  # nobody reads a stale FAILED left by an earlier attempt
+    collectives.barrier()  # nobody reads a stale FAILED left by an earlier attempt
     if rank == 0:
         try:
             out = convert_to_universal(step_dir)
@@ -118,5 +117,5 @@ def ensure_universal(step_dir: str | Path, timeout_s: float) -> Path:
                 raise CheckpointError(f"{step_dir}: rank 0's universal conversion did not finish in {timeout_s:.0f}s")
             time.sleep(POLL_SECONDS)
         out = universal_dir(step_dir)
-    dist.barrier()
+    collectives.barrier()
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hp_deepspeed.launching import collectives
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput
 from hp_deepspeed.model.t5 import T5Model
 
@@ -58,8 +59,6 @@ def greedy_generate(
 def all_finished(finished: Tensor, sync_ranks: bool) -> bool:
     """True when every sequence has finished (on every rank when ``sync_ranks``: a collective)."""
     done = finished.all().to(torch.int32)
-    if sync_ranks and torch.distributed.is_initialized():
-        flag = done.clone().cpu() if torch.distributed.get_backend() == "gloo" else done.clone()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+    if sync_ranks:
+        return bool(collectives.all_reduce(done, "min").item())
     return bool(done.item())

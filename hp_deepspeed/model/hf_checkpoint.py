@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hp_deepspeed.launching import collectives
 from hp_deepspeed.model.t5_config import PRESET_ALIASES, T5Config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -210,10 +211,8 @@ def load_hf_weights(model: nn.Module, name_or_path: str | Path, zero3: bool) -> 
             error = check_checkpoint(model, reader, tied)
         except (FileNotFoundError, CheckpointError) as err:
             error = f"{type(err).__name__}: {err}"
-    if zero3 and dist.is_initialized():
-        verdict = [error]
-        dist.broadcast_object_list(verdict, src=0)
-        error = verdict[0]
+    if zero3:
+        error = collectives.broadcast_object(error, src=0)
     if error is not None:
         raise CheckpointError(error)
 
@@ -293,5 +292,4 @@ def save_hf_checkpoint(
         if dtype is not None:
             hf_config["dtype"] = str(dtype).removeprefix("torch.")
         (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()

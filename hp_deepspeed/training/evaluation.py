@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from hp_deepspeed.data import EvalSet, Task, benchmark_average, build_eval_batches
 from hp_deepspeed.data.config import DataConfig
+from hp_deepspeed.launching import collectives
 from hp_deepspeed.training.train_config import EvalConfig
 
 LABEL_PAD = -100
@@ -111,8 +112,7 @@ class Evaluator:
     def _merge_ranks(self, outputs: dict[int, str]) -> dict[int, str]:
         if not (dist.is_initialized() and self.world_size > 1):
             return outputs
-        gathered: list[dict[int, str]] = [None] * self.world_size  # type: ignore[list-item]
-        dist.all_gather_object(gathered, outputs)
+        gathered = collectives.all_gather_objects(outputs)
         merged: dict[int, str] = {}
         for part in gathered:
             merged.update(part)

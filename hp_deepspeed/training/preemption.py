@@ -29,8 +29,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
+from hp_deepspeed.launching import collectives
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +59,8 @@ class PreemptionConfig:
 class PreemptionHandler:
     """Records preemption signals and turns them into a stop decision every rank shares."""
 
-    def __init__(self, config: PreemptionConfig | None = None, device: torch.device | None = None) -> None:
-        """``device``: where the all-reduced flag lives; default is the current CUDA device under
-        NCCL (which cannot reduce CPU tensors) and the CPU otherwise (gloo)."""
+    def __init__(self, config: PreemptionConfig | None = None) -> None:
         self.config = config or PreemptionConfig()
-        self.device = device
         self.received: int | None = None
         """Number of the first signal received on this rank, None while none has arrived."""
         self.stop_step: int | None = None
@@ -95,13 +91,6 @@ class PreemptionHandler:
     def __exit__(self, *exc) -> None:
         self.restore()
 
-    def _flag_device(self) -> torch.device:
-        if self.device is not None:
-            return self.device
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def should_stop(self, step: int) -> bool:
         """Collective at a step boundary: True on every rank iff any rank has received a signal.
 
@@ -113,12 +102,7 @@ class PreemptionHandler:
         if step % self.config.check_every != 0:
             return False
         local = 0 if self.received is None else 1
-        if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([local], dtype=torch.int32, device=self._flag_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        else:
-            stop = bool(local)
+        stop = bool(collectives.all_reduce_flag(local, "max"))
         if stop:
             self.stop_step = step
             cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"

@@ -16,11 +16,11 @@ from pathlib import Path
 import deepspeed
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from hp_deepspeed.checkpointing import CheckpointManager
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
+from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.distributed import init_distributed
 from hp_deepspeed.model.builder import resolve_t5_config
 from hp_deepspeed.model.hyperprompt_t5 import build_model
@@ -72,15 +72,13 @@ class WindowStats:
         self.samples += task_ids.numel()
         self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
-    def reduce(self, device: torch.device) -> dict[str, torch.Tensor]:
+    def reduce(self) -> dict[str, torch.Tensor]:
         """Sum across ranks; one collective for everything."""
         flat = torch.cat([
             self.task_loss, self.task_tokens,
             torch.tensor([self.samples, self.tokens, self.flops], dtype=torch.float64),
-        ]).to(device)
-        if dist.is_initialized():
-            dist.all_reduce(flat)
-        flat = flat.cpu()
+        ])
+        flat = collectives.all_reduce(flat)
         n = self.num_tasks
         return {"task_loss": flat[:n], "task_tokens": flat[n:2 * n], "samples": flat[2 * n],
                 "tokens": flat[2 * n + 1], "flops": flat[2 * n + 2]}
@@ -187,10 +185,8 @@ class Trainer:
         """
         accumulation = self.cfg.training.gradient_accumulation
         micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(accumulation)]
-        tokens = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)],
-                              dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(tokens)
+        tokens = collectives.all_reduce(torch.tensor(
+            [sum(int((b["labels"] != -100).sum()) for b in micro_batches)], dtype=torch.float64))
         scale = self.world_size * accumulation / max(tokens.item(), 1.0)
         for batch in micro_batches:
             out = self.engine(
@@ -207,7 +203,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def log_train(self, window: WindowStats) -> None:
-        totals = window.reduce(self.device)
+        totals = window.reduce()
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         tokens = totals["task_tokens"].sum().item()
         values = {

@@ -66,7 +66,7 @@ def test_window_stats_per_task_loss_without_distributed():
     out = SimpleNamespace(example_loss_sum=torch.tensor([1.0, 2.0, 4.0]),
                           example_token_count=torch.tensor([1.0, 2.0, 2.0]))
     stats.add_micro_batch(batch, out)
-    totals = stats.reduce(torch.device("cpu"))
+    totals = stats.reduce()
     assert totals["task_loss"].tolist() == [1.0, 0.0, 6.0]
     assert totals["task_tokens"].tolist() == [1.0, 0.0, 4.0]
     assert totals["tokens"].item() == 12 + 5 and totals["samples"].item() == 3

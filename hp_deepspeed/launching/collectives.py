@@ -1,0 +1,98 @@
+"""Every collective of the project, and the device that communication happens on.
+
+NCCL only moves CUDA tensors of the rank's own device and gloo only CPU tensors, so a collective
+called with a tensor built "wherever" works on the CPU test suite and crashes on the first GPU
+run (``No backend type associated with device type cpu``). This module is the one place that
+knows the rule: :func:`comm_device` is ``cuda:<current>`` under NCCL and the CPU under any other
+backend, and every helper below moves its tensor there and back. No other module of
+``hp_deepspeed`` calls a ``torch.distributed`` collective (``tests/launching/test_collectives.py``
+checks the source tree), so the CPU suite guards the GPU rule.
+
+Without an initialised process group every helper is the single-process identity, so callers
+need no ``if dist.is_initialized()`` of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+ReduceOp = Literal["sum", "min", "max"]
+_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+
+
+def is_distributed() -> bool:
+    """Whether a process group is up (collectives then talk to the other ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def device_for_backend(backend: str) -> torch.device:
+    """Where tensors handed to ``backend`` must live: the rank's CUDA device for NCCL, else the CPU."""
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def comm_device() -> torch.device:
+    """The device of this process's collectives (the CPU when no process group is up)."""
+    if not is_distributed():
+        return torch.device("cpu")
+    return device_for_backend(dist.get_backend())
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    """All ranks wait here. Under NCCL on the rank's own device, so no rank touches GPU 0."""
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce(tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+    """The reduction of ``tensor`` over ranks, as a new tensor on ``tensor``'s device and dtype.
+
+    The input is not modified (it is copied to the communication device even where it already
+    lives there), so a caller may reduce a tensor it still uses.
+    """
+    if not is_distributed():
+        return tensor.clone()
+    buffer = tensor.detach().to(comm_device(), copy=True)
+    dist.all_reduce(buffer, op=_OPS[op])
+    return buffer.to(tensor.device)
+
+
+def all_reduce_flag(value: bool | int, op: ReduceOp) -> int:
+    """A small integer agreed over ranks (``min``: all true, ``max``: any true)."""
+    return int(all_reduce(torch.tensor([int(value)], dtype=torch.int32), op).item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=comm_device())
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    # all_gather_object has no device argument: it uses the current CUDA device under NCCL,
+    # which init_distributed sets to this rank's device (see launching/distributed.py).
+    dist.all_gather_object(gathered, obj)
+    return gathered
