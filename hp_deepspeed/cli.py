@@ -21,6 +21,10 @@ import sys
 import warnings
 
 from hp_deepspeed.config import ConfigError, load_config
+from hp_deepspeed.launching.device import prepare_process
+
+# Subcommands that put a model on a device (and may import deepspeed).
+DEVICE_COMMANDS = ("train", "eval", "export", "predict", "convert-universal")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_dependencies()
     try:
+        if args.command in DEVICE_COMMANDS:
+            prepare_process()  # before the subcommand imports deepspeed, which picks its device once
         return args.func(args)
     except _input_errors() as err:
         print(f"hp-deepspeed {args.command}: error: {err}", file=sys.stderr)

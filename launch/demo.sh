@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# CPU ranks even on a GPU host: gloo, and DeepSpeed's CPU accelerator (its launcher's too).
+export HP_DEVICE=cpu DS_ACCELERATOR=cpu
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 # Reject a bad config before any rank starts.

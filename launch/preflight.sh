@@ -6,6 +6,13 @@ if [ "${HP_MODULE:-hp_deepspeed.cli}" = hp_deepspeed.cli ] && { [ "${1:-}" = tra
   "${PYTHON:-python}" -m hp_deepspeed.cli validate "${@:2}" > /dev/null || exit 2
 fi
 
+# A CPU run on a GPU host (HP_DEVICE=cpu or HP_DIST_BACKEND=gloo) is a CPU run for DeepSpeed
+# too, its launcher included: DeepSpeed picks its accelerator when first imported (see
+# hp_deepspeed/launching/device.py, which the ranks apply again).
+case "${HP_DEVICE:-}:${HP_DIST_BACKEND:-}" in
+  [cC][pP][uU]:* | *:gloo) export DS_ACCELERATOR=cpu ;;
+esac
+
 # openmpi_binding OPTIONS: the binding option to add to Open MPI's mpirun given OPTIONS.
 # Open MPI binds each rank to one core when it starts two ranks or fewer (to a package
 # beyond), which leaves a rank's intra-op, data-loader and communication threads a single

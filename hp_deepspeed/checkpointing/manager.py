@@ -113,7 +113,8 @@ def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Pa
       (``optimizer_groups.json``); put them back.
     * it stores one and the same ``step`` tensor in the state of every sub-group; torch's Adam
       increments it in place, so with k sub-groups the step advances k times per update and the
-      bias correction of all but the first sub-group is wrong. Give each sub-group its own copy.
+      bias correction of all but the first sub-group is wrong. Give each sub-group its own copy,
+      where torch's AdamW wants it (:func:`own_step`).
     """
     optimizer = _base_optimizer(engine)
     groups = optimizer.param_groups
@@ -124,9 +125,20 @@ def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Pa
         for key, value in values.items():
             if key in group:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+    for group in groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = own_step(state["step"], param, group)
+
+
+def own_step(step: torch.Tensor, param: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
+    """A private copy of Adam's ``step`` for ``param``, placed as torch's own ``load_state_dict``
+    places it: on the parameter's device in fp32 for the fused or capturable AdamW (the GPU
+    default, see training/ds_config.py), which refuses a CPU step, and as saved otherwise."""
+    if group.get("fused") or group.get("capturable"):
+        return step.to(device=param.device, dtype=torch.float32, copy=True)
+    return step.clone()
 
 
 def _broadcast(obj: Any) -> Any:

@@ -411,11 +411,17 @@ def init_distributed(
     os.environ.update(info.torch_env())
     if dist.is_available() and dist.is_initialized():
         return info
+    from hp_deepspeed.launching.device import cuda_device_index, prepare_process
+
+    prepare_process()
     backend = backend or default_backend()
     if backend == "nccl":
-        # GPU LOCAL_RANK of the node's GPUs; a task bound to its own GPU(s) (srun
-        # --gpus-per-task) sees fewer, and takes its share of those.
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        index = cuda_device_index(info.local_rank, info.local_world_size, torch.cuda.device_count(),
+                                  os.environ.get("CUDA_VISIBLE_DEVICES"))
+        torch.cuda.set_device(index)
+        # DeepSpeed takes cuda:LOCAL_RANK as the rank's device everywhere; it differs from the
+        # node-local rank only for a rank bound to its own GPU, which is then index 0.
+        os.environ["LOCAL_RANK"] = str(index)
     import deepspeed
 
     kwargs = {"timeout": timeout} if timeout is not None else {}

@@ -42,12 +42,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from hp_deepspeed.model import random_init
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning
 
 Variant = Literal[
@@ -171,7 +172,7 @@ def conditioned_sides(placement: Placement, dims: BackboneDims) -> Sides:
 
 def _normal(*shape: int, std: float) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape))
-    nn.init.normal_(param, std=std)
+    random_init.normal_(param, std)  # drawn on the CPU: the same values on every build path
     return param
 
 
@@ -363,12 +364,12 @@ class HyperFormerAdapters(nn.Module):
 
 def _examples_output(per_task: dict[str, Tensor], rows: Tensor, sides: Sides) -> ConditioningOutput:
     """Gather ``per_task`` rows to examples (``rows`` [B]) and split the blocks per stack."""
-    out = ConditioningOutput()
+    out: dict[str, Any] = {}
     if "input_prompt" in per_task:
-        out.input_prompt = per_task["input_prompt"].index_select(0, rows)
+        out["input_prompt"] = per_task["input_prompt"].index_select(0, rows)
     fields = [f for f in _LAYER_FIELDS if f in per_task]
     if not fields:
-        return out
+        return ConditioningOutput(**out)
     # [B, blocks, ...] -> one view per block; the blocks run encoder first, then decoder.
     per_block = {f: per_task[f].index_select(0, rows).unbind(1) for f in fields}
     start = 0
@@ -376,9 +377,9 @@ def _examples_output(per_task: dict[str, Tensor], rows: Tensor, sides: Sides) ->
         layers = [
             LayerConditioning(**{f: per_block[f][start + i] for f in fields}) for i in range(count)
         ]
-        setattr(out, side, layers)
+        out[side] = layers
         start += count
-    return out
+    return ConditioningOutput(**out)
 
 
 class TaskConditioning(nn.Module):
@@ -398,9 +399,7 @@ class TaskConditioning(nn.Module):
         # One set per distinct task: a batch of 64 examples from 3 tasks generates 3 sets. The
         # unique is a host sync on GPUs (its size is data dependent); it is one per step.
         tasks, inverse = torch.unique(task_ids, sorted=True, return_inverse=True)
-        out = _examples_output(self.generator(tasks), inverse, self.sides)
-        out.extras["generated_tasks"] = tasks
-        return out
+        return _examples_output(self.generator(tasks), inverse, self.sides)
 
     @torch.no_grad()
     def precompute(self, task_ids: Sequence[int] | Tensor | None = None) -> "PrecomputedConditioning":
@@ -433,11 +432,15 @@ class PrecomputedConditioning(nn.Module):
         self.sides = tuple((str(side), int(count)) for side, count in sides)
         self.num_tasks = num_tasks
         self.fields = tuple(sorted(per_task))
-        self.register_buffer("task_ids", task_ids.long())
+        # Every buffer on the device of the per-task tensors (a GPU model precomputes on its GPU),
+        # so that forward's index_select sees one device.
+        device = next(iter(per_task.values())).device if per_task else task_ids.device
+        task_ids = task_ids.long().cpu()
+        self.register_buffer("task_ids", task_ids.to(device))
         # Row of each task id in the stored tensors, -1 for tasks that were not precomputed.
         row_of_task = torch.full((num_tasks,), -1, dtype=torch.long)
         row_of_task[task_ids] = torch.arange(len(task_ids))
-        self.register_buffer("row_of_task", row_of_task)
+        self.register_buffer("row_of_task", row_of_task.to(device))
         for name in self.fields:
             self.register_buffer(name, per_task[name])
 

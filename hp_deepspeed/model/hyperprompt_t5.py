@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hp_deepspeed.model import random_init
 from hp_deepspeed.model.builder import DTYPES, ModelConfig, zero_stage
 from hp_deepspeed.model.builder import build_model as build_backbone
 from hp_deepspeed.model.conditioning import (
@@ -99,8 +100,10 @@ class HyperPromptT5(nn.Module):
         return self.conditioning.precompute(task_ids)
 
     def with_conditioning(self, conditioning: PrecomputedConditioning) -> "HyperPromptT5":
-        """The same backbone served with ``conditioning`` (e.g. ``self.precompute()``)."""
-        return HyperPromptT5(self.backbone, conditioning, kv_prompt_length=self.kv_prompt_length)
+        """The same backbone served with ``conditioning`` (e.g. ``self.precompute()``), moved to
+        the backbone's device (a loaded one comes from the CPU)."""
+        device = next(self.backbone.parameters()).device
+        return HyperPromptT5(self.backbone, conditioning.to(device), kv_prompt_length=self.kv_prompt_length)
 
 
 def build_model(
@@ -128,10 +131,11 @@ def build_model(
 
         # No dtype argument: the DeepSpeed config's precision section decides (and DeepSpeed
         # 0.19 ignores an explicit dtype on accelerators without fp16, creating bf16 weights).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config), random_init.seeded(model_cfg.seed):
             conditioning = build_conditioning(cond_cfg, dims, num_tasks)
     else:
-        conditioning = build_conditioning(cond_cfg, dims, num_tasks)
+        with random_init.seeded(model_cfg.seed):
+            conditioning = build_conditioning(cond_cfg, dims, num_tasks)
         if conditioning is not None:
             conditioning = conditioning.to(device=device, dtype=DTYPES[model_cfg.dtype])
     return HyperPromptT5(

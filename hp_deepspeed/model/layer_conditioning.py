@@ -13,14 +13,16 @@ computes one set per distinct task in the batch and gathers it to the examples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 
-@dataclass
-class LayerConditioning:
+# Both types are NamedTuples because DeepSpeed's ZeRO-3 module hooks walk tuples, lists and
+# dicts to find the tensors a module takes and returns; a dataclass is opaque to them ("A module
+# has unknown inputs or outputs type") and its tensors would escape the hooks.
+class LayerConditioning(NamedTuple):
     """Per-block conditioning tensors; ``None`` means that part is switched off."""
 
     key_prompt: Tensor | None = None
@@ -38,18 +40,10 @@ class LayerConditioning:
 
     def as_args(self) -> tuple[Tensor | None, ...]:
         """Flat positional form, so a checkpointed block sees every tensor as an argument."""
-        return (
-            self.key_prompt,
-            self.value_prompt,
-            self.adapter_down,
-            self.adapter_down_bias,
-            self.adapter_up,
-            self.adapter_up_bias,
-        )
+        return tuple(self)
 
 
-@dataclass
-class ConditioningOutput:
+class ConditioningOutput(NamedTuple):
     """Everything one forward's conditioning produces."""
 
     input_prompt: Tensor | None = None
@@ -59,8 +53,6 @@ class ConditioningOutput:
     """One entry per encoder block, or ``None`` for an unconditioned encoder."""
     decoder: list[LayerConditioning] | None = None
     """One entry per decoder block, or ``None`` for an unconditioned decoder."""
-    extras: dict = field(default_factory=dict)
-    """Free-form diagnostics (never read by the backbone)."""
 
 
 def apply_adapter(hidden: Tensor, cond: LayerConditioning | None) -> Tensor:

@@ -21,14 +21,15 @@ name-for-name copy. The computation is our own and deliberately small:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hp_deepspeed.model import random_init
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning, apply_adapter
 from hp_deepspeed.model.t5_config import T5Config
 
@@ -44,16 +45,17 @@ def _normal_(param: Tensor, std: float) -> None:
     Under ``deepspeed.zero.Init`` a child module's parameters are partitioned as soon as the
     child's constructor returns, so a parent initialising them afterwards would write into an
     empty partition and be silently lost: gather, initialise on rank 0, re-partition. Every rank
-    runs the body, so the random streams stay in step with a plain build."""
+    runs the body, so the random streams stay in step with a plain build. The values come from
+    the CPU (random_init), so a GPU build gets the weights of a CPU build."""
     if param.is_meta:
         return
     if hasattr(param, "ds_id"):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            nn.init.normal_(param, std=std)
+            random_init.normal_(param, std)
     else:
-        nn.init.normal_(param, std=std)
+        random_init.normal_(param, std)
 
 
 def _activation(name: str):
@@ -400,13 +402,11 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(hidden))
 
 
-@dataclass
-class T5Output:
+class T5Output(NamedTuple):
     """What ``T5Model.forward`` returns.
 
-    ZeRO-3 logs once that it cannot see the tensors inside this dataclass; that only concerns
-    hooks of the module returning it, and ``T5Model`` owns no parameter directly (every one
-    belongs to a submodule whose outputs are plain tensors), so nothing is missed.
+    A NamedTuple, so ZeRO-3's module hooks see the tensors inside it (they walk tuples, lists
+    and dicts, not dataclasses).
     """
 
     logits: Tensor
@@ -419,7 +419,6 @@ class T5Output:
     """[batch] number of label tokens != -100 per example."""
     encoder_hidden: Tensor | None = None
     """[batch, (prompt +) source_len, d_model] the encoder output."""
-    extras: dict = field(default_factory=dict)
 
 
 class T5Model(nn.Module):
@@ -517,15 +516,14 @@ class T5Model(nn.Module):
             decoder_input_ids = self.shift_right(labels)
         encoder_hidden, encoder_mask = self.encode(input_ids, attention_mask, conditioning)
         logits = self.decode(decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask, conditioning)
-        out = T5Output(logits=logits, encoder_hidden=encoder_hidden)
-        if labels is not None:
-            # fp32 cross-entropy whatever the training dtype; per-token so that the trainer can
-            # report per-task loss, and the mean over all label tokens equals HF's loss.
-            token_loss = F.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
-            ).view(labels.shape)
-            valid = labels != -100
-            out.example_loss_sum = (token_loss * valid).sum(dim=1)
-            out.example_token_count = valid.sum(dim=1)
-            out.loss = out.example_loss_sum.sum() / out.example_token_count.sum()
-        return out
+        if labels is None:
+            return T5Output(logits=logits, encoder_hidden=encoder_hidden)
+        # fp32 cross-entropy whatever the training dtype; per-token so that the trainer can
+        # report per-task loss, and the mean over all label tokens equals HF's loss.
+        token_loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        valid = labels != -100
+        loss_sum, token_count = (token_loss * valid).sum(dim=1), valid.sum(dim=1)
+        return T5Output(logits=logits, loss=loss_sum.sum() / token_count.sum(), example_loss_sum=loss_sum,
+                        example_token_count=token_count, encoder_hidden=encoder_hidden)

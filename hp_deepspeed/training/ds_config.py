@@ -4,6 +4,11 @@ The JSON files in ``ds_configs/`` describe only *how* to shard and store (ZeRO s
 precision). Everything the trainer also knows -- batch sizes, gradient accumulation, clipping,
 the optimizer -- is written in here from the trainer config, and a JSON file that sets one of
 those keys is rejected, so the two can never disagree.
+
+With bf16 the gradients are accumulated in fp32 (``data_types.grad_accum_dtype``, which
+DeepSpeed 0.19.8 reads in ``runtime/config.py`` and hands to every ZeRO stage): each
+micro-batch's gradient is pre-scaled by 1/global-tokens, and summing such small terms with
+bf16's 8-bit mantissa loses most of them. A file may still set ``data_types`` itself.
 """
 
 from __future__ import annotations
@@ -106,18 +111,35 @@ def build_ds_config(
     if optim.clip_grad_norm > 0:
         cfg["gradient_clipping"] = optim.clip_grad_norm
     cfg["steps_per_print"] = max(log_every, 1) * 1000  # the trainer logs; keep DeepSpeed quiet
+    zero = cfg.setdefault("zero_optimization", {})
+    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    cfg["optimizer"] = {"type": "AdamW", "params": optimizer_params(optim, on_cpu, offload_optimizer)}
+    if cfg.get("bf16", {}).get("enabled", False):
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    _fill_auto(zero, d_model)
+    return cfg
+
+
+def optimizer_params(optim: OptimConfig, on_cpu: bool, offload_optimizer: bool) -> dict[str, Any]:
+    """DeepSpeed's ``optimizer.params``; the keys ``torch_adam``/``fused`` choose the implementation.
+
+    DeepSpeed 0.19.8 (``engine.get_optimizer_configuration``) builds ``torch.optim.AdamW`` from
+    the remaining params when ``torch_adam`` is set, DeepSpeedCPUAdam when the optimizer is
+    offloaded, and its own FusedAdam otherwise. FusedAdam is JIT-compiled at the first run: it
+    needs an nvcc matching torch's CUDA major and breaks on TORCH_CUDA_ARCH_LIST=9.0a, so by
+    default (``auto``) the GPU uses torch's fused AdamW kernel instead, which ships with torch.
+    """
     params: dict[str, Any] = {
         "lr": optim.lr,
         "betas": list(optim.betas),
         "eps": optim.eps,
         "weight_decay": optim.weight_decay,
     }
-    zero = cfg.setdefault("zero_optimization", {})
-    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    if on_cpu and not offload_optimizer:
-        # No fused CUDA kernel on the CPU, and DeepSpeedCPUAdam needs a C++ build: use torch's.
+    choice = optim.implementation
+    if choice == "torch" or (choice == "auto" and not offload_optimizer) or (on_cpu and not offload_optimizer):
+        # The CPU has no FusedAdam either; DeepSpeedCPUAdam is only needed for offload.
         params["torch_adam"] = True
-    cfg["optimizer"] = {"type": "AdamW", "params": params}
-    _fill_auto(zero, d_model)
-    return cfg
+        if not on_cpu and not offload_optimizer:
+            params["fused"] = True  # torch's one-kernel CUDA AdamW
+    return params
 

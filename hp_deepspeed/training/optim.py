@@ -34,6 +34,12 @@ class OptimConfig:
     """Floor of the linear and cosine decays, as a fraction of ``lr``."""
     clip_grad_norm: float = 1.0
     """Global gradient-norm clipping (DeepSpeed's ``gradient_clipping``); 0 disables it."""
+    implementation: Literal["auto", "torch", "deepspeed"] = "auto"
+    """Which AdamW runs the update. ``auto``: torch's AdamW (fused CUDA kernel on GPUs), or
+    DeepSpeedCPUAdam when the DeepSpeed config offloads the optimizer; nothing is compiled.
+    ``torch``: torch's AdamW always. ``deepspeed``: DeepSpeed's FusedAdam on GPUs (JIT-built with
+    nvcc on first use; needs a CUDA toolkit of torch's CUDA major) or DeepSpeedCPUAdam with
+    offload."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -119,7 +119,6 @@ def test_generator_runs_on_distinct_tasks_only(variant):
     # Every generated tensor has one row per distinct task before the gather.
     per_task = cond.generator(seen[0])
     assert all(t.shape[0] == 2 for t in per_task.values())
-    assert out.extras["generated_tasks"].tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)

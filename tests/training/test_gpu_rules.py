@@ -1,0 +1,254 @@
+"""The rules that only a GPU run would exercise, checked on the CPU.
+
+Device choice per rank, a CPU run on a GPU host, TORCH_CUDA_ARCH_LIST, the optimizer and the
+gradient-accumulation dtype of the assembled DeepSpeed config, where the universal-checkpoint
+repair puts Adam's step, the conditioning's device, init independent of the build path, and
+output types ZeRO-3's hooks can see into.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from hp_deepspeed.checkpointing.manager import own_step
+from hp_deepspeed.launching import device
+from hp_deepspeed.launching.distributed import LaunchEnvironmentError
+from hp_deepspeed.model import random_init
+from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning
+from hp_deepspeed.model.t5 import T5Output
+from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
+from hp_deepspeed.training.optim import OptimConfig
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+# ----------------------------------------------------------------------------- which GPU
+
+@pytest.mark.parametrize("local_rank, local_world, count, visible, expected", [
+    (3, 8, 8, None, 3),          # deepspeed launcher / torchrun: every rank sees the node's GPUs
+    (3, 8, 8, "0,1,2,3,4,5,6,7", 3),
+    (1, 2, 4, None, 1),          # fewer ranks than GPUs
+    (5, 8, 1, "5", 0),           # srun --gpus-per-task=1: bound to its own GPU
+])
+def test_device_index(local_rank, local_world, count, visible, expected):
+    assert device.cuda_device_index(local_rank, local_world, count, visible) == expected
+
+
+@pytest.mark.parametrize("local_rank, local_world, count, visible, match", [
+    (1, 2, 1, None, "ranks would share a GPU"),       # two ranks, one GPU on the node
+    (3, 8, 2, "0,1", "ranks would share a GPU"),      # 2 GPUs for 8 ranks: the old modulo rule
+    (0, 1, 0, None, "no GPU for NCCL; set HP_DEVICE=cpu"),
+])
+def test_device_index_refuses_sharing(local_rank, local_world, count, visible, match):
+    with pytest.raises(LaunchEnvironmentError, match=match) as err:
+        device.cuda_device_index(local_rank, local_world, count, visible)
+    assert f"local rank {local_rank} of {local_world}" in str(err.value)
+
+
+def test_init_distributed_tells_deepspeed_the_chosen_gpu(monkeypatch):
+    """Under NCCL a bound rank (LOCAL_RANK 5, one visible GPU) uses cuda:0, and DeepSpeed, which
+    takes cuda:LOCAL_RANK, is told 0; the process group is faked."""
+    import deepspeed
+
+    from hp_deepspeed.launching import distributed
+
+    calls = {}
+    for key, value in dict(RANK="5", WORLD_SIZE="8", LOCAL_RANK="5", LOCAL_WORLD_SIZE="8",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT="29999", CUDA_VISIBLE_DEVICES="5").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(device, "prepare_process", lambda env=None: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set_device", index))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.setdefault("local_rank", os.environ["LOCAL_RANK"]))
+    info = distributed.init_distributed(backend="nccl")
+    assert info.local_rank == 5 and calls == {"set_device": 0, "local_rank": "0"}
+
+
+# ----------------------------------------------------------------------------- CPU run on a GPU host
+
+@pytest.mark.parametrize("env", [{"HP_DEVICE": "cpu"}, {"HP_DEVICE": "CPU"}, {"HP_DIST_BACKEND": "gloo"}])
+def test_a_cpu_run_on_a_gpu_host_is_a_cpu_run_for_deepspeed(env, monkeypatch):
+    monkeypatch.setattr(device, "_cuda_device_count", lambda: 8)
+    env = dict(env, CUDA_VISIBLE_DEVICES="0,1")
+    device.prepare_process(env)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_gpu_run_keeps_its_gpus(monkeypatch):
+    monkeypatch.setattr(device, "_cuda_device_count", lambda: 8)
+    env = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    device.prepare_process(env)
+    assert "DS_ACCELERATOR" not in env and env["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_deepspeed_imported_with_cuda_is_refused(monkeypatch):
+    import deepspeed.accelerator.real_accelerator as real
+
+    class Cuda:
+        def device_name(self):
+            return "cuda"
+
+    monkeypatch.setattr(real, "ds_accelerator", Cuda())
+    with pytest.raises(LaunchEnvironmentError, match="DS_ACCELERATOR=cpu"):
+        device.prepare_process({"HP_DEVICE": "cpu"})
+
+
+def test_preflight_exports_the_cpu_accelerator_for_the_launcher(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "launch" / "preflight.sh"
+    out = subprocess.run(["bash", "-c", f'source "{script}" report; echo "${{DS_ACCELERATOR:-none}}"'],
+                         env={"PATH": os.environ["PATH"], "HP_DEVICE": "cpu"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "cpu", out.stderr
+
+
+# ----------------------------------------------------------------------------- TORCH_CUDA_ARCH_LIST
+
+@pytest.mark.parametrize("value, expected", [
+    ("9.0a", "9.0"),
+    ("8.0;9.0a", "8.0;9.0"),
+    ("8.0 9.0a+PTX", "8.0;9.0+PTX"),
+    ("9.0;9.0a", "9.0"),
+    ("10.0f;12.0a", "10.0;12.0"),
+])
+def test_arch_list_is_made_parsable(value, expected):
+    fixed, note = device.sanitize_arch_list(value)
+    assert fixed == expected and note is not None
+    # What DeepSpeed 0.19.8's builder then does with each entry (builder.py, compute_capability_args).
+    [tuple(int(part.split("+")[0]) for part in cc.split(".")) for cc in fixed.split(";")]
+
+
+def test_a_clean_arch_list_is_left_alone():
+    assert device.sanitize_arch_list("8.0;9.0+PTX") == ("8.0;9.0+PTX", None)
+    with pytest.raises(LaunchEnvironmentError, match="TORCH_CUDA_ARCH_LIST='Hopper'"):
+        device.sanitize_arch_list("Hopper")
+
+
+def test_gpu_process_gets_a_parsable_arch_list(monkeypatch, capsys):
+    monkeypatch.setattr(device, "_cuda_device_count", lambda: 1)
+    env = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
+    device.prepare_process(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and "9.0a" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- assembled DeepSpeed config
+
+def _assemble(name: str, on_cpu: bool = False, **optim) -> dict:
+    os.environ.setdefault("HP_NVME_PATH", "/nvme")
+    return build_ds_config(read_ds_config(DS_CONFIGS / name), micro_batch_size=2, gradient_accumulation=4,
+                           world_size=8, optim=OptimConfig(**optim), d_model=64, log_every=10, on_cpu=on_cpu)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DS_CONFIGS.glob("*.json")))
+def test_bf16_accumulates_gradients_in_fp32(name):
+    cfg = _assemble(name)
+    if cfg.get("bf16", {}).get("enabled"):
+        assert cfg["data_types"]["grad_accum_dtype"] == "fp32"
+    else:
+        assert "data_types" not in cfg
+
+
+def test_deepspeed_reads_the_accumulation_dtype_we_write():
+    # The two calls DeepSpeedConfig (runtime/config.py) and the engine's get_data_types make.
+    from deepspeed.runtime.config import GRAD_ACCUM_DTYPE, DtypeEnum, get_data_types_params
+
+    value = get_data_types_params(_assemble("zero3_bf16.json")).get(GRAD_ACCUM_DTYPE)
+    assert DtypeEnum(value).value == torch.float32
+
+
+def test_optimizer_choice():
+    params = lambda name, **kw: _assemble(name, **kw)["optimizer"]["params"]  # noqa: E731
+    # GPU default: torch's fused AdamW, nothing to compile.
+    assert params("zero3_bf16.json")["torch_adam"] is True and params("zero3_bf16.json")["fused"] is True
+    # Optimizer offload: DeepSpeedCPUAdam (no torch_adam), whichever implementation is asked for.
+    assert "torch_adam" not in params("zero3_offload_cpu.json")
+    assert "torch_adam" not in params("zero3_offload_cpu.json", implementation="deepspeed")
+    # Asked for: DeepSpeed's FusedAdam on the GPU.
+    assert "torch_adam" not in params("zero2_bf16.json", implementation="deepspeed")
+    # CPU: torch's AdamW, unfused.
+    cpu = params("zero3_cpu_test.json", on_cpu=True, implementation="deepspeed")
+    assert cpu["torch_adam"] is True and "fused" not in cpu
+
+
+# ----------------------------------------------------------------------------- universal repair
+
+def test_universal_repair_puts_the_step_where_fused_adamw_wants_it():
+    step = torch.tensor(7.0, dtype=torch.float64)
+    param = torch.empty(3, device="meta")  # stands for a CUDA parameter
+    fused = own_step(step, param, {"fused": True})
+    assert fused.device.type == "meta" and fused.dtype == torch.float32
+    plain = own_step(step, param, {"fused": None})
+    assert plain.device.type == "cpu" and plain is not step and plain.item() == 7.0
+
+
+# ----------------------------------------------------------------------------- conditioning device
+
+def test_precomputed_conditioning_lives_on_one_device():
+    from hp_deepspeed.model.conditioning import PrecomputedConditioning
+
+    per_task = {"key_prompt": torch.empty(2, 3, 4, device="meta")}
+    pre = PrecomputedConditioning(per_task, torch.tensor([0, 2]), (("encoder", 3),), num_tasks=3)
+    assert {b.device.type for b in pre.buffers()} == {"meta"}
+
+
+def test_with_conditioning_moves_it_to_the_backbone_device():
+    from hp_deepspeed.model.conditioning import PrecomputedConditioning
+    from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5
+
+    backbone = torch.nn.Linear(2, 2, device="meta")
+    model = HyperPromptT5(backbone, None)
+    loaded = PrecomputedConditioning({"key_prompt": torch.zeros(1, 3, 4)}, torch.tensor([0]), (("encoder", 3),), 1)
+    served = model.with_conditioning(loaded)
+    assert {b.device.type for b in served.conditioning.buffers()} == {"meta"}
+
+
+# ----------------------------------------------------------------------------- init and output types
+
+def test_random_init_ignores_the_device_and_the_other_draws():
+    a, b = torch.empty(4, 5), torch.empty(4, 5, dtype=torch.bfloat16)
+    with random_init.seeded(3):
+        random_init.normal_(a, 0.5)
+    torch.randn(100)  # a default initialiser on another device would consume other streams
+    with random_init.seeded(3):
+        torch.nn.Linear(7, 7)  # consumes the global generator, not ours
+        random_init.normal_(b, 0.5)
+    assert torch.equal(a.to(torch.bfloat16), b)
+
+
+def test_same_seed_same_model_whichever_generator_the_default_initialisers_use(monkeypatch):
+    """Under zero.Init on a GPU, nn.Linear's own initialiser draws from the CUDA generator, so the
+    CPU stream sees fewer draws than on a CPU build; mimicked here by switching it off."""
+    from hp_deepspeed.model.builder import ModelConfig
+    from hp_deepspeed.model.conditioning import ConditioningConfig
+    from hp_deepspeed.model.hyperprompt_t5 import build_model
+
+    def build():
+        model_cfg = ModelConfig(name_or_path="tiny-v1_1", load_weights=False, seed=5)
+        return build_model(model_cfg, ConditioningConfig(variant="hyperprompt_global"), num_tasks=3).state_dict()
+
+    cpu_build = build()
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", lambda self: None)
+    monkeypatch.setattr(torch.nn.Embedding, "reset_parameters", lambda self: None)
+    gpu_like = build()
+    assert all(torch.equal(cpu_build[k], gpu_like[k]) for k in cpu_build)
+
+
+def test_outputs_are_types_zero3_hooks_walk():
+    from deepspeed.runtime.zero.utils import apply_to_tensors_only
+
+    seen = []
+    touch = lambda t: seen.append(t) or t + 0  # noqa: E731
+    layer = LayerConditioning(key_prompt=torch.ones(1))
+    cond = ConditioningOutput(input_prompt=torch.ones(1), encoder=[layer, LayerConditioning()])
+    out = apply_to_tensors_only(touch, cond)
+    assert isinstance(out, ConditioningOutput) and isinstance(out.encoder[0], LayerConditioning)
+    assert len(seen) == 2
+    t5 = apply_to_tensors_only(touch, T5Output(logits=torch.ones(1), loss=torch.ones(())))
+    assert isinstance(t5, T5Output) and len(seen) == 4
+    assert "extras" not in T5Output._fields and "extras" not in ConditioningOutput._fields
