@@ -2,9 +2,18 @@
 # HP_ENV_FILE at your copy; the batch scripts source it on the first node before anything else.
 # Sourced with bash; keep it free of site paths in the repository, put them in your copy.
 
-# Modules (names differ per site):
+# Modules (names differ per site). torch's wheels bring their own CUDA runtime and NCCL; a CUDA
+# module is needed only to compile DeepSpeed ops (optim.implementation=deepspeed, i.e. FusedAdam),
+# and its nvcc must have torch's CUDA major: `python -c "import torch; print(torch.version.cuda)"`
+# says 13.0 for the cu130 wheels, so load cuda/13.x then, not 12.x. The default optimizer (torch's
+# fused AdamW) needs no build; ZeRO optimizer offload JIT-builds DeepSpeedCPUAdam with the C++
+# compiler on its first run (load gcc).
 # module purge
-# module load cuda/12.4 nccl gcc
+# module load cuda/13.0 gcc
+
+# Hopper images often set TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed 0.19's op builder cannot
+# parse; hp-deepspeed rewrites it to 9.0 in every rank (hp_deepspeed/launching/device.py).
+# export TORCH_CUDA_ARCH_LIST=9.0
 
 # The virtual environment with hp-deepspeed installed (`pip install -e .`):
 # source /path/to/venv/bin/activate

@@ -125,19 +125,20 @@ def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Pa
         for key, value in values.items():
             if key in group:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
-    for group in groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            if torch.is_tensor(state.get("step")):
-                state["step"] = own_step(state["step"], param, group)
+    # Every state, not only those of the params in param_groups: ZeRO-3 puts one sub-group's
+    # flat partition at a time into its group while stepping.
+    on_device = any(group.get("fused") or group.get("capturable") for group in groups)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = own_step(state["step"], state.get("exp_avg"), on_device)
 
 
-def own_step(step: torch.Tensor, param: torch.Tensor, group: Mapping[str, Any]) -> torch.Tensor:
-    """A private copy of Adam's ``step`` for ``param``, placed as torch's own ``load_state_dict``
-    places it: on the parameter's device in fp32 for the fused or capturable AdamW (the GPU
-    default, see training/ds_config.py), which refuses a CPU step, and as saved otherwise."""
-    if group.get("fused") or group.get("capturable"):
-        return step.to(device=param.device, dtype=torch.float32, copy=True)
+def own_step(step: torch.Tensor, moment: torch.Tensor | None, on_device: bool) -> torch.Tensor:
+    """A private copy of Adam's ``step``, placed as torch's own ``load_state_dict`` places it: for
+    the fused or capturable AdamW (the GPU default, see training/ds_config.py), which refuses a
+    CPU step, in fp32 on the device of the parameter (that of its ``moment``); else as saved."""
+    if on_device and moment is not None:
+        return step.to(device=moment.device, dtype=torch.float32, copy=True)
     return step.clone()
 
 

@@ -180,10 +180,10 @@ def test_optimizer_choice():
 
 def test_universal_repair_puts_the_step_where_fused_adamw_wants_it():
     step = torch.tensor(7.0, dtype=torch.float64)
-    param = torch.empty(3, device="meta")  # stands for a CUDA parameter
-    fused = own_step(step, param, {"fused": True})
+    exp_avg = torch.empty(3, device="meta")  # stands for a moment on the parameter's CUDA device
+    fused = own_step(step, exp_avg, on_device=True)
     assert fused.device.type == "meta" and fused.dtype == torch.float32
-    plain = own_step(step, param, {"fused": None})
+    plain = own_step(step, exp_avg, on_device=False)
     assert plain.device.type == "cpu" and plain is not step and plain.item() == 7.0
 
 
