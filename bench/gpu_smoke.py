@@ -48,7 +48,9 @@ JOB = [
     "training.tensorboard=false", "eval.batch_size=16", "eval.max_examples_per_task=16",
     "eval.max_new_tokens=4", "checkpoint.interval=2", "checkpoint.keep_last=2",
 ]
-TRAIN_STEPS, RESUME_STEPS, KILL_AFTER = 4, 8, 6
+# The killed run aims at RESUME_STEPS and is killed once step KILL_AFTER is saved: far enough
+# ahead that even a fast GPU cannot finish before the kill lands.
+TRAIN_STEPS, RESUME_STEPS, KILL_AFTER = 4, 16, 6
 
 
 @dataclass
@@ -126,6 +128,8 @@ class Suite:
     def stage_kill_resume(self, log: Path) -> str:
         self._train_until_killed(log)
         killed_at = latest(self.run_dir)
+        if killed_at == f"step-{RESUME_STEPS}":
+            raise StageFailed(f"the run reached step {RESUME_STEPS} before the SIGKILL; nothing left to resume")
         started = time.time()
         run(self.train_cmd(RESUME_STEPS, "--resume", "auto"), self.env, log, self.timeout)
         resumed = sorted(s for s, r in metrics(self.run_dir, "train").items() if r["time"] >= started)
