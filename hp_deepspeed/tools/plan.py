@@ -53,11 +53,6 @@ OFFLOAD_DS_CONFIG = {
 }
 
 
-# Conditioning variants that prepend key/value prompts to every conditioned self-attention
-# (hyperformer generates FFN adapters instead, prompt_tuning prepends input tokens).
-KV_PROMPT_VARIANTS = ("kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global")
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +172,15 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
     if conditioning is not None:
         saved_per_task, per_example = _conditioning_activation_bytes(conditioning, num_tasks)
 
-    kv_sides: tuple[str, ...] = ()
-    if variant in KV_PROMPT_VARIANTS:
-        kv_sides = tuple(s for s in ("encoder", "decoder") if cond_cfg.placement in (s, "both"))
+    # The stacks the built conditioning module really conditions, when it conditions them with
+    # key/value prompts (its other block-level outputs are FFN adapters).
+    kv_sides = tuple(side for side, _ in conditioning.sides) if cond_cfg.kv_prompt_length else ()
     return ModelSpec(
         name=str(name_or_path), config=config, variant=variant, num_tasks=num_tasks,
         backbone_params=backbone_total, conditioning_params=cond_total,
         largest_layer_params=largest, largest_layer=largest_name,
-        kv_prompt_len=cond_cfg.prompt_length if kv_sides else 0, kv_prompt_sides=kv_sides,
-        input_prompt_len=cond_cfg.prompt_length if variant == "prompt_tuning" else 0,
+        kv_prompt_len=cond_cfg.kv_prompt_length, kv_prompt_sides=kv_sides,
+        input_prompt_len=cond_cfg.input_prompt_length,
         conditioning_saved_bytes_per_task=saved_per_task, conditioning_bytes_per_example=per_example,
     )
 
