@@ -60,7 +60,7 @@ def measure(preset: str, enc_len: int, dec_len: int, batch: int, variants=VARIAN
         cfg = ConditioningConfig(variant=variant, prompt_length=prompt_length)
         cond = build_conditioning(cfg, dims, NUM_TASKS)
         models[variant] = HyperPromptT5(backbone, cond, kv_prompt_length=cfg.kv_prompt_length).train()
-        extra_enc[variant] = prompt_length if variant == "prompt_tuning" else 0
+        extra_enc[variant] = cfg.input_prompt_length
     params = {id(p): p for m in models.values() for p in m.parameters()}
     optimizer = torch.optim.AdamW(params.values(), lr=1e-4)
     data = make_batch(backbone.config.vocab_size, batch, enc_len, dec_len)
@@ -81,7 +81,7 @@ def measure(preset: str, enc_len: int, dec_len: int, batch: int, variants=VARIAN
     rel = ratios(times, "none") if "none" in times else {}
     rows = {}
     for variant, ts in times.items():
-        flops = train_step_flops(shape, batch, enc_len + extra_enc[variant], dec_len, models[variant].prompt_length)
+        flops = train_step_flops(shape, batch, enc_len + extra_enc[variant], dec_len, models[variant].kv_prompt_length)
         med = median(ts)
         cond_params = sum(p.numel() for p in models[variant].conditioning.parameters()) if models[variant].conditioning else 0
         rows[variant] = {

@@ -1,16 +1,16 @@
 """``CheckpointManager``: save, rotate and resume a DeepSpeed run as crash-safe ``step-N`` folders.
 
-The trainer owns one manager and calls, on every rank:
+The trainer (hp_deepspeed/training/trainer.py) owns one manager and calls, on every rank:
 
-    manager = CheckpointManager(cfg.checkpoint, run_dir, model_config=to_dict(cfg.model))
-    point = manager.find_resume_point()       # before building the model: cheap checks, None = fresh
-    ds_config = ...                            # (load_universal may be set when manager.needs_universal(point))
+    manager = CheckpointManager(cfg.checkpoint, run_dir, model_config=architecture)
+    point = manager.find_resume_point(cfg.checkpoint.resume)  # before building the model: cheap checks
     engine = deepspeed.initialize(...)
-    state = manager.load(engine, point) if point else None   # module, optimizer, scheduler, RNG
+    state = manager.load(engine, point) if point else None    # module, optimizer, scheduler, RNG;
+                                                              # universal when the world size changed
     ...
-    if manager.due(step) or stopping:
-        manager.save(engine, step, {"sampler": sampler.state_dict(), ...}, job_config=to_dict(cfg))
-    manager.record_eval(step, {"rte": 71.2, "cb": 88.0})   # higher is better; pins the best per task
+    improved = manager.record_eval(step, {"glue/rte": 71.2})  # higher is better; pins the best per task
+    if manager.due(step) or last or improved or stopping:
+        manager.save(engine, step, {"step": step, "data": stream.state_dict()}, to_dict(cfg))
 
 Save protocol (see ``layout`` for the folder layout):
  1. rank 0 removes debris of earlier crashed saves; barrier.
@@ -397,11 +397,6 @@ class CheckpointManager:
         self._on_disk_step = point.step
         log.info("resumed from %s (step %d)", step_dir, point.step)
         return read_json(step_dir / TRAINER_STATE)
-
-    def resume(self, engine, spec: str | None = None) -> dict[str, Any] | None:
-        """``find_resume_point`` then ``load``: the trainer state, or None for a fresh start."""
-        point = self.find_resume_point(spec)
-        return None if point is None else self.load(engine, point)
 
     def _choose(self, spec: str) -> ResumePoint | None:
         """Rank 0: the folder ``spec`` names, checked as far as its marker allows."""

@@ -30,6 +30,7 @@ metric names. ``build_tasks`` turns a ``DataConfig`` into ``Task`` objects with 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -250,17 +251,21 @@ def text_postprocess(text: str) -> str:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A registry entry: everything about a task except where its data is and its id."""
+    """A registry entry or a custom task: everything about a task except where its data is and its id."""
 
     name: str
     benchmark: str | None
-    preprocess: Preprocessor
-    postprocess: Callable[[str], Any]
+    preprocess: Preprocessor = field(repr=False, compare=False)
+    """Raw row and whether it is training data -> examples; raises ``MalformedRow`` for a bad row."""
+    postprocess: Callable[[str], Any] = field(repr=False, compare=False)
+    """Generated text -> prediction (label index, float or string)."""
     metric_names: tuple[str, ...]
     label_words: tuple[str, ...] | None
+    """Label index -> target word for classification (rank scoring); None for generation."""
     train_split: str | None
     eval_splits: tuple[str, ...]
-    hub: tuple[str, str] | None
+    hub: tuple[str, str | None] | None
+    """(dataset, config) of the hub dataset holding the task's splits, if any."""
     in_benchmark_average: bool
     # Evaluation-only tasks are scored with the id of the task they are cast as (AX-b -> RTE).
     evaluate_as: str | None = None
@@ -418,39 +423,27 @@ class TaskSource:
     hub: tuple[str, str | None] | None
 
 
-@dataclass(frozen=True)
-class Task:
-    """A task of this run: the registry/custom definition, its id and its data source."""
+@dataclass(frozen=True, kw_only=True)
+class Task(TaskSpec):
+    """A task of this run: its registry/custom ``TaskSpec`` plus its id and its data source."""
 
-    name: str
     task_id: int
     """Index of the task in the config (registry tasks first, then custom ones), used by the
     model's task conditioning. Evaluation-only tasks cast as another task that is also
     configured (AX-b, AX-g -> superglue/rte) share that task's id."""
-    benchmark: str | None
-    label_words: tuple[str, ...] | None
-    """Label index -> target word for classification (rank scoring); None for generation."""
-    metric_names: tuple[str, ...]
-    train_split: str | None
-    eval_splits: tuple[str, ...]
-    in_benchmark_average: bool
     source: TaskSource
     fingerprint: str
     """Identifies the preprocessing (part of the tokenisation cache key)."""
-    preprocess_fn: Preprocessor = field(repr=False, compare=False)
-    postprocess_fn: Callable[[str], Any] = field(repr=False, compare=False)
 
     primary_metric = "score"
     """Checkpoint selection uses ``metrics()['score']``: the mean of the task's official
     metrics, i.e. the number the benchmark averages."""
 
-    def preprocess(self, row: Mapping[str, Any], training: bool) -> list[Example]:
-        """Raw row -> examples; raises ``MalformedRow`` for a bad row."""
-        return self.preprocess_fn(row, training)
-
-    def postprocess(self, text: str) -> Any:
-        """Generated text -> prediction (label index, float or string)."""
-        return self.postprocess_fn(text)
+    @classmethod
+    def of(cls, spec: TaskSpec, **run: Any) -> "Task":
+        """``spec`` with this run's fields (``task_id``, ``source``, ``fingerprint``) and the spec
+        fields the run overrides (``eval_splits``)."""
+        return cls(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)} | run)
 
     def metrics(self, predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Official metrics (0-100) and ``score``, from postprocessed predictions."""
@@ -463,6 +456,23 @@ class Task:
 
 _CLASSIFICATION_METRICS = frozenset({"accuracy", "f1", "macro_f1", "matthews_corrcoef"})
 _TEXT_METRICS = frozenset({"accuracy"}) | REGRESSION_METRICS
+
+
+def _custom_spec(cfg: CustomTaskConfig) -> TaskSpec:
+    """The ``TaskSpec`` of a custom task; ``ConfigError`` when its settings do not fit together."""
+    preprocess, postprocess, label_words = _custom_task(cfg)
+    return TaskSpec(
+        name=cfg.name,
+        benchmark=None,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        metric_names=tuple(cfg.metrics),
+        label_words=label_words,
+        train_split=cfg.train_split,
+        eval_splits=tuple(cfg.eval_splits),
+        hub=(cfg.path, cfg.hub_config) if cfg.path else None,
+        in_benchmark_average=False,
+    )
 
 
 def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], Any], tuple[str, ...] | None]:
@@ -542,49 +552,22 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
 
     ids = {name: i for i, name in enumerate(names)}
     data_dir = cfg.resolved_data_dir()
-    tasks = []
-    for name in cfg.tasks:
-        spec = REGISTRY[name]
-        task_id = ids[spec.evaluate_as] if spec.evaluate_as in ids else ids[name]
-        tasks.append(
-            Task(
-                name=name,
-                task_id=task_id,
-                benchmark=spec.benchmark,
-                label_words=spec.label_words,
-                metric_names=spec.metric_names,
-                train_split=spec.train_split,
-                eval_splits=tuple(cfg.eval_splits.get(name, spec.eval_splits)),
-                in_benchmark_average=spec.in_benchmark_average,
-                source=TaskSource(folder=str(data_dir / name), data_files=(), hub=spec.hub if cfg.hub else None),
-                fingerprint=_fingerprint(name),
-                preprocess_fn=spec.preprocess,
-                postprocess_fn=spec.postprocess,
-            )
+    # (spec, folder, data files, fingerprint): registry tasks read data_dir/<name>, custom
+    # tasks their own path and files, and a custom task's whole config is its fingerprint.
+    entries = [(REGISTRY[name], str(data_dir / name), (), _fingerprint(name)) for name in cfg.tasks]
+    entries += [(_custom_spec(custom), custom.path, tuple(sorted(custom.data_files.items())),
+                 _fingerprint(to_dict(custom))) for custom in cfg.custom_tasks]
+    return [
+        Task.of(
+            spec,
+            # A task cast as another configured task (AX-b -> superglue/rte) is scored with its id.
+            task_id=ids[spec.evaluate_as] if spec.evaluate_as in ids else ids[spec.name],
+            eval_splits=tuple(cfg.eval_splits.get(spec.name, spec.eval_splits)),
+            source=TaskSource(folder=folder, data_files=data_files, hub=spec.hub if cfg.hub else None),
+            fingerprint=fingerprint,
         )
-    for custom in cfg.custom_tasks:
-        preprocess, postprocess, label_words = _custom_task(custom)
-        tasks.append(
-            Task(
-                name=custom.name,
-                task_id=ids[custom.name],
-                benchmark=None,
-                label_words=label_words,
-                metric_names=tuple(custom.metrics),
-                train_split=custom.train_split,
-                eval_splits=tuple(cfg.eval_splits.get(custom.name, custom.eval_splits)),
-                in_benchmark_average=False,
-                source=TaskSource(
-                    folder=custom.path,
-                    data_files=tuple(sorted(custom.data_files.items())),
-                    hub=(custom.path, custom.hub_config) if cfg.hub and custom.path else None,
-                ),
-                fingerprint=_fingerprint(to_dict(custom)),
-                preprocess_fn=preprocess,
-                postprocess_fn=postprocess,
-            )
-        )
-    return tasks
+        for spec, folder, data_files, fingerprint in entries
+    ]
 
 
 def benchmark_average(

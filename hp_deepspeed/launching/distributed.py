@@ -108,10 +108,6 @@ def _int(env: Mapping[str, str], key: str, source: str) -> int:
         raise LaunchEnvironmentError(f"{source}: {key}={value!r} is not an integer") from None
 
 
-def _port(env: Mapping[str, str], key: str, source: str) -> int:
-    return _int(env, key, source)
-
-
 # ----------------------------------------------------------------------------- env:// launchers
 
 def info_from_torch_env(env: Mapping[str, str]) -> DistInfo:
@@ -150,7 +146,7 @@ def info_from_torch_env(env: Mapping[str, str]) -> DistInfo:
     return DistInfo(
         rank=_int(env, "RANK", source), local_rank=local_rank, world_size=world_size,
         local_world_size=local_world_size, master_addr=env["MASTER_ADDR"],
-        master_port=_port(env, "MASTER_PORT", source), source=source,
+        master_port=_int(env, "MASTER_PORT", source), source=source,
     )
 
 
@@ -242,7 +238,7 @@ def info_from_slurm(
             raise LaunchEnvironmentError("slurm: neither MASTER_ADDR nor SLURM_STEP_NODELIST is set")
         master_addr = hostnames(nodelist)[0]
     if env.get("MASTER_PORT"):
-        master_port = _port(env, "MASTER_PORT", source)
+        master_port = _int(env, "MASTER_PORT", source)
     else:
         master_port = slurm_port(_int(env, "SLURM_JOB_ID", source))
     return DistInfo(

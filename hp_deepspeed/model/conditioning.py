@@ -61,6 +61,10 @@ Variant = Literal[
     "hyperformer",
 ]
 Placement = Literal["encoder", "decoder", "both"]
+# The variants that prepend key/value prompts to the self-attention of every conditioned block
+# (hyperformer generates FFN adapters instead, prompt_tuning prepends input tokens). The one
+# statement of this rule: everything else asks ``ConditioningConfig.kv_prompt_length``.
+_KV_PROMPT_VARIANTS = ("kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global")
 
 # Fields of LayerConditioning that the generators fill, in the contract's order.
 _KV_FIELDS = ("key_prompt", "value_prompt")
@@ -131,8 +135,12 @@ class ConditioningConfig:
     @property
     def kv_prompt_length(self) -> int:
         """Key/value prompt slots every conditioned self-attention sees (0 for the other variants)."""
-        kv_variants = ("kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global")
-        return self.prompt_length if self.variant in kv_variants else 0
+        return self.prompt_length if self.variant in _KV_PROMPT_VARIANTS else 0
+
+    @property
+    def input_prompt_length(self) -> int:
+        """Soft tokens prepended to the encoder input (``prompt_tuning``; 0 for the other variants)."""
+        return self.prompt_length if self.variant == "prompt_tuning" else 0
 
 
 @dataclass(frozen=True)

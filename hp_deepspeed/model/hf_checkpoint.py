@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from hp_deepspeed.launching import collectives
+from hp_deepspeed.model.hub import hub_snapshot
 from hp_deepspeed.model.t5_config import PRESET_ALIASES, T5Config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -51,19 +52,6 @@ _PRESET_HUB_IDS = {name: alias for alias, name in PRESET_ALIASES.items()}
 
 class CheckpointError(ValueError):
     """A checkpoint does not match the model; the message names the file and the tensor."""
-
-
-def hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
-    """Download (or find in the local cache) the files of ``repo_id`` matching ``patterns``."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as err:  # offline, unknown repository, no permission ...: one clear message
-        raise FileNotFoundError(
-            f"{repo_id!r} is neither a local folder nor a preset, and fetching it from the Hugging Face hub "
-            f"failed: {type(err).__name__}: {err}"
-        ) from None
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:

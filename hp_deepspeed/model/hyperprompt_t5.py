@@ -40,27 +40,18 @@ class HyperPromptT5(nn.Module):
         self,
         backbone: T5Model,
         conditioning: TaskConditioning | PrecomputedConditioning | None,
-        freeze_backbone: bool = False,
         kv_prompt_length: int = 0,
     ):
-        """``kv_prompt_length``: key/value prompt slots each self-attention sees (FLOPs accounting)."""
+        """``kv_prompt_length``: key/value prompt slots each conditioned self-attention sees
+        (``ConditioningConfig.kv_prompt_length``), for FLOP accounting."""
         super().__init__()
-        if freeze_backbone and conditioning is None:
-            raise ValueError("freeze_backbone without a conditioning module leaves nothing to train")
         self.backbone = backbone
         self.conditioning = conditioning
         self.kv_prompt_length = kv_prompt_length
-        if freeze_backbone:
-            backbone.requires_grad_(False)
 
     @property
     def config(self) -> T5Config:
         return self.backbone.config
-
-    @property
-    def prompt_length(self) -> int:
-        """Key/value prompt slots prepended to every conditioned self-attention (0 if none)."""
-        return self.kv_prompt_length
 
     def condition(self, task_ids: Tensor) -> ConditioningOutput | None:
         """The conditioning of a batch (``None`` for the plain backbone)."""
@@ -121,6 +112,8 @@ def build_model(
     initialisation does not depend on how the backbone was built or loaded.
     """
     backbone = build_backbone(model_cfg, ds_config=ds_config, device=device)
+    if cond_cfg.freeze_backbone:  # ConditioningConfig refuses it when there is nothing else to train
+        backbone.requires_grad_(False)
     dims = BackboneDims.of(backbone.config)
     torch.manual_seed(model_cfg.seed)
     if str(device) == "meta":
@@ -138,7 +131,4 @@ def build_model(
             conditioning = build_conditioning(cond_cfg, dims, num_tasks)
         if conditioning is not None:
             conditioning = conditioning.to(device=device, dtype=DTYPES[model_cfg.dtype])
-    return HyperPromptT5(
-        backbone, conditioning, freeze_backbone=cond_cfg.freeze_backbone,
-        kv_prompt_length=cond_cfg.kv_prompt_length,
-    )
+    return HyperPromptT5(backbone, conditioning, kv_prompt_length=cond_cfg.kv_prompt_length)

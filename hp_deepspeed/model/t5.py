@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,12 @@ from hp_deepspeed.model.t5_config import T5Config
 ActivationCheckpointing = Literal["none", "reentrant", "non_reentrant"]
 # Number of tensors in LayerConditioning.as_args(); a block receives this many conditioning args.
 _NUM_COND_ARGS = len(LayerConditioning().as_args())
+
+
+def _check_checkpointing(mode: str) -> None:
+    modes = get_args(ActivationCheckpointing)
+    if mode not in modes:
+        raise ValueError(f"activation_checkpointing={mode!r}: expected {', '.join(modes[:-1])} or {modes[-1]}")
 
 
 def _normal_(param: Tensor, std: float) -> None:
@@ -144,8 +150,9 @@ class T5Attention(nn.Module):
         value_prompt: Tensor | None = None,
         cache: LayerKVCache | None = None,
     ) -> Tensor:
-        """``bias`` is the additive float mask [batch or 1, heads or 1, queries, keys]; cross-
-        attention when ``key_value_states`` is given, self-attention otherwise."""
+        """``bias`` is the additive float mask [batch or 1, heads or 1, queries, keys], where the
+        keys start with the key/value prompt slots if any (``T5Stack`` gives them their zero bias);
+        cross-attention when ``key_value_states`` is given, self-attention otherwise."""
         query = self._heads(self.q(hidden))
         if key_value_states is not None:
             if cache is not None and cache.cross_key is not None:
@@ -162,12 +169,9 @@ class T5Attention(nn.Module):
                     value = torch.cat([cache.self_value, value], dim=2)
                 cache.self_key, cache.self_value = key, value
             if key_prompt is not None:
-                # Prompt slots: prepended, zero position bias, never masked. The stack usually
-                # pads the shared bias once for all its blocks; pad here when it has not.
+                # Prompt slots: prepended, never cached (see the module docstring).
                 key = torch.cat([key_prompt.to(key.dtype), key], dim=2)
                 value = torch.cat([value_prompt.to(value.dtype), value], dim=2)
-                if bias.shape[-1] != key.shape[2]:
-                    bias = F.pad(bias, (key_prompt.shape[2], 0))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=bias.to(query.dtype),
             dropout_p=self.dropout if self.training else 0.0, scale=1.0,
@@ -320,6 +324,37 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
 
 
+def _blocked_value(dtype: torch.dtype) -> float:
+    """The bias of a blocked key: the dtype's minimum, not -inf, so that a fully padded row
+    yields a uniform softmax instead of NaN."""
+    return torch.finfo(dtype).min
+
+
+def _cross_attention_bias(encoder_hidden: Tensor, encoder_attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Padding masking of the encoder positions, no position bias: [batch, 1, 1, encoder length]."""
+    if encoder_attention_mask is None:
+        encoder_attention_mask = torch.ones(encoder_hidden.shape[:2], device=encoder_hidden.device)
+    bias = torch.zeros(encoder_attention_mask.shape, dtype=dtype, device=encoder_hidden.device)
+    return bias.masked_fill(encoder_attention_mask == 0, _blocked_value(dtype))[:, None, None, :]
+
+
+def _with_prompt_slots(bias: Tensor, conditioning: list[LayerConditioning] | None, num_blocks: int) -> list[Tensor]:
+    """The self-attention bias of each block, with a zero (never masked) column per key/value
+    prompt slot the block prepends.
+
+    The one place prompt slots get their bias: once per distinct prompt length, so the blocks
+    of a stack (which all carry the same number of slots) share one padded tensor instead of
+    re-padding it (and un-padding its gradient in backward) per block."""
+    if conditioning is None:
+        return [bias] * num_blocks
+    lengths = [0 if c.key_prompt is None else c.key_prompt.shape[2] for c in conditioning]
+    padded = {0: bias}
+    for length in lengths:
+        if length not in padded:
+            padded[length] = F.pad(bias, (length, 0))
+    return [padded[length] for length in lengths]
+
+
 class T5Stack(nn.Module):
     """The encoder or the decoder: blocks plus final norm. Embedding happens in ``T5Model``."""
 
@@ -346,6 +381,23 @@ class T5Stack(nn.Module):
         table = self.block[0].layer[0].SelfAttention.relative_attention_bias
         return table(buckets).permute(2, 0, 1).unsqueeze(0)
 
+    def self_attention_bias(self, hidden: Tensor, attention_mask: Tensor | None, offset: int) -> Tensor:
+        """Position bias plus causal (decoder) and padding masking for the queries of ``hidden``
+        at ``offset ..``: [batch or 1, heads, queries, keys so far]."""
+        length = hidden.shape[1]
+        key_len = offset + length
+        bias = self.position_bias(length, key_len, offset, hidden.device)
+        blocked = None
+        if self.is_decoder:
+            blocked = (torch.arange(key_len, device=hidden.device)[None, :]
+                       > torch.arange(offset, key_len, device=hidden.device)[:, None])[None, None]
+        if attention_mask is not None:
+            padding = attention_mask[:, None, None, :] == 0
+            blocked = padding if blocked is None else blocked | padding
+        if blocked is None:
+            return bias
+        return bias.masked_fill(blocked, _blocked_value(hidden.dtype))
+
     def forward(
         self,
         hidden: Tensor,
@@ -360,41 +412,20 @@ class T5Stack(nn.Module):
         With a ``cache`` (decoder only) ``hidden`` holds just the new positions and
         ``attention_mask``, if given, covers all positions so far.
         """
-        length = hidden.shape[1]
-        offset = cache.length if cache is not None else 0
-        key_len = offset + length
-        # Blocked positions get the dtype's minimum (not -inf): a fully padded row then yields
-        # a uniform softmax instead of NaN.
-        min_value = torch.finfo(hidden.dtype).min
-        bias = self.position_bias(length, key_len, offset, hidden.device)
-        blocked = None
-        if self.is_decoder:
-            blocked = (torch.arange(key_len, device=hidden.device)[None, :]
-                       > torch.arange(offset, key_len, device=hidden.device)[:, None])[None, None]
-        if attention_mask is not None:
-            padding = attention_mask[:, None, None, :] == 0
-            blocked = padding if blocked is None else blocked | padding
-        if blocked is not None:
-            bias = bias.masked_fill(blocked, min_value)
-        cross_bias = None
-        if encoder_hidden is not None:
-            if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden.shape[:2], device=hidden.device)
-            cross_bias = torch.zeros(encoder_attention_mask.shape, dtype=hidden.dtype, device=hidden.device)
-            cross_bias = cross_bias.masked_fill(encoder_attention_mask == 0, min_value)[:, None, None, :]
         if conditioning is not None and len(conditioning) != len(self.block):
             raise ValueError(f"conditioning has {len(conditioning)} entries for {len(self.block)} blocks")
-        prompt_lengths = {None if c.key_prompt is None else c.key_prompt.shape[2] for c in conditioning or ()}
-        if len(prompt_lengths) == 1 and None not in prompt_lengths:
-            # Every block prepends the same number of key/value prompt slots: give them their
-            # zero bias once here rather than re-padding (and un-padding in backward) per block.
-            bias = F.pad(bias, (prompt_lengths.pop(), 0))
+        offset = cache.length if cache is not None else 0
+        self_biases = _with_prompt_slots(self.self_attention_bias(hidden, attention_mask, offset),
+                                         conditioning, len(self.block))
+        cross_bias = None
+        if encoder_hidden is not None:
+            cross_bias = _cross_attention_bias(encoder_hidden, encoder_attention_mask, hidden.dtype)
 
         hidden = self.dropout(hidden)
         use_checkpoint = self.activation_checkpointing != "none" and self.training and cache is None
         for i, block in enumerate(self.block):
             cond_args = conditioning[i].as_args() if conditioning is not None else (None,) * _NUM_COND_ARGS
-            args = (hidden, bias, encoder_hidden, cross_bias, *cond_args)
+            args = (hidden, self_biases[i], encoder_hidden, cross_bias, *cond_args)
             if use_checkpoint:
                 hidden = checkpoint(block, *args, use_reentrant=self.activation_checkpointing == "reentrant")
             else:
@@ -426,8 +457,7 @@ class T5Model(nn.Module):
 
     def __init__(self, config: T5Config, activation_checkpointing: ActivationCheckpointing = "none"):
         super().__init__()
-        if activation_checkpointing not in ("none", "reentrant", "non_reentrant"):
-            raise ValueError(f"activation_checkpointing={activation_checkpointing!r}: expected none, reentrant or non_reentrant")
+        _check_checkpointing(activation_checkpointing)
         self.config = config
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         _normal_(self.shared.weight, config.initializer_factor)
@@ -442,8 +472,7 @@ class T5Model(nn.Module):
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
         """Switch per-block checkpointing (``none``, ``reentrant``, ``non_reentrant``)."""
-        if mode not in ("none", "reentrant", "non_reentrant"):
-            raise ValueError(f"activation_checkpointing={mode!r}: expected none, reentrant or non_reentrant")
+        _check_checkpointing(mode)
         self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = mode
 
     def encode(

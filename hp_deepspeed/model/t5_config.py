@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hp_deepspeed.config import ConfigError
+from hp_deepspeed.model.hub import hub_snapshot
 
 # Feed-forward activations we implement; the names are HF's ``dense_act_fn`` values.
 SUPPORTED_ACTIVATIONS = ("relu", "gelu_new", "gelu", "silu")
@@ -195,8 +196,6 @@ class T5Config:
         if Path(key).exists() or key.startswith((".", "/")) or key.count("/") > 1:
             raise FileNotFoundError(f"{key}: no config.json found (and it is not a preset name)")
         # A hub id: only config.json is fetched here; the weights come with load_hf_weights.
-        from hp_deepspeed.model.hf_checkpoint import hub_snapshot
-
         folder = hub_snapshot(key, ["config.json"])
         return cls.from_pretrained(folder)
 

@@ -44,18 +44,13 @@ OFFLOAD_MODES: dict[str, tuple[bool, bool]] = {
     "cpu_optimizer": (True, False),
     "cpu_optimizer_params": (True, True),
 }
-# The ds_configs/ file that implements each mode (cpu_optimizer has no file of its own: it is
-# zero3_offload_cpu.json without the offload_param section).
+# The ds_configs/ file that implements each mode: what the suggestion tells the user to pass
+# as training.ds_config (tests/tools checks each file's offload sections against its mode).
 OFFLOAD_DS_CONFIG = {
     "none": "ds_configs/zero3_bf16.json",
-    "cpu_optimizer": "ds_configs/zero3_offload_cpu.json minus offload_param",
+    "cpu_optimizer": "ds_configs/zero3_offload_optimizer_cpu.json",
     "cpu_optimizer_params": "ds_configs/zero3_offload_cpu.json",
 }
-
-
-# Conditioning variants that prepend key/value prompts to every conditioned self-attention
-# (hyperformer generates FFN adapters instead, prompt_tuning prepends input tokens).
-KV_PROMPT_VARIANTS = ("kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +172,15 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
     if conditioning is not None:
         saved_per_task, per_example = _conditioning_activation_bytes(conditioning, num_tasks)
 
-    kv_sides: tuple[str, ...] = ()
-    if variant in KV_PROMPT_VARIANTS:
-        kv_sides = tuple(s for s in ("encoder", "decoder") if cond_cfg.placement in (s, "both"))
+    # The stacks the built conditioning module really conditions, when it conditions them with
+    # key/value prompts (its other block-level outputs are FFN adapters).
+    kv_sides = tuple(side for side, _ in conditioning.sides) if cond_cfg.kv_prompt_length else ()
     return ModelSpec(
         name=str(name_or_path), config=config, variant=variant, num_tasks=num_tasks,
         backbone_params=backbone_total, conditioning_params=cond_total,
         largest_layer_params=largest, largest_layer=largest_name,
-        kv_prompt_len=cond_cfg.prompt_length if kv_sides else 0, kv_prompt_sides=kv_sides,
-        input_prompt_len=cond_cfg.prompt_length if variant == "prompt_tuning" else 0,
+        kv_prompt_len=cond_cfg.kv_prompt_length, kv_prompt_sides=kv_sides,
+        input_prompt_len=cond_cfg.input_prompt_length,
         conditioning_saved_bytes_per_task=saved_per_task, conditioning_bytes_per_example=per_example,
     )
 
@@ -413,51 +408,65 @@ def max_micro_batch(spec: ModelSpec, workload: Workload, free_bytes: int, checkp
 
 def make_plan(spec: ModelSpec, cluster: Cluster, workload: Workload, margins: Margins = Margins(),
               micro_batch: int | None = None, max_micro_batch_limit: int = 256) -> dict:
-    """The whole plan as plain data (what ``--json`` prints and the table is formatted from).
-
-    The suggestion takes the first offload mode, in ``OFFLOAD_MODES`` order, whose CPU need fits
-    the node and that fits at least one example per GPU (or ``micro_batch`` if given). Within it,
-    activation checkpointing is suggested only when the micro-batch does not fit without it:
-    with ``micro_batch`` given that micro-batch is checked, otherwise the largest micro-batch that
-    fits without checkpointing is suggested if there is one.
-    """
+    """The whole plan as plain data (what ``--json`` prints and the table is formatted from):
+    one option per offload mode, and the suggestion among them (see ``suggest``)."""
     budget = gpu_budget_bytes(cluster, margins)
     cpu_budget = int(cluster.cpu_mem_gib * GIB * (1.0 - margins.cpu_fraction))
-    options, free_bytes = [], {}
-    for offload in OFFLOAD_MODES:
-        gpu_states, cpu_states = model_states_bytes(spec.total_params, spec.largest_layer_params, cluster, offload)
-        free = free_bytes[offload] = budget - gpu_states
-        options.append({
-            "offload": offload,
-            "ds_config": OFFLOAD_DS_CONFIG[offload],
-            "gpu_model_states_gib": gpu_states / GIB,
-            "gpu_model_states_per_node_gib": gpu_states * cluster.gpus_per_node / GIB,
-            "cpu_per_node_gib": cpu_states / GIB,
-            "cpu_fits": cpu_states <= cpu_budget,
-            "max_micro_batch": max_micro_batch(spec, workload, free, False, max_micro_batch_limit),
-            "max_micro_batch_checkpointed": max_micro_batch(spec, workload, free, True, max_micro_batch_limit),
-        })
+    options = [offload_option(spec, cluster, workload, offload, budget, cpu_budget, max_micro_batch_limit)
+               for offload in OFFLOAD_MODES]
+    per_example = {
+        "no_checkpointing": activation_bytes(spec, workload, 1, False),
+        "checkpointing": activation_bytes(spec, workload, 1, True),
+    }
+    return {
+        "model": _model_summary(spec),
+        "cluster": dataclasses.asdict(cluster) | {"num_gpus": cluster.num_gpus},
+        "workload": dataclasses.asdict(workload),
+        "margins": dataclasses.asdict(margins),
+        "gpu_budget_gib": budget / GIB,
+        "activations_per_example_gib": {
+            k: {"saved": v.saved / GIB, "peak": v.peak / GIB} for k, v in per_example.items()
+        },
+        "options": [option for option, _ in options],
+        "suggestion": suggest(spec, workload, margins, budget, options, micro_batch),
+    }
 
-    suggestion: dict[str, Any] | None = None
-    for option in options:
-        if not option["cpu_fits"]:
+
+def offload_option(spec: ModelSpec, cluster: Cluster, workload: Workload, offload: str, budget: int,
+                   cpu_budget: int, max_micro_batch_limit: int) -> tuple[dict, int]:
+    """One row of the table: the model states of ``offload`` on GPU and CPU and the largest
+    micro-batches that fit beside them; and the GPU bytes they leave for activations."""
+    gpu_states, cpu_states = model_states_bytes(spec.total_params, spec.largest_layer_params, cluster, offload)
+    free = budget - gpu_states
+    option = {
+        "offload": offload,
+        "ds_config": OFFLOAD_DS_CONFIG[offload],
+        "gpu_model_states_gib": gpu_states / GIB,
+        "gpu_model_states_per_node_gib": gpu_states * cluster.gpus_per_node / GIB,
+        "cpu_per_node_gib": cpu_states / GIB,
+        "cpu_fits": cpu_states <= cpu_budget,
+        "max_micro_batch": max_micro_batch(spec, workload, free, False, max_micro_batch_limit),
+        "max_micro_batch_checkpointed": max_micro_batch(spec, workload, free, True, max_micro_batch_limit),
+    }
+    return option, free
+
+
+def suggest(spec: ModelSpec, workload: Workload, margins: Margins, budget: int,
+            options: list[tuple[dict, int]], micro_batch: int | None) -> dict | None:
+    """The first offload option, in ``OFFLOAD_MODES`` order, whose CPU need fits the node and
+    that fits at least one example per GPU (or ``micro_batch`` if given); None when none does.
+
+    Within it, activation checkpointing is suggested only when the micro-batch does not fit
+    without it: with ``micro_batch`` given that micro-batch is checked, otherwise the largest
+    micro-batch that fits without checkpointing is suggested if there is one.
+    """
+    for option, free in options:
+        choice = _micro_batch_choice(spec, workload, option, free, micro_batch) if option["cpu_fits"] else None
+        if choice is None:
             continue
-        free = free_bytes[option["offload"]]
-        if micro_batch is not None:
-            if activation_bytes(spec, workload, micro_batch, False).peak <= free:
-                mb, ckpt = micro_batch, False
-            elif activation_bytes(spec, workload, micro_batch, True).peak <= free:
-                mb, ckpt = micro_batch, True
-            else:
-                continue
-        elif option["max_micro_batch"] >= 1:
-            mb, ckpt = option["max_micro_batch"], False
-        elif option["max_micro_batch_checkpointed"] >= 1:
-            mb, ckpt = option["max_micro_batch_checkpointed"], True
-        else:
-            continue
+        mb, ckpt = choice
         act = activation_bytes(spec, workload, mb, ckpt)
-        suggestion = {
+        return {
             "offload": option["offload"],
             "ds_config": option["ds_config"],
             "micro_batch": mb,
@@ -466,37 +475,40 @@ def make_plan(spec: ModelSpec, cluster: Cluster, workload: Workload, margins: Ma
             "gpu_estimate_gib": (budget - free + act.peak) / GIB + margins.gpu_reserved_gib,
             "cpu_per_node_gib": option["cpu_per_node_gib"],
         }
-        break
+    return None
 
-    per_example = {
-        "no_checkpointing": activation_bytes(spec, workload, 1, False),
-        "checkpointing": activation_bytes(spec, workload, 1, True),
-    }
+
+def _micro_batch_choice(spec: ModelSpec, workload: Workload, option: dict, free: int,
+                        micro_batch: int | None) -> tuple[int, bool] | None:
+    """(micro-batch, activation checkpointing) for one offload option, None if nothing fits."""
+    if micro_batch is not None:
+        for ckpt in (False, True):
+            if activation_bytes(spec, workload, micro_batch, ckpt).peak <= free:
+                return micro_batch, ckpt
+        return None
+    if option["max_micro_batch"] >= 1:
+        return option["max_micro_batch"], False
+    if option["max_micro_batch_checkpointed"] >= 1:
+        return option["max_micro_batch_checkpointed"], True
+    return None
+
+
+def _model_summary(spec: ModelSpec) -> dict:
+    """The plan's ``model`` section."""
     cfg = spec.config
     return {
-        "model": {
-            "name": spec.name,
-            "variant": spec.variant,
-            "num_tasks": spec.num_tasks,
-            "backbone_params": spec.backbone_params,
-            "conditioning_params": spec.conditioning_params,
-            "total_params": spec.total_params,
-            "largest_layer": spec.largest_layer,
-            "largest_layer_params": spec.largest_layer_params,
-            "kv_prompt_len": spec.kv_prompt_len,
-            "input_prompt_len": spec.input_prompt_len,
-            "dims": {k: getattr(cfg, k) for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers",
-                                                  "num_decoder_layers", "vocab_size")},
-        },
-        "cluster": dataclasses.asdict(cluster) | {"num_gpus": cluster.num_gpus},
-        "workload": dataclasses.asdict(workload),
-        "margins": dataclasses.asdict(margins),
-        "gpu_budget_gib": budget / GIB,
-        "activations_per_example_gib": {
-            k: {"saved": v.saved / GIB, "peak": v.peak / GIB} for k, v in per_example.items()
-        },
-        "options": options,
-        "suggestion": suggestion,
+        "name": spec.name,
+        "variant": spec.variant,
+        "num_tasks": spec.num_tasks,
+        "backbone_params": spec.backbone_params,
+        "conditioning_params": spec.conditioning_params,
+        "total_params": spec.total_params,
+        "largest_layer": spec.largest_layer,
+        "largest_layer_params": spec.largest_layer_params,
+        "kv_prompt_len": spec.kv_prompt_len,
+        "input_prompt_len": spec.input_prompt_len,
+        "dims": {k: getattr(cfg, k) for k in ("d_model", "d_kv", "d_ff", "num_heads", "num_layers",
+                                              "num_decoder_layers", "vocab_size")},
     }
 
 

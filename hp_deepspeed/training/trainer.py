@@ -198,7 +198,7 @@ class Trainer:
             window.add_micro_batch(batch, out)
             window.flops += train_step_flops(
                 self.model_shape, batch["input_ids"].shape[0], batch["input_ids"].shape[1],
-                batch["labels"].shape[1], self.model.prompt_length,
+                batch["labels"].shape[1], self.model.kv_prompt_length,
             )
 
     # ------------------------------------------------------------------ logging

@@ -28,9 +28,9 @@ def config() -> CheckpointConfig:
 def train_save_resume(run_dir: str) -> dict:
     """Train 10 steps saving at 2..8, then resume step 8 into fresh engines and replay 9..10."""
     seed(1)
-    engine = make_engine(init_seed=0)
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
-    out: dict = {"fresh_start": manager.resume(engine)}
+    out: dict = {"fresh_start": manager.find_resume_point()}
+    engine = make_engine(init_seed=0)
     losses = {}
     for step in range(1, TOTAL_STEPS + 1):
         losses[step] = train_step(engine, step)
@@ -49,10 +49,12 @@ def train_save_resume(run_dir: str) -> dict:
     out["losses"] = losses
 
     # A fresh process state: other initial weights and other generator states until the load.
+    # As the trainer does: the resume point is chosen before the engine is built.
     seed(99)
-    engine = make_engine(init_seed=123)
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
-    out["trainer_state"] = manager.resume(engine)
+    point = manager.find_resume_point()
+    engine = make_engine(init_seed=123)
+    out["trainer_state"] = manager.load(engine, point)
     out["resumed_rng"] = rng_fingerprint()
     out["resumed"] = snapshot(engine)
     out["replayed"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
@@ -79,9 +81,10 @@ def crash_during_save(run_dir: str) -> None:
     marker, rank 1 exits instead of waiting for rank 0's verdict.
     """
     seed(5)
-    engine = make_engine()
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
-    manager.resume(engine)
+    point = manager.find_resume_point()
+    engine = make_engine()
+    manager.load(engine, point)
     for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1):
         train_step(engine, step)
 
@@ -104,23 +107,25 @@ def resume_on_one_rank(run_dir: str) -> dict:
         out["incomplete_error"] = None
     except CheckpointError as err:
         out["incomplete_error"] = str(err)
-    wrong = make_engine(hidden=32)
     try:
-        CheckpointManager(config(), run_dir, model_config={**MODEL_CONFIG, "hidden": 32}).resume(wrong)
+        # A different model config is refused before any engine exists.
+        CheckpointManager(config(), run_dir, model_config={**MODEL_CONFIG, "hidden": 32}).find_resume_point()
         out["wrong_model_error"] = None
     except CheckpointError as err:
         out["wrong_model_error"] = str(err)
     try:
         # Same model config recorded, but the engine's parameters differ: caught at load time.
-        CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG).resume(wrong)
+        manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+        manager.load(make_engine(hidden=32), manager.find_resume_point())
         out["wrong_shapes_error"] = None
     except CheckpointError as err:
         out["wrong_shapes_error"] = str(err)
 
     seed(42)
-    engine = make_engine(dropout=0.0, init_seed=321)
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
-    out["trainer_state"] = manager.resume(engine)
+    point = manager.find_resume_point()
+    engine = make_engine(dropout=0.0, init_seed=321)
+    out["trainer_state"] = manager.load(engine, point)
     out["resumed_rng"] = rng_fingerprint()
     out["resumed"] = snapshot(engine)
     out["losses"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}

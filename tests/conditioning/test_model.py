@@ -15,7 +15,7 @@ from .common import CONDITIONED_VARIANTS, NUM_TASKS, example, random_batch, tiny
 def test_no_conditioning_is_exactly_the_backbone(preset):
     model = tiny_model("none", preset)
     backbone = build_backbone(ModelConfig(name_or_path=preset, dropout_rate=0.0, seed=0))
-    assert model.conditioning is None and model.prompt_length == 0
+    assert model.conditioning is None and model.kv_prompt_length == 0
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in backbone.parameters())
     batch = random_batch(6)
     out = model(**batch)

@@ -163,3 +163,18 @@ def test_config_is_strict_and_validated():
         ConditioningConfig(variant="none", freeze_backbone=True)
     assert ConditioningConfig(variant="hyperformer").kv_prompt_length == 0
     assert build_conditioning(ConditioningConfig(variant="none"), DIMS, NUM_TASKS) is None
+
+
+@pytest.mark.parametrize("variant", ["none"] + ALL_VARIANTS)
+def test_config_prompt_lengths_are_what_the_modules_produce(variant):
+    """``kv_prompt_length`` / ``input_prompt_length`` (what the planner and FLOP counts read) agree
+    with the tensors each variant's module really hands the backbone."""
+    cfg = ConditioningConfig(variant=variant, **CFG)
+    module = build_conditioning(cfg, DIMS, NUM_TASKS)
+    out = module(torch.tensor([0, 2])) if module is not None else None
+    key_prompts = [c.key_prompt for c in blocks(out) if c.key_prompt is not None] if out else []
+    assert {k.shape[2] for k in key_prompts} == ({cfg.kv_prompt_length} if cfg.kv_prompt_length else set())
+    if cfg.kv_prompt_length:  # every block of both stacks carries them
+        assert len(key_prompts) == DIMS.num_encoder_layers + DIMS.num_decoder_layers
+    input_prompt = out.input_prompt if out else None
+    assert (0 if input_prompt is None else input_prompt.shape[1]) == cfg.input_prompt_length

@@ -9,7 +9,7 @@ import pytest
 
 from hp_deepspeed.config import ConfigError
 from hp_deepspeed.data import REGISTRY, CustomTaskConfig, DataError, build_eval_batches, build_tasks
-from hp_deepspeed.data.tasks import MalformedRow
+from hp_deepspeed.data.tasks import MalformedRow, TaskSource
 
 
 def task(make_cfg, name):
@@ -105,6 +105,26 @@ def test_task_ids_names_and_diagnostics(make_cfg):
     (axb,) = build_tasks(make_cfg(tasks=["superglue/axb"]))
     assert axb.task_id == 0
     assert tasks[0].label_words == ("entailment", "not_entailment") and tasks[3].label_words is None
+
+
+def test_what_the_run_adds_to_registry_and_custom_specs(make_cfg):
+    """A Task is its spec plus the run's eval splits, data source and fingerprint."""
+    custom = CustomTaskConfig(name="my/gen", path="org/data", hub_config="cfg", input_template="q: {a}",
+                              target_field="b", data_files={"train": "t.jsonl"}, eval_splits=["dev"])
+    cfg = make_cfg(tasks=["glue/rte", "glue/mnli"], custom_tasks=[custom], hub=True,
+                   eval_splits={"glue/rte": ["train"]})
+    rte, mnli, gen = build_tasks(cfg)
+    assert (rte.eval_splits, mnli.eval_splits, gen.eval_splits) == (
+        ("train",), ("validation_matched", "validation_mismatched"), ("dev",))
+    assert rte.source == TaskSource(str(cfg.resolved_data_dir() / "glue/rte"), (), ("nyu-mll/glue", "rte"))
+    assert gen.source == TaskSource("org/data", (("train", "t.jsonl"),), ("org/data", "cfg"))
+    assert (gen.benchmark, gen.in_benchmark_average, gen.metric_names) == (None, False, ("accuracy",))
+    assert one(gen, {"a": "x", "b": "y"}).inputs == "q: x" and gen.postprocess(" y ") == "y"
+    offline = build_tasks(make_cfg(tasks=["glue/rte"], custom_tasks=[custom]))
+    assert [t.source.hub for t in offline] == [None, None]
+    assert offline[0] == build_tasks(make_cfg(tasks=["glue/rte"]))[0]  # equal tasks compare equal
+    other = CustomTaskConfig(**{**custom.__dict__, "input_template": "Q: {a}"})
+    assert len({rte.fingerprint, gen.fingerprint, build_tasks(make_cfg(custom_tasks=[other]))[0].fingerprint}) == 3
 
 
 def test_every_registry_task_end_to_end(make_cfg, tokenizer):

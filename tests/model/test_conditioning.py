@@ -51,6 +51,25 @@ def test_prompt_slots_get_zero_bias_and_are_never_masked(tiny_checkpoint, monkey
     assert prompted == model.config.num_layers + model.config.num_decoder_layers
 
 
+def test_blocks_with_different_prompt_lengths_each_get_their_own_slots(tiny_checkpoint, monkeypatch):
+    """The stack gives each block's prompt slots their zero bias, whatever mix of prompt lengths
+    the blocks carry (blocks without prompts keep the plain bias)."""
+    model = load_ours(tiny_checkpoint("tiny-v1_1"))
+    input_ids, attention_mask, labels = padded_batch()
+    conditioning = random_conditioning(model.config, batch=3, prompt_len=PROMPT_LEN)
+    short = random_conditioning(model.config, batch=3, prompt_len=1, seed=1)
+    conditioning.encoder[0] = LayerConditioning()
+    conditioning.decoder[1] = short.decoder[1]
+    calls = record_attention(monkeypatch)
+    with torch.no_grad():
+        model(input_ids, attention_mask, labels=labels, conditioning=conditioning)
+    self_attention = calls[:model.config.num_layers] + calls[model.config.num_layers::2]
+    slots = [shape[2] - (input_ids.shape[1] if i < model.config.num_layers else labels.shape[1])
+             for i, (shape, _) in enumerate(self_attention)]
+    assert slots == [0, PROMPT_LEN, PROMPT_LEN, 1, PROMPT_LEN]
+    assert (self_attention[3][1][..., :1] == 0).all() and (self_attention[2][1][..., :PROMPT_LEN] == 0).all()
+
+
 def test_prompted_attention_equals_reference_math(tiny_checkpoint):
     """softmax over [q.kp (no bias) ; q.k + bias] with values [vp ; v], even for fully masked rows."""
     model = load_ours(tiny_checkpoint("tiny-v1_0"))
@@ -64,7 +83,8 @@ def test_prompted_attention_equals_reference_math(tiny_checkpoint):
     key_prompt = torch.randn(2, config.num_heads, PROMPT_LEN, config.d_kv, generator=gen)
     value_prompt = torch.randn(2, config.num_heads, PROMPT_LEN, config.d_kv, generator=gen)
     with torch.no_grad():
-        out = attention(hidden, bias, key_prompt=key_prompt, value_prompt=value_prompt)
+        # The caller (T5Stack) gives the prompt slots their zero bias.
+        out = attention(hidden, F.pad(bias, (PROMPT_LEN, 0)), key_prompt=key_prompt, value_prompt=value_prompt)
         heads = lambda x: x.view(2, 5, config.num_heads, config.d_kv).transpose(1, 2)
         q, k, v = heads(attention.q(hidden)), heads(attention.k(hidden)), heads(attention.v(hidden))
         scores = torch.cat([q @ key_prompt.transpose(-1, -2), q @ k.transpose(-1, -2) + bias], dim=-1)

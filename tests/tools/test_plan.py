@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,18 @@ def test_offload_follows_gpu_and_cpu_memory(xxl):
     small_node = plan.make_plan(xxl, plan.Cluster(1, 8, 24, 128), work)
     assert not small_node["options"][1]["cpu_fits"] and small_node["suggestion"] is None
     assert "does NOT fit" in plan.format_plan(small_node)
+
+
+def test_every_offload_mode_names_a_ds_config_that_implements_it():
+    """A suggestion names a file the user can pass as training.ds_config, and that file offloads
+    exactly what the mode's memory numbers assume."""
+    root = Path(__file__).resolve().parents[2]
+    assert plan.OFFLOAD_DS_CONFIG.keys() == plan.OFFLOAD_MODES.keys()
+    for offload, (cpu_optimizer, cpu_params) in plan.OFFLOAD_MODES.items():
+        zero = json.loads((root / plan.OFFLOAD_DS_CONFIG[offload]).read_text())["zero_optimization"]
+        assert zero["stage"] == 3, offload
+        assert zero.get("offload_optimizer", {}).get("device") == ("cpu" if cpu_optimizer else None), offload
+        assert zero.get("offload_param", {}).get("device") == ("cpu" if cpu_params else None), offload
 
 
 def _cli(argv):
