@@ -30,8 +30,9 @@ class ConfigError(ValueError):
 def one_line(message: str) -> str:
     """``message`` as the single line a user sees for bad input (``hp_deepspeed.cli`` prints it):
     line breaks of multi-part messages become "; " so a log grep or a batch job's tail shows it whole."""
-    parts = [part.strip().lstrip("-").strip() for part in str(message).splitlines()]
-    return "; ".join(part for part in parts if part).replace(":;", ":")
+    parts = [part.strip() for part in str(message).splitlines()]
+    parts = [part[2:] if part.startswith("- ") else part for part in parts if part]  # list bullets
+    return "; ".join(parts).replace(":;", ":")
 
 
 def yaml_error(where: str, err: yaml.YAMLError, file: bool = True) -> ConfigError:

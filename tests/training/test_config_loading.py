@@ -76,7 +76,7 @@ def test_bad_overrides_and_files(tmp_path):
         load_config(Outer, [tmp_path / "missing.yaml"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("inner: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: invalid YAML: expected ',' or '\]', but got '<stream end>'"):
         load_config(Outer, [bad])
     with pytest.raises(ConfigError, match=r"unknown config key inner\.typo"):
         load_config(Outer, [], ["inner.typo=1"])
