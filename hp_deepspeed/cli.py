@@ -71,6 +71,20 @@ def _checkpoint_to_load(cfg, required: bool):
     return checkpoint_to_load(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume, required=required)
 
 
+def _preflight(cfg) -> None:
+    """The checks train and eval make before any rank starts (tokenizer, tasks, model source,
+    DeepSpeed config file), made by ``validate`` too: the launch scripts' preflight then reports
+    them before any rank or node is started."""
+    from hp_deepspeed.data import build_tasks, load_tokenizer
+    from hp_deepspeed.model.builder import check_model_source
+    from hp_deepspeed.training.ds_config import read_ds_config
+
+    load_tokenizer(cfg.data.tokenizer)
+    build_tasks(cfg.data)
+    check_model_source(cfg.model)
+    read_ds_config(cfg.training.ds_config)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
@@ -80,26 +94,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # the same checkpoint checks that command makes before it builds anything.
     spec = args.checkpoint or args.resume
     cfg = _job_config(args, [f"checkpoint.resume={spec}"] if spec else [])
+    _preflight(cfg)
     _checkpoint_to_load(cfg, required=args.checkpoint is not None)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hp_deepspeed.training.trainer import Trainer
-
     extra = [f"checkpoint.resume={args.resume}"] if args.resume else []
     cfg = _job_config(args, extra)
+    _checkpoint_to_load(cfg, required=False)  # before DeepSpeed is imported or a rank waits for others
+    from hp_deepspeed.training.trainer import Trainer
+
     return Trainer(cfg).train()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hp_deepspeed.training.trainer import Trainer
-
     from hp_deepspeed.checkpointing import CheckpointError
 
     cfg = _job_config(args, [f"checkpoint.resume={args.checkpoint}"])
     _checkpoint_to_load(cfg, required=True)  # before the model, the engine and metrics.jsonl exist
+    from hp_deepspeed.training.trainer import Trainer
+
     trainer = Trainer(cfg)
     if trainer.resume_from is None:
         raise CheckpointError(f"{cfg.run.dir}/checkpoints: no complete checkpoint to evaluate")
