@@ -92,10 +92,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     # A train command line (--resume) or an eval one (--checkpoint) validates unchanged, with
     # the same checkpoint checks that command makes before it builds anything.
-    spec = args.checkpoint or args.resume
+    evaluating = args.checkpoint is not None or args.as_command == "eval"
+    spec = (args.checkpoint or "auto") if evaluating else args.resume
     cfg = _job_config(args, [f"checkpoint.resume={spec}"] if spec else [])
     _preflight(cfg)
-    _checkpoint_to_load(cfg, required=args.checkpoint is not None)
+    _checkpoint_to_load(cfg, required=evaluating)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Accepted so that a train or eval command line validates unchanged (the batch scripts do).
     p.add_argument("--resume", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    # The launch scripts' preflight says which command it checks (eval defaults to --checkpoint auto).
+    p.add_argument("--as", dest="as_command", choices=["train", "eval"], default="train", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train (run under deepspeed, torchrun, srun or mpirun)")

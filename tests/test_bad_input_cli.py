@@ -130,6 +130,8 @@ CASES: dict[str, Case] = {
     # --- the launch scripts' preflight prints the same line
     "launch eval without checkpoint": Case(("launch/local.sh", "eval", "--config", TINY, "run.dir={ws}/run", "--checkpoint", "auto"),
                                            "{ws}/run/checkpoints: no complete checkpoint"),
+    "launch eval default checkpoint": Case(("launch/local.sh", "eval", "--config", TINY, "run.dir={ws}/empty"),
+                                           "{ws}/empty/checkpoints: no complete checkpoint"),
     "launch late override": Case(("launch/local.sh", "train", "--config", TINY, "run.dir={ws}/run", "--resume", "auto",
                                   "training.micro_batch_size=0"), "training.micro_batch_size must be >= 1, got 0"),
 }
@@ -231,3 +233,25 @@ def test_overrides_may_follow_resume_and_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "  steps: 3\n" in proc.stdout and "  lr: 0.5\n" in proc.stdout
     assert not any(tmp_path.iterdir()) or set(p.name for p in tmp_path.iterdir()) <= {"cache"}
+
+
+def test_the_rule_is_one_line_for_every_input_error(monkeypatch, capsys):
+    """``cli.main`` is the one place that turns an input error into its line: a multi-part message
+    (a checkpoint that does not match, listing each difference) is joined, not spread over lines."""
+    from hp_deepspeed import cli
+    from hp_deepspeed.checkpointing import CheckpointError
+
+    def mismatch(args):
+        raise CheckpointError("checkpoint runs/x/checkpoints/step-4 does not match this job:\n  - ZeRO stage: 2 vs 3\n  - precision")
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), mismatch))
+    assert cli.main(["validate"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("hp-deepspeed validate: error: checkpoint runs/x/checkpoints/step-4 does not match this job: "
+                   "ZeRO stage: 2 vs 3; precision\n")
+
+
+def _with_func(parser, func):
+    parser._subparsers._group_actions[0].choices["validate"].set_defaults(func=func)
+    return parser
