@@ -56,7 +56,7 @@ CASES: dict[str, Case] = {
     # --- config values: one range check per section, types, keys
     "training.steps": job("training.steps=-5", expected="training.steps must be >= 1, got -5"),
     "training.micro_batch_size": job("training.micro_batch_size=0", expected="training.micro_batch_size must be >= 1, got 0"),
-    "run.dir": job("run.dir=''", expected="run.dir must name a folder"),
+    "run.dir": job("run.dir=''", expected="run.dir must be a folder path"),
     "optim.lr": job("optim.lr=0", expected="optim.lr must be positive, got 0.0"),
     "eval.batch_size": job("eval.batch_size=0", expected="eval.batch_size must be >= 1, got 0"),
     "checkpoint.keep_last": job("checkpoint.keep_last=0", expected="checkpoint.keep_last must be >= 1, got 0"),

@@ -26,7 +26,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.dir.strip():
-            raise ValueError("run.dir must name a folder, got an empty string")
+            raise ValueError("run.dir must be a folder path, got an empty string")
 
 
 @dataclass
