@@ -20,11 +20,29 @@ import logging
 import sys
 import warnings
 
-from hp_deepspeed.config import ConfigError, load_config
+from hp_deepspeed.config import ConfigError, load_config, one_line
 from hp_deepspeed.launching.device import prepare_process
 
 # Subcommands that put a model on a device (and may import deepspeed).
 DEVICE_COMMANDS = ("train", "eval", "export", "predict", "convert-universal")
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake gets the same single error line (exit code 2) as every other bad input,
+    not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,30 +65,62 @@ def _job_config(args: argparse.Namespace, extra: list[str] = ()):
     return load_config(JobConfig, args.config, [*args.overrides, *extra])
 
 
+def _checkpoint_to_load(cfg, required: bool):
+    """What ``checkpoint.resume`` names, checked from the markers alone (no ranks, no model):
+    the launch scripts' preflight, ``eval`` and the trainer's resume agree through this."""
+    from pathlib import Path
+
+    from hp_deepspeed.checkpointing.layout import checkpoint_to_load
+
+    return checkpoint_to_load(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume, required=required)
+
+
+def _preflight(cfg) -> None:
+    """The checks train and eval make before any rank starts (tokenizer, tasks, model source,
+    DeepSpeed config file), made by ``validate`` too: the launch scripts' preflight then reports
+    them before any rank or node is started."""
+    from hp_deepspeed.data import build_tasks, load_tokenizer
+    from hp_deepspeed.model.builder import check_model_source
+    from hp_deepspeed.training.ds_config import read_ds_config
+
+    load_tokenizer(cfg.data.tokenizer)
+    build_tasks(cfg.data)
+    check_model_source(cfg.model)
+    read_ds_config(cfg.training.ds_config)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import yaml
 
     from hp_deepspeed.config import to_dict
 
-    cfg = _job_config(args)
+    # A train command line (--resume) or an eval one (--checkpoint) validates unchanged, with
+    # the same checkpoint checks that command makes before it builds anything.
+    evaluating = args.checkpoint is not None or args.as_command == "eval"
+    spec = (args.checkpoint or "auto") if evaluating else args.resume
+    cfg = _job_config(args, [f"checkpoint.resume={spec}"] if spec else [])
+    _preflight(cfg)
+    _checkpoint_to_load(cfg, required=evaluating)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hp_deepspeed.training.trainer import Trainer
-
     extra = [f"checkpoint.resume={args.resume}"] if args.resume else []
     cfg = _job_config(args, extra)
+    _checkpoint_to_load(cfg, required=False)  # before DeepSpeed is imported or a rank waits for others
+    from hp_deepspeed.training.trainer import Trainer
+
     return Trainer(cfg).train()
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hp_deepspeed.training.trainer import Trainer
-
     from hp_deepspeed.checkpointing import CheckpointError
 
     cfg = _job_config(args, [f"checkpoint.resume={args.checkpoint}"])
+    _checkpoint_to_load(cfg, required=True)  # before the model, the engine and metrics.jsonl exist
+    from hp_deepspeed.training.trainer import Trainer
+
     trainer = Trainer(cfg)
     if trainer.resume_from is None:
         raise CheckpointError(f"{cfg.run.dir}/checkpoints: no complete checkpoint to evaluate")
@@ -100,7 +150,7 @@ def cmd_convert_universal(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO")
     _add_local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Accepted so that a train or eval command line validates unchanged (the batch scripts do).
     p.add_argument("--resume", default=None, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    # The launch scripts' preflight says which command it checks (eval defaults to --checkpoint auto).
+    p.add_argument("--as", dest="as_command", choices=["train", "eval"], default="train", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train (run under deepspeed, torchrun, srun or mpirun)")
@@ -133,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True)
     p.add_argument("--input", help="jsonl/json/csv file of raw task rows; default: stdin jsonl")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("convert-universal", help="convert a ZeRO checkpoint for another number of ranks")
@@ -171,8 +223,30 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, CheckpointError, WeightsError, LaunchEnvironmentError, FileNotFoundError)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``KEY=VALUE`` overrides may also follow options such as
+    ``--resume auto`` (argparse alone takes positionals only before the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    unknown = [arg for arg in extra if arg not in late]
+    if late and not hasattr(args, "overrides"):
+        unknown = extra
+    if unknown:
+        parser.exit(2, f"hp-deepspeed {args.command}: error: unrecognized arguments: {' '.join(unknown)} "
+                       f"(see hp-deepspeed {args.command} --help)\n")
+    if late:
+        args.overrides = [*args.overrides, *late]
+    return args
+
+
+def input_error_line(command: str, err: BaseException) -> str:
+    """The one line a bad input gets, whatever raised it: the rule of every subcommand."""
+    return f"hp-deepspeed {command}: error: {one_line(str(err))}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_dependencies()
     try:
@@ -180,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_process()  # before the subcommand imports deepspeed, which picks its device once
         return args.func(args)
     except _input_errors() as err:
-        print(f"hp-deepspeed {args.command}: error: {err}", file=sys.stderr)
+        print(input_error_line(args.command, err), file=sys.stderr)
         return 2
 
 

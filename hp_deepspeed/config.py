@@ -27,6 +27,23 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message names the dotted key and what was expected."""
 
 
+def one_line(message: str) -> str:
+    """``message`` as the single line a user sees for bad input (``hp_deepspeed.cli`` prints it):
+    line breaks of multi-part messages become "; " so a log grep or a batch job's tail shows it whole."""
+    parts = [part.strip() for part in str(message).splitlines()]
+    parts = [part[2:] if part.startswith("- ") else part for part in parts if part]  # list bullets
+    return "; ".join(parts).replace(":;", ":")
+
+
+def yaml_error(where: str, err: yaml.YAMLError, file: bool = True) -> ConfigError:
+    """A YAML syntax error as one line: file, line, column (when ``file``), what was expected."""
+    mark = getattr(err, "problem_mark", None)
+    position = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None and file else where
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    return ConfigError(f"{position}: invalid YAML: {problem}" + (f" ({context})" if context else ""))
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -121,6 +138,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+    except ConfigError:
+        raise
+    except ValueError as err:
+        # A section's __post_init__ range check: its message already names the dotted key.
+        raise ConfigError(str(err)) from None
     return obj
 
 
@@ -149,7 +171,10 @@ def apply_override(tree: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise yaml_error(f"override {override!r}", err, file=False) from None
 
 
 def merge(base: dict, extra: Mapping) -> dict:
@@ -170,7 +195,7 @@ def read_yaml(path: str | Path) -> dict:
         try:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+            raise yaml_error(f"config file {path}", err) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return data

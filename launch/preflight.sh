@@ -3,7 +3,9 @@
 # For `train` and `eval` of the trainer, resolve and check the config once, in this process, so
 # that a typo'd key or a wrong type is reported before any rank (or any remote node) is started.
 if [ "${HP_MODULE:-hp_deepspeed.cli}" = hp_deepspeed.cli ] && { [ "${1:-}" = train ] || [ "${1:-}" = eval ]; }; then
-  "${PYTHON:-python}" -m hp_deepspeed.cli validate "${@:2}" > /dev/null || exit 2
+  # `--as`: an eval command line needs a checkpoint even without --checkpoint (its default is auto).
+  # The one error line goes to stderr; KEY=VALUE overrides may follow --resume/--checkpoint.
+  "${PYTHON:-python}" -m hp_deepspeed.cli validate --as "$1" "${@:2}" > /dev/null || exit 2
 fi
 
 # A CPU run on a GPU host (HP_DEVICE=cpu or HP_DIST_BACKEND=gloo) is a CPU run for DeepSpeed

@@ -173,6 +173,50 @@ def find_latest(root: str | Path) -> CheckpointInfo | None:
     return newest
 
 
+def checkpoint_to_load(root: str | Path, spec: str, required: bool = False) -> CheckpointInfo | None:
+    """The complete checkpoint ``spec`` names, checked from the files alone (cheap, no ranks), so
+    ``validate`` (the launch scripts' preflight), ``eval`` and the trainer's resume refuse the same
+    things before any model is built.
+
+    ``spec``: ``"none"`` (None), ``"auto"`` (the newest complete checkpoint of ``root``, None when
+    there is none) or a ``step-N`` folder. ``required`` (evaluation): None is an error too.
+
+    A ``latest`` pointer with no complete checkpoint left means this folder held a run whose
+    checkpoints were deleted. Starting afresh there would append to that run's metrics.jsonl and
+    rank new evaluations against its best.json (so no new best would ever be kept): refused,
+    with the two ways out named, rather than mixing two runs in one folder.
+    """
+    root = Path(root)
+    if spec == "none":
+        if required:
+            raise CheckpointError("--checkpoint none: evaluation needs a checkpoint ('auto' or a step-N folder)")
+        return None
+    if spec != "auto":
+        return _named_checkpoint(Path(spec))
+    info = find_latest(root)
+    pointer = read_latest(root)
+    if info is None and pointer is not None:
+        raise CheckpointError(
+            f"{root / LATEST} names {pointer!r}, which no longer exists, and no complete checkpoint is left: "
+            f"nothing to resume from; start afresh in another run.dir, or remove {root / LATEST} "
+            f"(the new run then appends to this folder's metrics.jsonl)")
+    if info is None and required:
+        raise CheckpointError(f"{root}: no complete checkpoint to evaluate")
+    return info
+
+
+def _named_checkpoint(step_dir: Path) -> CheckpointInfo:
+    if not step_dir.is_dir():
+        raise CheckpointError(f"resume path {step_dir} does not exist or is not a folder")
+    step = step_of(step_dir)
+    if step is None:
+        raise CheckpointError(f"resume path {step_dir} is not a step-N checkpoint folder")
+    marker = read_marker(step_dir)
+    if marker is None:
+        raise CheckpointError(f"{step_dir}: no {MARKER} marker; this save never finished and cannot be loaded")
+    return CheckpointInfo(step_dir, step, marker)
+
+
 def by_commit_order(checkpoints: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
     """Oldest commit first. Recency is the commit time, not the step: after a deliberate resume
     from an older step, the abandoned continuation's higher steps are the old ones."""

@@ -54,10 +54,10 @@ from hp_deepspeed.checkpointing.layout import (
     atomic_write_json,
     atomic_write_text,
     by_commit_order,
+    checkpoint_to_load,
     compare_metadata,
     compare_params,
     complete_checkpoints,
-    find_latest,
     fsync_path,
     read_json,
     read_latest,
@@ -65,7 +65,6 @@ from hp_deepspeed.checkpointing.layout import (
     remove_checkpoint,
     remove_debris,
     select_for_deletion,
-    step_of,
     step_tag,
 )
 from hp_deepspeed.checkpointing.universal import ensure_universal
@@ -400,25 +399,14 @@ class CheckpointManager:
 
     def _choose(self, spec: str) -> ResumePoint | None:
         """Rank 0: the folder ``spec`` names, checked as far as its marker allows."""
-        if spec == "auto":
-            info = find_latest(self.root)
-            if info is None:
-                return None
-            step_dir, marker = info.path, info.marker
-            pointer = read_latest(self.root)
-            if pointer is not None and pointer != step_dir.name:
-                log.warning("%s/latest names %r, which is missing, incomplete or older than %s; using %s",
-                            self.root, pointer, step_dir.name, step_dir.name)
-        else:
-            step_dir = Path(spec)
-            if not step_dir.is_dir():
-                raise CheckpointError(f"resume path {step_dir} does not exist or is not a folder")
-            if step_of(step_dir) is None:
-                raise CheckpointError(f"resume path {step_dir} is not a step-N checkpoint folder")
-            marker = read_marker(step_dir)
-            if marker is None:
-                raise CheckpointError(
-                    f"{step_dir}: no {MARKER} marker; this save never finished and cannot be loaded")
+        info = checkpoint_to_load(self.root, spec)
+        if info is None:
+            return None
+        step_dir, marker = info.path, info.marker
+        pointer = read_latest(self.root)
+        if spec == "auto" and pointer is not None and pointer != step_dir.name:
+            log.warning("%s/latest names %r, which is missing, incomplete or older than %s; using %s",
+                        self.root, pointer, step_dir.name, step_dir.name)
         problems = []
         if self.model_config:
             problems += compare_metadata(

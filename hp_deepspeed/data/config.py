@@ -138,6 +138,19 @@ class DataConfig:
     eval_splits: dict[str, list[str]] = field(default_factory=dict)
     """Per-task override of the evaluated splits, e.g. ``{glue/mnli: [validation_matched]}``."""
 
+    def __post_init__(self) -> None:
+        # Checked here, not where the values are used, so they fail before any rank starts.
+        for name in ("max_input_length", "max_target_length", "bucket_pool_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mixture_cap is not None and self.mixture_cap < 1:
+            raise ValueError(f"data.mixture_cap must be >= 1 or null, got {self.mixture_cap}")
+        if self.temperature <= 0:
+            raise ValueError(f"data.temperature must be > 0, got {self.temperature}")
+        negative = {task: w for task, w in self.weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"data.weights must be >= 0, got {negative}")
+
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir is not None else BUNDLED_DATA_DIR
 

@@ -10,6 +10,7 @@ for JSON lines and CSV, ``file record i`` otherwise) so later errors can name it
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -17,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from hp_deepspeed.data.tasks import DataError, Task
 
@@ -87,42 +88,68 @@ def locate(task: Task, split: str) -> tuple[Path | None, str]:
 def read_split(task: Task, split: str, path: Path | None, fingerprint: str, on_bad_row: str, cache_dir: Path) -> RawSplit:
     """All rows of a split; malformed rows raise ``DataError`` (``file:line: reason``) or, with
     ``on_bad_row == "skip"``, are dropped and counted."""
-    import datasets  # deferred: importing datasets costs about a second
-
-    # One progress bar per file would bury the training log.
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        return _read_split(datasets, task, split, path, fingerprint, on_bad_row, cache_dir)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-
-
-def _read_split(datasets, task: Task, split: str, path: Path | None, fingerprint: str, on_bad_row: str, cache_dir: Path) -> RawSplit:
-    if path is None:
+    if path is not None:
+        try:
+            return read_file(path, fingerprint, on_bad_row, cache_dir, owner=f"task {task.name}: ")
+        except BadRow as err:
+            raise DataError(f"{err} (set data.on_bad_row: skip to drop such rows)") from None
+    with _quiet_datasets() as datasets:
         hub_path, hub_name = task.source.hub
         dataset = datasets.load_dataset(hub_path, hub_name, split=split, cache_dir=str(cache_dir / "hub"))
         rows = dataset.to_list()
         desc = f"{hub_path}/{hub_name}[{split}]"
         return RawSplit(rows, [f"{desc} record {i}" for i in range(len(rows))], 0, dataset._fingerprint, desc)
 
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """``datasets``, without its progress bars (one per file would bury the training log) and
+    without its ERROR log lines on a parse failure: every failure is re-diagnosed here and
+    reported once, naming the line, so its "row 1" of an Arrow block would only contradict it."""
+    import datasets  # deferred: importing datasets costs about a second
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    # Child loggers (one per packaged module) inherit this level, so none of them logs.
+    package_logger = logging.getLogger("datasets")
+    level = package_logger.level
+    package_logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield datasets
+    finally:
+        package_logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def read_file(path: Path, fingerprint: str, on_bad_row: str, cache_dir: Path, owner: str = "") -> RawSplit:
+    """All rows of one local .jsonl/.json/.csv/.parquet file: the one reader of training,
+    evaluation and ``predict`` rows. ``owner`` prefixes errors that concern the whole file."""
     fmt = FORMATS.get(path.suffix)
     if fmt is None:
-        raise DataError(f"task {task.name}: {path} has an unsupported extension; use one of {sorted(FORMATS)}")
+        raise DataError(f"{owner}{path} has an unsupported extension; use one of {sorted(FORMATS)}")
+    if not path.is_file():
+        raise DataError(f"{owner}{path} does not exist")
     try:
-        dataset = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir / "datasets"))
-        rows = dataset.to_list()
+        with _quiet_datasets() as datasets:
+            dataset = datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=str(cache_dir / "datasets"))
+            rows = dataset.to_list()
     except Exception as err:  # noqa: BLE001 - every parse failure is re-diagnosed below
         if path.suffix == ".jsonl":
             return _read_jsonl(path, fingerprint, on_bad_row)
         if path.suffix == ".csv":
             return _read_csv(path, fingerprint, on_bad_row)
-        raise DataError(f"task {task.name}: {path} cannot be read: {err}") from err
+        if path.suffix == ".json":
+            _diagnose_json(path)
+        cause = err.__cause__ or err  # datasets wraps the parser's error in a generic one
+        raise DataError(f"{owner}{path} cannot be read as {path.suffix[1:]}: {type(cause).__name__}: {cause}") from None
     if path.suffix == ".jsonl":
         locations = [f"{path}:{line}" for line in _nonblank_lines(path)]
     elif path.suffix == ".csv":
-        locations = [f"{path}:{line}" for line in _csv_lines(path)]
+        starts = _csv_lines(path)
+        if starts is None:  # pandas accepted a row with a wrong number of fields
+            return _read_csv(path, fingerprint, on_bad_row)
+        locations = [f"{path}:{line}" for line in starts]
     else:
         locations = [f"{path} record {i}" for i in range(len(rows))]
     if len(locations) != len(rows):  # e.g. a CSV the csv module splits differently from pandas
@@ -130,46 +157,79 @@ def _read_split(datasets, task: Task, split: str, path: Path | None, fingerprint
     return RawSplit(rows, locations, 0, fingerprint, str(path))
 
 
+def _diagnose_json(path: Path) -> None:
+    """A .json file ``datasets`` could not read: name the line and column of a syntax error."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+
+
 def _nonblank_lines(path: Path) -> list[int]:
     with path.open(encoding="utf-8") as fh:
         return [n for n, line in enumerate(fh, start=1) if line.strip()]
 
 
-def _csv_lines(path: Path) -> list[int]:
-    """The line on which each data row of a CSV file starts (quoted fields may span lines)."""
+def _csv_lines(path: Path) -> list[int] | None:
+    """The line on which each data row of a CSV file starts (quoted fields may span lines);
+    None when a row's number of fields differs from the header's."""
     with path.open(encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh)
-        starts, line = [], reader.line_num + 1
-        for i, _ in enumerate(reader):
-            if i > 0:
+        starts, line, width = [], reader.line_num + 1, None
+        for i, values in enumerate(reader):
+            if i == 0:
+                width = len(values)
+            elif len(values) != width:
+                return None
+            else:
                 starts.append(line)
             line = reader.line_num + 1
         return starts
 
 
-def _bad(path: Path, line: int, reason: str, on_bad_row: str) -> None:
+class BadRow(DataError):
+    """A row that cannot be parsed; the message is ``file:line: reason``."""
+
+
+def _bad(path: Path | str, line: int, reason: str, on_bad_row: str) -> None:
     if on_bad_row == "error":
-        raise DataError(f"{path}:{line}: {reason} (set data.on_bad_row: skip to drop such rows)")
+        raise BadRow(f"{path}:{line}: {reason}")
     logger.warning("skipping %s:%d: %s", path, line, reason)
 
 
 def _read_jsonl(path: Path, fingerprint: str, on_bad_row: str) -> RawSplit:
+    with path.open("rb") as fh:
+        return parse_json_lines(fh, str(path), on_bad_row, fingerprint)
+
+
+def parse_json_lines(lines: Iterable[bytes | str], where: str, on_bad_row: str = "error", fingerprint: str = "") -> RawSplit:
+    """JSON objects one per line (a file, or ``predict``'s stdin), each located as ``where:line``."""
     rows, locations, skipped = [], [], 0
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
+    for n, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8") if isinstance(line, bytes) else line
+            if not text.strip():
                 continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as err:
-                _bad(path, n, f"malformed JSON row: {err}", on_bad_row)
-                skipped += 1
-                continue
-            rows.append(row)
-            locations.append(f"{path}:{n}")
-    return RawSplit(rows, locations, skipped, fingerprint, str(path))
+            row = json.loads(text.rstrip("\r\n"))  # so a column is a column of this line
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except UnicodeDecodeError as err:
+            _bad(where, n, f"not UTF-8 text ({err.reason} at byte {err.start})", on_bad_row)
+            skipped += 1
+            continue
+        except json.JSONDecodeError as err:
+            _bad(where, n, f"malformed JSON row: {err.msg} at column {err.colno}", on_bad_row)
+            skipped += 1
+            continue
+        except ValueError as err:
+            _bad(where, n, f"malformed JSON row: {err}", on_bad_row)
+            skipped += 1
+            continue
+        rows.append(row)
+        locations.append(f"{where}:{n}")
+    return RawSplit(rows, locations, skipped, fingerprint, where)
 
 
 def _read_csv(path: Path, fingerprint: str, on_bad_row: str) -> RawSplit:

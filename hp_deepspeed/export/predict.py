@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
 
-from hp_deepspeed.config import from_dict, read_yaml
-from hp_deepspeed.data import DataError, build_tasks, load_tokenizer
-from hp_deepspeed.data.sources import FORMATS
+from hp_deepspeed.checkpointing import CheckpointError
+from hp_deepspeed.config import ConfigError, from_dict, read_yaml
+from hp_deepspeed.data import DataConfig, DataError, build_tasks, load_tokenizer
+from hp_deepspeed.data.sources import RawSplit, parse_json_lines, read_file
 from hp_deepspeed.data.tasks import MalformedRow
+from hp_deepspeed.export.consolidate import EXPORT_FORMAT
 from hp_deepspeed.model.hf_checkpoint import load_hf_weights
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5
@@ -30,13 +31,23 @@ from hp_deepspeed.training.evaluation import generate_texts, rank_classify, toke
 from hp_deepspeed.training.train_config import JobConfig
 
 
-def load_export(export_dir: str | Path, device: torch.device) -> tuple[HyperPromptT5, dict, JobConfig]:
-    export_dir = Path(export_dir)
+def read_export(export_dir: Path) -> tuple[dict, JobConfig]:
+    """The manifest and job config of an export: cheap, so bad input fails before the model loads."""
     manifest_path = export_dir / "export.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{export_dir}: no export.json; expected a folder written by `hp-deepspeed export`")
-    manifest = json.loads(manifest_path.read_text())
-    cfg = from_dict(JobConfig, read_yaml(export_dir / "config.yaml"))
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{manifest_path}: not valid JSON ({err}); re-run `hp-deepspeed export`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{manifest_path}: not an export manifest (expected format {EXPORT_FORMAT!r})")
+    return manifest, from_dict(JobConfig, read_yaml(export_dir / "config.yaml"))
+
+
+def load_export(export_dir: str | Path, device: torch.device) -> tuple[HyperPromptT5, dict, JobConfig]:
+    export_dir = Path(export_dir)
+    manifest, cfg = read_export(export_dir)
     backbone = T5Model(T5Config.from_pretrained(export_dir / "backbone"))
     load_hf_weights(backbone, export_dir / "backbone", zero3=False)
     prompts = export_dir / "prompts.safetensors"
@@ -45,41 +56,59 @@ def load_export(export_dir: str | Path, device: torch.device) -> tuple[HyperProm
     return model.to(device).eval(), manifest, cfg
 
 
-def read_rows(path: str | None) -> list[dict[str, Any]]:
-    """Rows from a .jsonl/.json/.csv file, or JSON lines on stdin."""
+def read_rows(path: str | None) -> RawSplit:
+    """Rows of a .jsonl/.json/.csv/.parquet file, read as training reads its files (a bad row
+    names its line), or JSON lines on stdin."""
     if path is None:
-        return [json.loads(line) for line in sys.stdin if line.strip()]
-    import datasets
-
-    fmt = FORMATS.get(Path(path).suffix)
-    if fmt is None:
-        raise DataError(f"--input {path}: expected a .jsonl, .json, .csv or .parquet file")
-    return datasets.load_dataset(fmt, data_files=str(path), split="train").to_list()
+        return parse_json_lines(sys.stdin, "stdin")
+    return read_file(Path(path), "", "error", DataConfig().resolved_cache_dir(), owner="--input ")
 
 
-def model_inputs(task, rows: Iterable[dict], where: str) -> list[str]:
+def model_inputs(task, rows: RawSplit) -> list[str]:
     inputs = []
-    for i, row in enumerate(rows):
+    for row, where in zip(rows.rows, rows.locations):
         if task.label_words is not None and row.get("label", -1) in (-1, None):
             row = {**row, "label": 0}  # unlabeled (test) row: any valid label; it is not used
         try:
             examples = task.preprocess(row, False)
         except MalformedRow as err:
-            raise DataError(f"{where} row {i}: task {task.name}: {err}") from None
+            raise DataError(f"{where}: task {task.name}: {err}") from None
         inputs.append(examples[0].inputs)  # ReCoRD expands per answer; the inputs are shared
     return inputs
 
 
-def predict(export_dir: str | Path, task_name: str, rows: list[dict], device: str = "auto",
-            batch_size: int = 16, max_new_tokens: int = 16, where: str = "input") -> list[dict]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, manifest, cfg = load_export(export_dir, dev)
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def export_task(export_dir: Path, task_name: str):
+    _, cfg = read_export(export_dir)
     tasks = {t.name: t for t in build_tasks(cfg.data)}
     if task_name not in tasks:
-        raise DataError(f"task {task_name!r} is not a task of this export; it has: {', '.join(tasks)}")
-    task = tasks[task_name]
+        raise DataError(f"--task {task_name}: not a task of this export; it has: {', '.join(tasks)}")
+    return tasks[task_name]
+
+
+def predict(export_dir: str | Path, task_name: str, rows: RawSplit | list[dict], device: str = "auto",
+            batch_size: int = 16, max_new_tokens: int = 16) -> list[dict]:
+    if not isinstance(rows, RawSplit):
+        rows = RawSplit(list(rows), [f"row {i}" for i in range(len(rows))], 0, "", "rows")
+    # Every check that needs no model first: the task, then each row.
+    task = export_task(Path(export_dir), task_name)
+    texts = model_inputs(task, rows)
+    if not texts:
+        raise DataError(f"{rows.description}: no rows to predict")
+    dev = _device(device)
+    model, _, cfg = load_export(export_dir, dev)
     tokenizer = load_tokenizer(Path(export_dir) / "tokenizer")
-    texts = model_inputs(task, rows, where)
     label_ids = tokenize_label_words(tokenizer, task.label_words) if task.label_words else None
     results = []
     for start in range(0, len(texts), batch_size):
@@ -97,9 +126,10 @@ def predict(export_dir: str | Path, task_name: str, rows: list[dict], device: st
 
 
 def predict_main(args) -> int:
+    export_task(Path(args.export), args.task)  # a wrong --export or --task fails before the rows are read
     rows = read_rows(args.input)
     results = predict(args.export, args.task, rows, device=args.device, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, where=args.input or "stdin")
+                      max_new_tokens=args.max_new_tokens)
     for record in results:
         print(json.dumps(record))
     return 0

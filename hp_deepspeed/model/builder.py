@@ -17,9 +17,9 @@ from typing import Any, Literal
 import torch
 
 from hp_deepspeed.model import random_init
-from hp_deepspeed.model.hf_checkpoint import load_hf_weights
+from hp_deepspeed.model.hf_checkpoint import CheckpointReader, load_hf_weights
 from hp_deepspeed.model.t5 import ActivationCheckpointing, T5Model
-from hp_deepspeed.model.t5_config import PRESETS, T5Config
+from hp_deepspeed.model.t5_config import PRESET_ALIASES, PRESETS, T5Config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Presets without published weights: always randomly initialised.
@@ -54,6 +54,18 @@ def resolve_t5_config(config: ModelConfig) -> T5Config:
     if config.dropout_rate is not None:
         t5_config = dataclasses.replace(t5_config, dropout_rate=config.dropout_rate)
     return t5_config
+
+
+def check_model_source(config: ModelConfig) -> None:
+    """The cheap part of ``build_model``, for a preflight: a preset or a local folder must give a
+    T5 config, and a local folder whose weights are to be loaded must hold weight files. A hub id
+    is left to the ranks (a preflight downloads nothing)."""
+    name = config.name_or_path
+    local = Path(name).exists() or name.startswith((".", "/"))
+    if local or name in PRESETS or name in PRESET_ALIASES:
+        resolve_t5_config(config)
+    if local and config.load_weights:
+        CheckpointReader(name)  # reads index files and safetensors headers only
 
 
 def build_model(

@@ -45,6 +45,11 @@ BIN_SINGLE = "pytorch_model.bin"
 # ``shared.weight``, and a cross-attention bias table HF itself ignores on load.
 ALIASES_OF_SHARED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 IGNORED_TENSORS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+# transformers' tie rule for T5 and mT5 (5.x ``_tied_weights_keys``; their configs always tie):
+# these tensors are one, so a checkpoint may hold any of them (transformers 5 writes only
+# ``shared.weight``). ``from_pretrained`` fills a missing one from the first present one in this
+# order, and keeps two present ones apart only when their values differ.
+TIED_GROUP = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # Hub repositories of the preset names that are checkpoints (the tiny ones are not).
 _PRESET_HUB_IDS = {name: alias for alias, name in PRESET_ALIASES.items()}
@@ -148,11 +153,32 @@ def _full_shape(param: nn.Parameter) -> tuple[int, ...]:
     return tuple(param.ds_shape) if _is_zero3(param) else tuple(param.shape)
 
 
+def tensor_sources(names, reader: CheckpointReader) -> dict[str, str]:
+    """Parameter name -> the checkpoint tensor it is read from: its own, or for a member of
+    ``TIED_GROUP`` the first member the checkpoint holds (transformers' rule)."""
+    present = [name for name in TIED_GROUP if name in reader.file_of]
+    sources = {}
+    for name in names:
+        if name in reader.file_of:
+            sources[name] = name
+        elif name in TIED_GROUP and present:
+            sources[name] = present[0]
+    return sources
+
+
+def _separate_head(reader: CheckpointReader) -> bool:
+    """Whether the checkpoint's lm_head differs from its embedding (transformers then unties them)."""
+    if not {"shared.weight", "lm_head.weight"} <= set(reader.file_of):
+        return False
+    return not torch.equal(reader.read("shared.weight"), reader.read("lm_head.weight"))
+
+
 def check_checkpoint(model: nn.Module, reader: CheckpointReader, tied: bool) -> str | None:
     """None when the checkpoint's names and shapes fit the model, else the error message."""
     expected = {name: _full_shape(p) for name, p in model.named_parameters()}
     skip = set(ALIASES_OF_SHARED) | set(IGNORED_TENSORS) | ({"lm_head.weight"} if tied else set())
-    missing = [name for name in expected if name not in reader.file_of]
+    sources = tensor_sources(expected, reader)
+    missing = [name for name in expected if name not in sources]
     if missing:
         return (
             f"checkpoint {reader.folder} lacks tensor {missing[0]} (expected shape {list(expected[missing[0]])})"
@@ -166,9 +192,13 @@ def check_checkpoint(model: nn.Module, reader: CheckpointReader, tied: bool) -> 
             f"parameter in the model" + (f"; {len(unexpected) - 1} more: {', '.join(unexpected[1:6])}" if len(unexpected) > 1 else "")
         )
     for name, shape in expected.items():
-        found = reader.shape(name)
+        found = reader.shape(sources[name])
         if found != shape:
-            return f"{reader.file_of[name]}: tensor {name} has shape {list(found)}, the model expects {list(shape)}"
+            return f"{reader.file_of[sources[name]]}: tensor {sources[name]} has shape {list(found)}, the model expects {list(shape)}"
+    if tied and _separate_head(reader):
+        return (f"{reader.file_of['lm_head.weight']}: lm_head.weight differs from shared.weight, so transformers "
+                f"keeps a separate output head, but config.json ties them (tie_word_embeddings / "
+                f"scale_decoder_outputs); this model cannot hold both: fix config.json")
     return None
 
 
@@ -204,10 +234,11 @@ def load_hf_weights(model: nn.Module, name_or_path: str | Path, zero3: bool) -> 
     if error is not None:
         raise CheckpointError(error)
 
+    sources = tensor_sources(params, reader) if reader is not None else {}
     if not zero3:
         with torch.no_grad():
             for name, param in params.items():
-                param.copy_(reader.read(name))
+                param.copy_(reader.read(sources[name]))
         return
 
     import deepspeed
@@ -216,7 +247,7 @@ def load_hf_weights(model: nn.Module, name_or_path: str | Path, zero3: bool) -> 
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if reader is not None:
                 with torch.no_grad():
-                    param.data.copy_(reader.read(name))
+                    param.data.copy_(reader.read(sources[name]))
 
 
 def save_hf_checkpoint(

@@ -24,6 +24,10 @@ class RunConfig:
     seed: int = 0
     """Seeds model initialisation, dropout and the data stream."""
 
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            raise ValueError("run.dir must be a folder path, got an empty string")
+
 
 @dataclass
 class TrainingConfig:
@@ -60,6 +64,14 @@ class EvalConfig:
     """Examples per rank per evaluation forward pass."""
     max_new_tokens: int = 16
     """Greedy decoding length for generative tasks."""
+
+    def __post_init__(self) -> None:
+        for name in ("every", "max_examples_per_task"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -140,3 +140,33 @@ def test_config_rejects_bad_values_and_unknown_keys():
     with pytest.raises(ConfigError, match="unknown config key keep_lats"):
         from_dict(CheckpointConfig, {"keep_lats": 3})
 
+
+
+def test_checkpoint_to_load_refuses_what_cannot_be_loaded(tmp_path):
+    from hp_deepspeed.checkpointing.layout import checkpoint_to_load
+
+    assert checkpoint_to_load(tmp_path, "auto") is None  # a new run starts fresh
+    assert checkpoint_to_load(tmp_path, "none") is None
+    with pytest.raises(CheckpointError, match="no complete checkpoint to evaluate"):
+        checkpoint_to_load(tmp_path, "auto", required=True)
+    with pytest.raises(CheckpointError, match="evaluation needs a checkpoint"):
+        checkpoint_to_load(tmp_path, "none", required=True)
+    unfinished = make_checkpoint(tmp_path, 4, complete=False)
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        checkpoint_to_load(tmp_path, str(unfinished))
+    with pytest.raises(CheckpointError, match="is not a step-N checkpoint folder"):
+        checkpoint_to_load(tmp_path, str(tmp_path))
+    assert checkpoint_to_load(tmp_path, str(make_checkpoint(tmp_path, 2))).step == 2
+
+
+def test_a_latest_pointer_without_any_checkpoint_left_is_refused(tmp_path):
+    """The folder held a run whose checkpoints were deleted: a fresh start there would append to
+    its metrics.jsonl and compare new evaluations with its best.json."""
+    from hp_deepspeed.checkpointing.layout import checkpoint_to_load
+
+    (tmp_path / LATEST).write_text("step-40\n")
+    with pytest.raises(CheckpointError, match=r"latest names 'step-40', which no longer exists, and no complete checkpoint is left"):
+        checkpoint_to_load(tmp_path, "auto")
+    assert checkpoint_to_load(tmp_path, "none") is None  # an explicit fresh start is the user's call
+    make_checkpoint(tmp_path, 2)  # another checkpoint left: resumed from it (with a warning)
+    assert checkpoint_to_load(tmp_path, "auto").step == 2

@@ -101,3 +101,22 @@ def test_fractional_label_is_named_not_its_neighbours(make_cfg, tokenizer, tmp_p
     write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in GOOD] + [json.dumps({"text": "x", "label": 0.5})])
     with pytest.raises(DataError, match=r"train.jsonl:6: task my/task: label 0.5 is outside the label set"):
         train(make_cfg, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_a_bad_row_is_reported_once_with_one_row_number(make_cfg, tokenizer, tmp_path, split, capfd, caplog):
+    """datasets' reader fails on the whole Arrow block and logs ERROR lines about its "row 1";
+    the user must see only our message, naming the line."""
+    lines = [json.dumps(r) for r in GOOD]
+    write_jsonl(tmp_path / "train.jsonl", lines)
+    write_jsonl(tmp_path / "validation.jsonl", lines)
+    write_jsonl(tmp_path / f"{split}.jsonl", lines[:3] + ["not json"] + lines[3:])
+    caplog.set_level("DEBUG")
+    config = make_cfg(custom_tasks=[custom(tmp_path)])
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / split}.jsonl:4: malformed JSON row: Expecting value at column 1")):
+        if split == "train":
+            TrainStream(config, build_tasks(config), tokenizer, micro_batch_size=2)
+        else:
+            build_eval_batches(config, build_tasks(config), tokenizer, 2)
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+    assert "ERROR" not in capfd.readouterr().err

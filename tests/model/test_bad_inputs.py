@@ -104,3 +104,61 @@ def test_hub_ids_go_through_snapshot_download(tiny_checkpoint, monkeypatch):
     assert requested[-1][0] == "google-t5/t5-small"
     with pytest.raises(CheckpointError, match="'nobody/absent' is neither a local folder nor a preset.*OSError: we are offline"):
         load_hf_weights(model, "nobody/absent", zero3=False)
+
+
+def _tied_v1_1_checkpoint(folder):
+    """A v1.1 T5 saved by transformers 5 itself: its T5 always ties the head to the embedding, so
+    ``save_pretrained`` writes ``shared.weight`` only (``scale_decoder_outputs: false`` marks v1.1)."""
+    from safetensors import safe_open
+    from transformers import T5ForConditionalGeneration
+
+    from hp_deepspeed.testing.tiny_models import hf_config
+
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(hf_config(T5Config.from_pretrained("tiny-v1_1")))
+    hf.save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert "shared.weight" in handle.keys() and "lm_head.weight" not in handle.keys()
+    return folder
+
+
+def test_transformers_5_v1_1_with_a_tied_head_loads_as_transformers_loads_it(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    from tests.model.helpers import padded_batch
+
+    folder = _tied_v1_1_checkpoint(tmp_path / "ckpt")
+    ours = load_ours(folder)
+    hf = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    assert not ours.config.tie_word_embeddings  # v1.1: unscaled, with its own lm_head parameter
+    torch.testing.assert_close(ours.lm_head.weight, hf.lm_head.weight, atol=0, rtol=0)
+    input_ids, attention_mask, labels = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids, attention_mask, labels=labels).logits,
+                                   hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits,
+                                   atol=1e-5, rtol=1e-5)  # HF init: logits of a few units
+
+
+def test_tied_members_fill_each_other_in_transformers_order(tiny_checkpoint, tmp_path):
+    # Only an alias of the embedding left (old checkpoints): transformers ties shared.weight to it.
+    def keep_alias_only(state):
+        state["encoder.embed_tokens.weight"] = state.pop("shared.weight")
+
+    folder = edited_checkpoint(tiny_checkpoint("tiny-v1_1"), tmp_path / "ckpt", keep_alias_only)
+    original = load_file(tiny_checkpoint("tiny-v1_1") / "model.safetensors")
+    ours = load_ours(folder)
+    torch.testing.assert_close(ours.shared.weight, original["shared.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(ours.lm_head.weight, original["lm_head.weight"], atol=0, rtol=0)
+
+
+def test_a_separate_head_under_a_tied_config_is_refused(tiny_checkpoint, tmp_path, model):
+    # transformers keeps a head that differs from the embedding apart; a tied model cannot.
+    def add_head(state):
+        state["lm_head.weight"] = state["shared.weight"] + 1.0
+
+    folder = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "ckpt", add_head)
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from shared.weight"):
+        load_hf_weights(model, folder, zero3=False)
+    equal = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "equal",
+                              lambda s: s.__setitem__("lm_head.weight", s["shared.weight"].clone()))
+    load_hf_weights(model, equal, zero3=False)  # an equal copy (as .bin files hold) is the tie itself

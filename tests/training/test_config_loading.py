@@ -76,7 +76,22 @@ def test_bad_overrides_and_files(tmp_path):
         load_config(Outer, [tmp_path / "missing.yaml"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("inner: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: invalid YAML: expected ',' or '\]', but got '<stream end>'"):
         load_config(Outer, [bad])
     with pytest.raises(ConfigError, match=r"unknown config key inner\.typo"):
         load_config(Outer, [], ["inner.typo=1"])
+
+
+@pytest.mark.parametrize("override", [
+    "run.dir=''", "training.steps=0", "eval.max_new_tokens=0", "optim.warmup_steps=-1", "data.bucket_pool_batches=0",
+    "data.mixture_cap=0", "data.weights={glue/rte: -1}", "checkpoint.interval=0", "preemption.check_every=0",
+    "conditioning.bottleneck=0",
+])
+def test_every_sections_range_check_is_a_config_error(override):
+    """A ``__post_init__`` value check of any section reaches the user as a ConfigError (one line,
+    exit code 2 in the CLI), named by its dotted key, not as a ValueError traceback."""
+    from hp_deepspeed.training.train_config import JobConfig
+
+    key = override.split("=")[0].split(".")
+    with pytest.raises(ConfigError, match=rf"^{key[0]}\.{key[1]} must be"):
+        load_config(JobConfig, [], [override])
