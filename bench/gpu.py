@@ -85,6 +85,8 @@ class Stage:
     rounds: int = 5
     kind: str = "train"
     """``train`` (time steps), ``attention`` (which SDPA kernel) or ``config`` (the default's choices)."""
+    profile: bool = False
+    """After timing, one more step of each runner under torch.profiler (top operators in the JSON)."""
 
 
 HP = "hyperprompt_global"
@@ -99,7 +101,7 @@ FULL_STAGES = (
     # Targets 4 and 5: ZeRO-3 forced, ours against transformers' T5 on the same engine.
     Stage("large_zero3", "t5-large", 16, 512, 128, (
         Runner("zero3_none", "zero3"), Runner("zero3_hp_global", "zero3", variant=HP),
-        Runner("zero3_hf", "zero3", model="hf")), 150),
+        Runner("zero3_hf", "zero3", model="hf")), 150, profile=True),
     Stage("xl_full", "google/t5-v1_1-xl", 16, 512, 128, (Runner("default_hp_global", "default", variant=HP),),
           150, checkpointing="non_reentrant", rounds=4),
     Stage("xxl_frozen", "google/t5-v1_1-xxl", 8, 512, 128,
@@ -112,7 +114,7 @@ FULL_STAGES = (
 # The issue's host-overhead proxy (CPU): measured before issue 13 at 1.67x (ours) and 1.60x (hf).
 PROXY = Stage("proxy", "t5-small", 4, 64, 16, (
     Runner("plain_none", "plain"), Runner("zero3_none", "zero3"), Runner("zero3_hf", "zero3", model="hf")),
-    900, warmup=1, rounds=7)
+    900, warmup=1, rounds=7, profile=True)
 
 
 def tiny(stage: Stage) -> Stage:
@@ -300,10 +302,27 @@ def run_train_stage(stage: Stage) -> dict:
                           achieved_tflops=rows[name]["flops"] / med / 1e12,
                           mfu=None if peak is None else rows[name]["flops"] / med / 1e12 / peak,
                           ratio_to_first=rel[name]["ratio_median"], ratio_to_first_paired=rel[name]["ratio_paired_median"])
+    if stage.profile:
+        for name, step in steps.items():
+            rows[name]["profile_top"] = profile_step(step)
     memory = None
     if device.type == "cuda":
         memory = {"peak_allocated_gib_all_engines": torch.cuda.max_memory_allocated() / 2**30}
     return {"runners": rows, "peak_tflops": peak, "memory": memory, "torch_threads": torch.get_num_threads()}
+
+
+def profile_step(step, top: int = 20) -> list[dict]:
+    """One step under torch.profiler: the operators with the most self time (host, and device on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "cpu_total_ms": e.cpu_time_total / 1e3,
+             "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in events]
 
 
 def run_attention_stage(stage: Stage) -> dict:

@@ -10,8 +10,9 @@ t5-large it was 4.5x slower than plain PyTorch. So:
 
 * **stage**: 3 only when it must -- when the replicated model states of stage 0 (one GPU) or the
   partitioned optimizer of stage 2 (several) would take more than ``STATE_SHARE`` of a GPU's
-  usable memory (the ``plan`` tool's budget). The rest is left for activations, which depend on
-  the micro-batch (``hp-deepspeed plan`` sizes those).
+  usable memory (the ``plan`` tool's budget) and ZeRO-3 makes them smaller (with one GPU it
+  does not: there stage 0 stays, and a model too large needs offload, see ``hp-deepspeed plan``).
+  The rest of the budget is left for activations, which depend on the micro-batch.
 * **buckets**: Hugging Face's rule (reduce bucket d_model^2, prefetch 0.9 d_model^2) flushes
   about 700 reduce buckets per t5-large step and never prefetches (one FFN weight, 4.2M
   elements, is larger than its 0.94M prefetch bucket). Here a reduce bucket holds a quarter of
@@ -44,6 +45,8 @@ MULTI_RANK_PERSISTENCE = 100_000
 # Bytes per parameter of bf16 mixed-precision AdamW: bf16 weights (2) for every parameter; for
 # each trained one a bf16 gradient (2), and fp32 master weight, gradient accumulator, m and v (16).
 PARAM_BYTES, TRAINED_BYTES = 2, 18
+HOST_BYTES = 4
+"""Bytes per parameter of the fp32 model a rank builds on the host before DeepSpeed moves it."""
 
 
 @dataclass(frozen=True)
@@ -86,14 +89,22 @@ class Hardware:
     """Ranks (GPUs) that share the model."""
     gpu_mem_gib: float | None
     """Memory of one GPU as sold (80 for an H100 80GB); None on the CPU, where memory is not planned."""
+    host_mem_gib: float = float("inf")
+    """RAM of one node: below ZeRO-3 every rank builds the whole fp32 model there first."""
+    ranks_per_node: int = 1
+    """Ranks sharing that RAM."""
 
     @classmethod
     def detect(cls, world_size: int, on_cpu: bool) -> "Hardware":
+        import os
+
+        import psutil
         import torch
 
         if on_cpu or not torch.cuda.is_available():
             return cls(world_size, None)
-        return cls(world_size, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB)
+        return cls(world_size, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB,
+                   psutil.virtual_memory().total / GIB, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
     def budget_bytes(self) -> float:
         """What the plan tool allows model states and activations on one GPU (its margins)."""
@@ -115,18 +126,23 @@ def state_bytes(size: ModelSize, stage: int, world_size: int) -> float:
 
 def choose_stage(size: ModelSize, hw: Hardware) -> tuple[int, str]:
     """(ZeRO stage, the reason in words)."""
-    fallback = 0 if hw.world_size == 1 else 2
+    low = 0 if hw.world_size == 1 else 2
     if hw.gpu_mem_gib is None:
         # CPU runs (tests, demos) have no device memory to save, and gloo has no reduce-scatter
         # for stage 2: replicate.
         return 0, "CPU: nothing to shard for"
     budget = hw.budget_bytes()
-    need = state_bytes(size, fallback, hw.world_size)
-    if need <= STATE_SHARE * budget:
-        return fallback, (f"stage {fallback} model states {need / GIB:.1f} GiB <= {STATE_SHARE:.0%} of the "
-                          f"{budget / GIB:.1f} GiB budget per GPU")
-    return 3, (f"stage {fallback} model states {need / GIB:.1f} GiB > {STATE_SHARE:.0%} of the "
-               f"{budget / GIB:.1f} GiB budget per GPU; ZeRO-3 shards them to {state_bytes(size, 3, hw.world_size) / GIB:.1f} GiB")
+    need = {stage: state_bytes(size, stage, hw.world_size) for stage in (low, 3)}
+    host_need = HOST_BYTES * size.total_params * hw.ranks_per_node  # zero.Init avoids this at stage 3
+    if host_need > STATE_SHARE * hw.host_mem_gib * GIB:
+        return 3, (f"below ZeRO-3 the {hw.ranks_per_node} rank(s) of a node would build {host_need / GIB:.0f} GiB "
+                   f"of fp32 weights in its {hw.host_mem_gib:.0f} GiB of RAM")
+    if need[low] <= STATE_SHARE * budget:
+        stage = low
+    else:  # the smaller states; on one GPU ZeRO-3 shards nothing, so the cheaper stage 0 stays
+        stage = 3 if need[3] < need[low] else low
+    return stage, (f"model states per GPU: {need[low] / GIB:.1f} GiB at stage {low}, {need[3] / GIB:.1f} GiB at "
+                   f"stage 3; {STATE_SHARE:.0%} of the {budget / GIB:.1f} GiB budget is {STATE_SHARE * budget / GIB:.1f} GiB")
 
 
 def sizes(size: ModelSize | None, d_model: int, hw: Hardware) -> dict[str, int]:

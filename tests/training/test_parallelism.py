@@ -39,13 +39,22 @@ def test_model_size_counts_the_trainers_model(sizes_by_preset):
 @pytest.mark.parametrize("model, world, gpu, stage", [
     ("large", 1, H100, 0),        # fits replicated: no ZeRO-3 hooks on one GPU
     ("large", 8, H100, 2),        # several GPUs: optimizer and gradients partitioned
-    ("xl", 1, H100, 3),           # 2.9B x 20 bytes of states do not leave room for activations
-    ("xl", 64, H100, 2),
+    ("xl", 1, H100, 0),           # too large for the share, but ZeRO-3 shards nothing on one GPU
+    ("xl", 8, H100, 2),
+    ("xxl", 1, H100, 0),          # (needs offload: the plan tool says so)
     ("xxl", 8, H100, 3),          # 11B x 2 bytes of bf16 weights alone take a third of the budget
     ("xxl_frozen", 1, H200, 0),   # frozen backbone: only its bf16 weights, 22 GB
 ])
 def test_stage_three_only_when_it_must(sizes_by_preset, model, world, gpu, stage):
     assert choose_stage(sizes_by_preset[model], Hardware(world, gpu))[0] == stage
+
+
+def test_host_memory_of_eight_ranks_building_an_xxl_forces_zero3(sizes_by_preset):
+    # 8 x 11B x 4 bytes of fp32 weights built per rank before the engine: ZeRO-3's zero.Init avoids it.
+    node = Hardware(8, H100, host_mem_gib=1024, ranks_per_node=8)
+    stage, reason = choose_stage(sizes_by_preset["xxl_frozen"], node)
+    assert stage == 3 and "GiB of fp32 weights" in reason
+    assert choose_stage(sizes_by_preset["large"], node)[0] == 2
 
 
 def test_cpu_replicates():
