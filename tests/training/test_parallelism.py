@@ -51,7 +51,7 @@ def test_stage_three_only_when_it_must(sizes_by_preset, model, world, gpu, stage
 
 def test_host_memory_of_eight_ranks_building_an_xxl_forces_zero3(sizes_by_preset):
     # 8 x 11B x 4 bytes of fp32 weights built per rank before the engine: ZeRO-3's zero.Init avoids it.
-    node = Hardware(8, H100, host_mem_gib=1024, ranks_per_node=8)
+    node = Hardware(8, H100, host_mem_gib=512, ranks_per_node=8)
     stage, reason = choose_stage(sizes_by_preset["xxl_frozen"], node)
     assert stage == 3 and "GiB of fp32 weights" in reason
     assert choose_stage(sizes_by_preset["large"], node)[0] == 2
