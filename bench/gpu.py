@@ -16,6 +16,9 @@ backbone), activation checkpointing for the last two. On the CPU (``--tiny``, th
 the same stages run with the tiny presets and a few tokens, fp32, so the script cannot rot; the
 ``proxy`` stage is the host-overhead proxy of the issue (t5-small shape, batch 4, 64 -> 16
 tokens, fp32: ZeRO-3 at world size 1 over plain PyTorch, and transformers' T5 on the same engine).
+Every step's wall time and process CPU time are recorded; on a CPU shared with other jobs the CPU
+time is the steadier measure of the host work (run the proxy with ``OMP_NUM_THREADS=1`` so that
+idle OpenMP threads spinning do not count).
 
 Engines ("runners"):
 
@@ -25,6 +28,8 @@ Engines ("runners"):
   configuration a user gets (ZeRO stage and sizes chosen by ``training/parallelism.py``);
 * ``zero0`` / ``zero2`` / ``zero3``: that stage forced (``ds_configs/zero3_bf16.json`` with the
   stage replaced; its "auto" sizes resolved by the project);
+* ``zero3_leaf``: ``zero3`` with ``deepspeed.utils.set_z3_leaf_modules`` on the T5 block (one
+  gather and one hook per block instead of per linear layer);
 * ``zero3_hf_rule``: ZeRO-3 with the sizes of the Hugging Face rule (buckets d_model^2,
   persistence 10 d_model) that the project used before issue 13;
 * ``hf``: transformers' ``T5ForConditionalGeneration`` under the ``zero3`` config.
@@ -59,7 +64,7 @@ class Runner:
 
     name: str
     engine: str
-    """``plain``, ``default``, ``zero0``, ``zero2``, ``zero3`` or ``zero3_hf_rule``."""
+    """``plain``, ``default``, ``zero0``, ``zero2``, ``zero3``, ``zero3_leaf`` or ``zero3_hf_rule``."""
     model: str = "ours"
     """``ours`` (hyperprompt_t5.build_model) or ``hf`` (transformers' T5ForConditionalGeneration)."""
     variant: str = "none"
@@ -109,7 +114,7 @@ FULL_STAGES = (
           180, checkpointing="non_reentrant", rounds=3),
     Stage("large_stages", "t5-large", 16, 512, 128, (
         Runner("zero0_none", "zero0"), Runner("zero2_none", "zero2"),
-        Runner("zero3_hf_rule_none", "zero3_hf_rule")), 150),
+        Runner("zero3_hf_rule_none", "zero3_hf_rule"), Runner("zero3_leaf_none", "zero3_leaf")), 150),
 )
 # The issue's host-overhead proxy (CPU): measured before issue 13 at 1.67x (ours) and 1.60x (hf).
 PROXY = Stage("proxy", "t5-small", 4, 64, 16, (
@@ -120,7 +125,7 @@ PROXY = Stage("proxy", "t5-small", 4, 64, 16, (
 def tiny(stage: Stage) -> Stage:
     """The same stage at CPU-test size: tiny presets, a few tokens, two rounds."""
     preset = "tiny-v1_1" if "v1_1" in stage.preset else "tiny-v1_0"
-    return replace(stage, preset=preset, batch=2, enc_len=12, dec_len=5, warmup=1, rounds=2, timeout_s=120)
+    return replace(stage, preset=preset, batch=2, enc_len=12, dec_len=5, warmup=1, rounds=2, timeout_s=240)
 
 
 def stages_for(mode: str) -> tuple[Stage, ...]:
@@ -230,6 +235,12 @@ def build_runner(stage: Stage, runner: Runner):
         with torch.device(device if not zero3 else "cpu"):
             model = build_model(_model_cfg(stage, runner, "bfloat16" if bf16 else "float32"), _cond_cfg(runner),
                                 NUM_TASKS, ds_config=ds_config)
+    if runner.engine == "zero3_leaf":  # ZeRO-3 gathers a whole block at once, with one hook
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from hp_deepspeed.model.t5 import T5Block
+
+        set_z3_leaf_modules(model, [T5Block])
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     engine.train()
@@ -292,8 +303,11 @@ def run_train_stage(stage: Stage) -> dict:
             shape_of(t5_config), stage.batch, stage.enc_len, stage.dec_len, prompt),
             "zero_optimization": None if ds_config is None else ds_config["zero_optimization"],
             "bf16": bool(ds_config and ds_config.get("bf16", {}).get("enabled")) or device.type == "cuda"}
-    times = interleave(steps, rounds=stage.rounds, warmup=stage.warmup)
-    rel = ratios(times, stage.runners[0].name)
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    times = interleave({name: _cpu_timed(step, cpu[name]) for name, step in steps.items()},
+                       rounds=stage.rounds, warmup=stage.warmup)
+    first = stage.runners[0].name
+    rel = ratios(times, first)
     peak = device_peak_tflops()
     tokens = stage.batch * (stage.enc_len + stage.dec_len)
     for name, ts in times.items():
@@ -301,7 +315,9 @@ def run_train_stage(stage: Stage) -> dict:
         rows[name].update(step_s_median=med, step_s_all=ts, tokens_per_s=tokens / med,
                           achieved_tflops=rows[name]["flops"] / med / 1e12,
                           mfu=None if peak is None else rows[name]["flops"] / med / 1e12 / peak,
-                          ratio_to_first=rel[name]["ratio_median"], ratio_to_first_paired=rel[name]["ratio_paired_median"])
+                          ratio_to_first=rel[name]["ratio_median"], ratio_to_first_paired=rel[name]["ratio_paired_median"],
+                          cpu_s_median=median(cpu[name][stage.warmup:]), cpu_s_all=cpu[name][stage.warmup:],
+                          cpu_ratio_to_first=median(cpu[name][stage.warmup:]) / median(cpu[first][stage.warmup:]))
     if stage.profile:
         for name, step in steps.items():
             rows[name]["profile_top"] = profile_step(step)
@@ -323,6 +339,16 @@ def profile_step(step, top: int = 20) -> list[dict]:
     return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
              "cpu_total_ms": e.cpu_time_total / 1e3,
              "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in events]
+
+
+def _cpu_timed(step, sink: list[float]):
+    """``step`` that also records its process CPU time: on a CPU shared with other jobs the host
+    work a step does is far steadier than its wall time (waiting for a core is not counted)."""
+    def timed_step():
+        start = time.process_time()
+        step()
+        sink.append(time.process_time() - start)
+    return timed_step
 
 
 def run_attention_stage(stage: Stage) -> dict:
@@ -436,12 +462,13 @@ def summary_rows(results: list[dict]) -> list[list]:
     rows = []
     for res in results:
         if "error" in res:
-            rows.append([res["stage"]["name"], "-", res["error"], "", "", "", ""])
+            rows.append([res["stage"]["name"], "-", res["error"], "", "", "", "", "", ""])
         for name, r in res.get("runners", {}).items():
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             stage_cfg = (r["zero_optimization"] or {}).get("stage", "plain")
             rows.append([res["stage"]["name"], name, f"ZeRO-{stage_cfg}" if stage_cfg != "plain" else "plain",
-                         r["step_s_median"], r["tokens_per_s"], mfu, r["ratio_to_first"]])
+                         r["step_s_median"], r["tokens_per_s"], mfu, r["ratio_to_first"], r["cpu_s_median"],
+                         r["cpu_ratio_to_first"]])
     return rows
 
 
@@ -460,7 +487,8 @@ def drive(mode: str, out: Path, names: list[str] | None, budget_s: float) -> lis
             continue
         print(f"== {stage.name} ({stage.preset}, batch {stage.batch}, {stage.enc_len}->{stage.dec_len})", flush=True)
         results.append(run_in_subprocess(stage, mode, out, min(stage.timeout_s, left)))
-    print(table(["stage", "runner", "engine", "step s", "tokens/s", "MFU", "x first"], summary_rows(results)))
+    print(table(["stage", "runner", "engine", "step s", "tokens/s", "MFU", "x first", "CPU s", "CPU x first"],
+                summary_rows(results)))
     summary = {"benchmark": "gpu", "mode": mode, "machine": machine(), "stages": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}/summary.json")
