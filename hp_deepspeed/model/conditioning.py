@@ -404,10 +404,20 @@ class TaskConditioning(nn.Module):
         self.num_tasks = num_tasks
 
     def forward(self, task_ids: Tensor) -> ConditioningOutput:
-        # One set per distinct task: a batch of 64 examples from 3 tasks generates 3 sets. The
-        # unique is a host sync on GPUs (its size is data dependent); it is one per step.
-        tasks, inverse = torch.unique(task_ids, sorted=True, return_inverse=True)
+        tasks, inverse = self.tasks_to_generate(task_ids, sync_free=task_ids.device.type != "cpu")
         return _examples_output(self.generator(tasks), inverse, self.sides)
+
+    def tasks_to_generate(self, task_ids: Tensor, sync_free: bool) -> tuple[Tensor, Tensor]:
+        """(tasks to generate, each example's row among them).
+
+        One set per distinct task: a batch of 64 examples from 3 tasks generates 3 sets. But
+        ``torch.unique`` has a data-dependent size, so on a GPU it waits for the device (a host
+        sync per step). ``sync_free`` with at least as many examples as tasks generates every
+        task instead (the plan tool's ``min(batch, tasks)`` sets): the same values, no sync.
+        """
+        if sync_free and task_ids.numel() >= self.num_tasks:
+            return torch.arange(self.num_tasks, device=task_ids.device), task_ids.long()
+        return torch.unique(task_ids, sorted=True, return_inverse=True)
 
     @torch.no_grad()
     def precompute(self, task_ids: Sequence[int] | Tensor | None = None) -> "PrecomputedConditioning":

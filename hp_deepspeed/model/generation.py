@@ -21,6 +21,10 @@ from hp_deepspeed.model.layer_conditioning import ConditioningOutput
 from hp_deepspeed.model.t5 import T5Model
 
 
+STOP_CHECK_EVERY = 4
+"""Tokens between two checks whether every sequence has finished (each check is a host sync)."""
+
+
 @torch.no_grad()
 def greedy_generate(
     model: T5Model,
@@ -38,11 +42,15 @@ def greedy_generate(
     batch = input_ids.shape[0]
     sequences = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    # Steps taken while some sequence was unfinished, counted on the device: the output is cut
+    # to that length once at the end, as if decoding had stopped at the first all-finished step.
+    taken = torch.zeros((), dtype=torch.long, device=input_ids.device)
     cache = model.new_cache() if use_cache else None
     # ZeRO-3 partitioned parameters are gathered collectively in every forward, so all ranks
     # must run the same number of steps: the stop decision is then agreed across ranks.
     sync_ranks = hasattr(next(model.parameters()), "ds_id")
-    for _ in range(max_new_tokens):
+    for step in range(1, max_new_tokens + 1):
+        taken += ~finished.all()
         if cache is not None:
             logits = model.decode_step(sequences[:, -1:], encoder_hidden, encoder_mask, cache, conditioning)
         else:
@@ -51,9 +59,11 @@ def greedy_generate(
         next_token = next_token.masked_fill(finished, config.pad_token_id)
         sequences = torch.cat([sequences, next_token[:, None]], dim=1)
         finished |= next_token == config.eos_token_id
-        if all_finished(finished, sync_ranks):
+        # Reading the flag waits for the device (a host sync): only every STOP_CHECK_EVERY
+        # tokens; the steps after the last sequence finished only append padding, cut below.
+        if step % STOP_CHECK_EVERY == 0 and all_finished(finished, sync_ranks):
             break
-    return sequences
+    return sequences[:, :1 + int(taken)]
 
 
 def all_finished(finished: Tensor, sync_ranks: bool) -> bool:

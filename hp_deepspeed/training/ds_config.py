@@ -21,6 +21,7 @@ from typing import Any
 
 from hp_deepspeed.config import ConfigError
 from hp_deepspeed.training.optim import OptimConfig
+from hp_deepspeed.training.parallelism import Hardware, ModelSize, resolve_zero
 
 # Keys owned by the trainer config; a ds_configs file must not set them.
 TRAINER_OWNED_KEYS = {
@@ -75,23 +76,6 @@ def read_ds_config(path: str | Path) -> dict:
     return _expand_env(cfg, str(path))
 
 
-def _fill_auto(zero: dict, d_model: int) -> None:
-    """Resolve ``"auto"`` bucket sizes from the hidden size, as the HF Trainer integration does.
-
-    Buckets of about d_model^2 elements keep each collective large enough to saturate the
-    interconnect while bounding the extra memory to a few layers' worth.
-    """
-    auto = {
-        "reduce_bucket_size": d_model * d_model,
-        "stage3_prefetch_bucket_size": int(0.9 * d_model * d_model),
-        "stage3_param_persistence_threshold": 10 * d_model,
-        "allgather_bucket_size": d_model * d_model,
-    }
-    for key, value in auto.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-
-
 def build_ds_config(
     base: dict,
     *,
@@ -102,8 +86,13 @@ def build_ds_config(
     d_model: int,
     log_every: int,
     on_cpu: bool,
+    model_size: ModelSize | None = None,
 ) -> dict:
-    """The complete DeepSpeed config for one run (a new dict; ``base`` is not modified)."""
+    """The complete DeepSpeed config for one run (a new dict; ``base`` is not modified).
+
+    ``"auto"`` values of the ZeRO section (the stage, bucket and persistence sizes) are chosen by
+    ``training/parallelism.py`` from ``model_size`` and the GPUs; explicit values are kept.
+    """
     cfg = json.loads(json.dumps(base))
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
     cfg["gradient_accumulation_steps"] = gradient_accumulation
@@ -116,7 +105,7 @@ def build_ds_config(
     cfg["optimizer"] = {"type": "AdamW", "params": optimizer_params(optim, on_cpu, offload_optimizer)}
     if cfg.get("bf16", {}).get("enabled", False):
         cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    _fill_auto(zero, d_model)
+    resolve_zero(zero, d_model=d_model, hw=Hardware.detect(world_size, on_cpu), model_size=model_size)
     return cfg
 
 

@@ -96,10 +96,11 @@ class Evaluator:
             for raw in eval_set.batches:
                 batch = {k: v.to(device) for k, v in raw.items() if k != "example_index"}
                 if label_ids is not None:
-                    texts = [eval_set.task.label_words[int(i)] for i in rank_classify(model, batch, label_ids)]
+                    # One copy to the host per batch (int() per element would sync per example).
+                    texts = [eval_set.task.label_words[i] for i in rank_classify(model, batch, label_ids).tolist()]
                 else:
                     texts = generate_texts(model, self.tokenizer, batch, self.cfg.max_new_tokens)
-                outputs.update((int(i), t) for i, t in zip(raw["example_index"], texts) if i >= 0)
+                outputs.update((i, t) for i, t in zip(raw["example_index"].tolist(), texts) if i >= 0)
             outputs = self._merge_ranks(outputs)
             if self.cfg.max_examples_per_task:
                 scores[eval_set.name] = self._partial_metrics(eval_set, outputs)

@@ -37,8 +37,9 @@ class TrainingConfig:
     """Examples per rank per forward pass."""
     gradient_accumulation: int = 1
     """Micro-batches per optimizer step; the global batch is micro x accumulation x ranks."""
-    ds_config: str = "ds_configs/zero3_bf16.json"
-    """DeepSpeed config file (sharding, offload, precision only; see ds_configs/)."""
+    ds_config: str = "ds_configs/auto_bf16.json"
+    """DeepSpeed config file (sharding, offload, precision only; see ds_configs/). The default
+    leaves the ZeRO stage and sizes to ``training/parallelism.py`` (ZeRO-3 only when needed)."""
     log_every: int = 10
     """Optimizer steps between metric records (loss per task, throughput, memory)."""
     progress_bar: bool = True

@@ -29,6 +29,7 @@ from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
 from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats
 from hp_deepspeed.training.optim import build_scheduler
+from hp_deepspeed.training.parallelism import ModelSize
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
 from hp_deepspeed.training.train_config import JobConfig
 
@@ -51,35 +52,39 @@ def check_vocabulary(tokenizer, t5_config, where: str) -> None:
 
 
 class WindowStats:
-    """Sums over the steps since the last log record, all-reduced when the record is written."""
+    """Sums over the steps since the last log record, all-reduced when the record is written.
 
-    def __init__(self, num_tasks: int):
+    The sums stay on the device until then: a ``.cpu()`` or ``int()`` per micro-batch would wait
+    for the GPU to finish the step (a host-device sync) and stall the next step's launch.
+    """
+
+    def __init__(self, num_tasks: int, device: torch.device = torch.device("cpu")):
         self.num_tasks = num_tasks
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.task_loss = torch.zeros(self.num_tasks, dtype=torch.float64)
-        self.task_tokens = torch.zeros(self.num_tasks, dtype=torch.float64)
+        # task loss sums, task token counts, then the input + target token count
+        self.sums = torch.zeros(2 * self.num_tasks + 1, dtype=torch.float64, device=self.device)
         self.samples = 0
-        self.tokens = 0
         self.flops = 0.0
         self.started = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, out) -> None:
-        task_ids = batch["task_ids"].cpu()
-        self.task_loss.index_add_(0, task_ids, out.example_loss_sum.detach().double().cpu())
-        self.task_tokens.index_add_(0, task_ids, out.example_token_count.detach().double().cpu())
+        task_ids, n = batch["task_ids"].to(self.device), self.num_tasks
+        self.sums[:n].index_add_(0, task_ids, out.example_loss_sum.detach().double())
+        self.sums[n:2 * n].index_add_(0, task_ids, out.example_token_count.detach().double())
+        self.sums[2 * n] += batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
         self.samples += task_ids.numel()
-        self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
     def reduce(self) -> dict[str, torch.Tensor]:
-        """Sum across ranks; one collective for everything."""
-        flat = torch.cat([
-            self.task_loss, self.task_tokens,
-            torch.tensor([self.samples, self.tokens, self.flops], dtype=torch.float64),
-        ])
-        flat = collectives.all_reduce(flat)
+        """Sum across ranks; one collective for everything, one copy to the host."""
         n = self.num_tasks
+        flat = torch.cat([
+            self.sums[:2 * n], torch.tensor([self.samples], dtype=torch.float64, device=self.device),
+            self.sums[2 * n:], torch.tensor([self.flops], dtype=torch.float64, device=self.device),
+        ])
+        flat = collectives.all_reduce(flat).cpu()
         return {"task_loss": flat[:n], "task_tokens": flat[n:2 * n], "samples": flat[2 * n],
                 "tokens": flat[2 * n + 1], "flops": flat[2 * n + 2]}
 
@@ -113,7 +118,10 @@ class Trainer:
             gradient_accumulation=cfg.training.gradient_accumulation,
             world_size=self.world_size, optim=cfg.optim, d_model=self.t5_config.d_model,
             log_every=cfg.training.log_every, on_cpu=self.on_cpu,
+            model_size=ModelSize.of(cfg.model, cfg.conditioning, len(self.tasks)),
         )
+        if self.is_main:
+            log.info("ZeRO stage %s (%s)", self.ds_config["zero_optimization"].get("stage", 0), cfg.training.ds_config)
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
@@ -145,7 +153,7 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")  # the resolved config of this run
         self.resume()
         cfg = self.cfg.training
-        window = WindowStats(len(self.tasks))
+        window = WindowStats(len(self.tasks), self.device)
         batches = iter(self.stream)
         progress = self._progress_bar()
         try:
@@ -185,15 +193,16 @@ class Trainer:
         """
         accumulation = self.cfg.training.gradient_accumulation
         micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(accumulation)]
-        tokens = collectives.all_reduce(torch.tensor(
-            [sum(int((b["labels"] != -100).sum()) for b in micro_batches)], dtype=torch.float64))
-        scale = self.world_size * accumulation / max(tokens.item(), 1.0)
+        # Counted on the device: an int() or .item() here would wait for the previous step.
+        tokens = collectives.all_reduce(
+            torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum().reshape(1).double())
+        scale = (self.world_size * accumulation / tokens.clamp(min=1.0))[0]
         for batch in micro_batches:
             out = self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"], task_ids=batch["task_ids"],
             )
-            self.engine.backward(out.example_loss_sum.sum() * scale)
+            self.engine.backward(out.example_loss_sum.sum() * scale.to(out.example_loss_sum.dtype))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
             window.flops += train_step_flops(

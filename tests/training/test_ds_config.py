@@ -8,6 +8,7 @@ import pytest
 from hp_deepspeed.config import ConfigError
 from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.optim import OptimConfig, lr_multiplier
+from hp_deepspeed.training.parallelism import ModelSize
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -18,14 +19,13 @@ def test_every_shipped_ds_config_builds(path, monkeypatch):
     cfg = build_ds_config(
         read_ds_config(path), micro_batch_size=4, gradient_accumulation=2, world_size=8,
         optim=OptimConfig(lr=1e-4, clip_grad_norm=1.0), d_model=1024, log_every=10, on_cpu=False,
+        model_size=ModelSize(total_params=10**9, trainable_params=10**9, largest_param=10**7, block_params=10**7),
     )
     assert cfg["train_batch_size"] == 64 and cfg["train_micro_batch_size_per_gpu"] == 4
     assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 1.0
     assert cfg["optimizer"]["params"]["lr"] == 1e-4
     assert "auto" not in json.dumps(cfg)
-    zero = cfg["zero_optimization"]
-    if zero.get("stage") == 3 and "reduce_bucket_size" in zero:
-        assert zero["reduce_bucket_size"] == 1024 * 1024
+    assert isinstance(cfg["zero_optimization"].get("stage", 0), int)
 
 
 def test_nvme_path_must_be_set(monkeypatch):

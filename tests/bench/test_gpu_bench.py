@@ -1,0 +1,38 @@
+"""bench/gpu.py's CPU mode: every kind of stage runs in its own subprocess and writes its JSON, so
+the one GPU command cannot rot between GPU sessions."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.gpu import FULL_STAGES, stages_for
+
+REPO = Path(__file__).resolve().parents[2]
+# One stage of each kind, covering every runner type: plain, the default config, ZeRO-3, HF.
+STAGES = ["attention", "default_config", "large_default", "large_zero3"]
+
+
+def test_tiny_mode_mirrors_the_gpu_stages():
+    tiny = stages_for("tiny")
+    assert [s.name for s in tiny] == [s.name for s in FULL_STAGES]
+    assert all(t.runners == f.runners and t.kind == f.kind for t, f in zip(tiny, FULL_STAGES))
+
+
+def test_cpu_run_writes_a_result_per_stage(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--tiny", "--out", str(tmp_path), "--stages", *STAGES],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    results = {r["stage"]["name"]: r for r in summary["stages"]}
+    assert sorted(results) == sorted(STAGES)
+    assert not [r["error"] for r in results.values() if "error" in r]
+    for name in ("large_default", "large_zero3"):
+        runners = results[name]["runners"]
+        assert all(r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["flops"] > 0 for r in runners.values())
+    assert results["large_zero3"]["runners"]["zero3_hf"]["zero_optimization"]["stage"] == 3
+    assert results["large_zero3"]["runners"]["zero3_none"]["profile_top"]  # the profiler table
+    calls = results["attention"]["calls"]["bfloat16_weights"]
+    assert calls and all(c["bias_dtype"] == "torch.bfloat16" and c["scale"] == 1.0 for c in calls)
+    assert {c["gpus"] for c in results["default_config"]["choices"]} == {1, 8, 64}
+    assert (tmp_path / "large_zero3.json").is_file()
