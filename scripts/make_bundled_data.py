@@ -34,7 +34,7 @@ ROWS = 12
 # tokenizer; mixed so that alphabetical order is not position order, which keeps sort a task).
 SYNTHETIC_SLOTS = (
     ("gnu", "ant", "river", "wooden", "pilot", "harbor"),
-    ("elk", "tower", "bee", "curious", "lantern", "meadow"),
+    ("elk", "tower", "ladder", "curious", "lantern", "meadow"),
     ("hen", "castle", "fox", "violin", "dark", "orchard"),
     ("dog", "window", "ancient", "temple", "cat", "mirror"),
     ("baker", "golden", "forest", "umbrella", "island", "kitchen"),
