@@ -79,7 +79,7 @@ class StudyConfig:
     """Tokenizer folder; ``None`` means the bundled one (use the checkpoint's for ``t5-base``)."""
     low_resource: int = 128
     """Training examples of the low-resource task of the bundled suite."""
-    steps: int = 400
+    steps: int = 600
     """Optimizer steps per cell."""
     batch_size: int = 32
     """Examples per step."""
