@@ -207,18 +207,22 @@ def closing_table(run_dir: str | Path, baseline_dir: str | Path) -> str:
     variant, checks = _variant_and_format_checks(run_dir, ours)
     base_variant, _ = _variant_and_format_checks(baseline_dir, theirs)
     scored = [s for s in sorted(ours) if s not in checks]
-    head = (f"{'eval set':<22} {variant + f' (step {step})':>26} {base_variant + f' (step {base_step})':>26}")
+    columns = (f"{variant} (step {step})", f"{base_variant} (step {base_step})")
+    w = max(12, *(len(c) + 2 for c in columns))
+
+    def row(name: str, a: float, b: float, indent: str = "") -> str:
+        return f"{indent}{name:<{24 - len(indent)}} {a:>{w}.1f} {b:>{w}.1f}"
+
+    head = f"{'eval set':<24} {columns[0]:>{w}} {columns[1]:>{w}}"
     lines = [head, "-" * len(head)]
-    for name in scored:
-        lines.append(f"{name:<22} {ours[name]:>26.1f} {theirs.get(name, float('nan')):>26.1f}")
+    lines += [row(name, ours[name], theirs.get(name, float("nan"))) for name in scored]
     if scored:
-        mean = sum(ours[s] for s in scored) / len(scored)
         base = [theirs[s] for s in scored if s in theirs]
         base_mean = sum(base) / len(base) if len(base) == len(scored) else float("nan")
-        lines.append(f"{'average':<22} {mean:>26.1f} {base_mean:>26.1f}")
+        lines.append(row("average", sum(ours[s] for s in scored) / len(scored), base_mean))
     if checks:
         lines.append("format checks (bundled GLUE/SuperGLUE files: a dozen invented rows, not a benchmark score):")
-        lines += [f"  {name:<20} {ours[name]:>26.1f} {theirs.get(name, float('nan')):>26.1f}" for name in sorted(checks)]
+        lines += [row(name, ours[name], theirs.get(name, float("nan")), "  ") for name in sorted(checks)]
     return "\n".join(lines)
 
 
