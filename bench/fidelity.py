@@ -85,6 +85,9 @@ class StudyConfig:
     """Examples per step."""
     lr: float = 1e-2
     """Peak AdamW learning rate (linear warmup over 5% of the steps, then linear decay)."""
+    clip_grad_norm: float = 1.0
+    """Global gradient-norm clipping, the trainer's default (``optim.clip_grad_norm``): without it
+    a hypernetwork, whose generated weights are products of parameters, can diverge at this lr."""
     max_input_length: int = 64
     max_target_length: int = 16
     prompt_length: int = 4
@@ -186,6 +189,8 @@ def run_cell(cfg: StudyConfig, variant: str, seed: int, out_dir: Path) -> dict:
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
         optimizer.step()
         schedule.step()
         if device.type == "cuda":
