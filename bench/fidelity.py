@@ -394,7 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [(v, s) for v in args.variants for s in args.seeds]
     if args.cell is not None:
         cells = [cells[args.cell]]
-    todo = [] if args.report_only else [(v, s) for v, s in cells if load_cell(args.out_dir, cfg, v, s) is None]
+    # Seed-major order, so an interrupted study has every variant's first seeds.
+    todo = [] if args.report_only else [(v, s) for s in args.seeds for v in args.variants
+                                        if (v, s) in cells and load_cell(args.out_dir, cfg, v, s) is None]
     print(f"fidelity: {len(cells)} cells, {len(cells) - len(todo)} cached in {args.out_dir}/cells, "
           f"{len(todo)} to train ({args.jobs} at a time)", flush=True)
     start = time.time()
