@@ -305,15 +305,18 @@ def plot(summary: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cfg: StudyConfig, summary: dict[str, dict], command: str, doc: Path, png: Path, wall_s: float) -> str:
+def write_report(cfg: StudyConfig, summary: dict[str, dict], command: str, doc: Path, png: Path, wall_s: float,
+                 complete: str) -> str:
     checks = ordering_checks(summary)
+    seeds = ", ".join(f"{v} {s['seeds']}" for v, s in summary.items())
     machine = f"{os.cpu_count()} CPU cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"
     text = "\n".join([
         "<!-- Written by `python -m bench.fidelity`; edit the command's output, not this file. -->",
         "# Fidelity study: the conditioning variants side by side",
         "",
         "Command (" + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + f", {machine}, "
-        f"wall time {wall_s / 60:.1f} min for the cells run by this call):",
+        + (f"wall time {wall_s / 60:.1f} min for the cells run by this call" if wall_s else "report of cached cells")
+        + f"; {complete}):",
         "",
         "```bash",
         command,
@@ -321,7 +324,8 @@ def write_report(cfg: StudyConfig, summary: dict[str, dict], command: str, doc: 
         "",
         f"Suite `{cfg.tasks}`, backbone `{cfg.model}` ({'pretrained' if cfg.load_weights else 'random init'}), "
         f"{cfg.steps} steps of {cfg.batch_size} examples, AdamW lr {cfg.lr}, prompt length {cfg.prompt_length}, "
-        f"bottleneck {cfg.bottleneck}, the whole model trained, seeds {summary[next(iter(summary))]['seeds']}. "
+        f"bottleneck {cfg.bottleneck}, gradient clipping {cfg.clip_grad_norm}, the whole model trained; seeds per "
+        f"variant: {seeds}. "
         "Scores are exact match (%) on each task's validation split, mean ± std over seeds; "
         "`trainable` counts every trained parameter, `conditioning` the variant's own; `step ms` is the "
         "median training step time of one cell (one CPU thread per cell, cells run two at a time on a "
@@ -394,10 +398,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = [(v, s) for v in args.variants for s in args.seeds]
     if args.cell is not None:
         cells = [cells[args.cell]]
+    cached = {(v, s) for v, s in cells if load_cell(args.out_dir, cfg, v, s) is not None}
     # Seed-major order, so an interrupted study has every variant's first seeds.
     todo = [] if args.report_only else [(v, s) for s in args.seeds for v in args.variants
-                                        if (v, s) in cells and load_cell(args.out_dir, cfg, v, s) is None]
-    print(f"fidelity: {len(cells)} cells, {len(cells) - len(todo)} cached in {args.out_dir}/cells, "
+                                        if (v, s) in cells and (v, s) not in cached]
+    print(f"fidelity: {len(cells)} cells, {len(cached)} cached in {args.out_dir}/cells, "
           f"{len(todo)} to train ({args.jobs} at a time)", flush=True)
     start = time.time()
     with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(todo) or 1))) as pool:
@@ -417,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarise(records)
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(summary, args.png)
-    print(write_report(cfg, summary, command, args.doc, args.png, time.time() - start))
+    complete = f"{len(records)} of {len(cells)} cells complete"
+    shown = command.replace(" --report-only", "")
+    wall = 0.0 if args.report_only else time.time() - start
+    print(write_report(cfg, summary, shown, args.doc, args.png, wall, complete))
     return 0
 
 
