@@ -1,14 +1,21 @@
-"""Padding efficiency of length-bucketed batches against random batches on a GLUE-like mix.
+"""Padding against mixing: real-token fraction and per-batch task share of the batching modes.
 
-    python -m bench.batching [--examples 4000] [--micro-batch-size 32] [--batches 200] [--out bench_batching.json]
+    python -m bench.batching [--examples 4000] [--micro-batch-size 16] [--ranks 8] [--batches 200] [--out bench_batching.json]
 
 Builds eight custom tasks whose input lengths follow the GLUE/SuperGLUE training sets (mean
 words per input, log-normal spread: CoLA ~9, SST-2 ~10, QQP ~23, MNLI ~33, QNLI ~37,
-MRPC ~43, RTE ~55, BoolQ ~110) and their label words as targets, writes them as JSON lines,
-and draws batches from the real ``TrainStream`` (bundled tokenizer, examples-proportional
-mixture) with ``bucket_pool_batches=1`` (random batches) and with bucketing. The fraction of
-real tokens is ``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``.
-Prints a table and writes the numbers as JSON.
+MRPC ~43, RTE ~55, BoolQ ~110) and their label words as targets, all of the same size (equal
+mixing rates), writes them as JSON lines, and draws global batches of ``micro-batch-size x
+ranks`` (default 16 x 8 = 128) from the real ``TrainStream`` (bundled tokenizer) in three modes:
+
+* ``random``: ``bucket_pool_batches=1`` with ``batch_mixing=length`` (no bucketing at all);
+* ``length``: the pool sorted by length and cut (``batch_mixing=length``);
+* ``stratified``: the default (``batch_mixing=stratified``).
+
+For each it reports the fraction of real tokens in the micro-batches the ranks actually get,
+``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, and the share of
+the largest task in each global batch, as a mean over batches and as a multiple of that task's
+mixing rate (1.0 = the batch follows the mixture exactly). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ import random
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from hp_deepspeed.data.config import CustomTaskConfig, DataConfig
-from hp_deepspeed.data.stream import LABEL_PAD, TrainStream
+from hp_deepspeed.data.stream import LABEL_PAD, TrainStream, collate
 from hp_deepspeed.data.tasks import build_tasks
 from hp_deepspeed.data.tokenization import load_tokenizer
 
@@ -36,6 +45,10 @@ GLUE_LIKE = {
     "boolq": (110, ["False", "True"]),
 }
 WORDS = "the a of river castle teacher found painted quiet bright village market garden old".split()
+# mode -> (bucket_pool_batches or None for the default, batch_mixing)
+MODES = {"random": (1, "length"), "length": (None, "length"), "stratified": (None, "stratified")}
+# The targets the default must meet (issue 14).
+MIN_REAL_TOKENS, MAX_SHARE_RATIO = 0.90, 1.25
 
 
 def write_tasks(folder: Path, examples: int, seed: int) -> list[CustomTaskConfig]:
@@ -58,44 +71,68 @@ def write_tasks(folder: Path, examples: int, seed: int) -> list[CustomTaskConfig
     return tasks
 
 
-def real_fraction(stream: TrainStream, batches: int) -> float:
+def batch_stats(stream: TrainStream, ranks: int, batches: int) -> dict:
+    """Real-token fraction over the ranks' micro-batches; largest task share per global batch."""
     real = total = 0
+    shares, ratios = [], []
     for _ in range(batches):
-        batch = next(stream)
-        real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
-        total += batch["input_ids"].numel() + batch["labels"].numel()
-    return real / total
+        global_batch = stream.next_global_batch()
+        for rank in range(ranks):
+            items = [(int(k), int(i)) for k, i in stream.rank_share(global_batch, rank)]
+            batch = collate(stream.splits, items, stream._task_ids, stream.pad_id)
+            real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+            total += batch["input_ids"].numel() + batch["labels"].numel()
+        share = np.bincount(global_batch[:, 0], minlength=len(stream.rates)) / len(global_batch)
+        shares.append(share.max())
+        ratios.append((share / stream.rates).max())
+    return {"real_token_fraction": real / total, "largest_task_share": float(np.mean(shares)),
+            "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max())}
 
 
-def measure(examples: int = 4000, micro_batch_size: int = 32, batches: int = 200,
-            pool_batches: int = DataConfig.bucket_pool_batches,
-            seed: int = 0, cache_dir: str | None = None) -> dict:
-    """Real-token fractions of random and bucketed batches (see the module docstring)."""
+def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, batches: int = 200,
+            pool_batches: int = DataConfig.bucket_pool_batches, seed: int = 0, cache_dir: str | None = None) -> dict:
+    """Per mode (see the module docstring): real-token fraction and largest task share."""
     tokenizer = load_tokenizer(None)
+    result = {"examples_per_task": examples, "micro_batch_size": micro_batch_size, "ranks": ranks,
+              "global_batch": micro_batch_size * ranks, "batches": batches, "bucket_pool_batches": pool_batches}
     with tempfile.TemporaryDirectory() as tmp:
         custom = write_tasks(Path(tmp) / "data", examples, seed)
-        result = {"examples_per_task": examples, "micro_batch_size": micro_batch_size, "batches": batches}
-        for label, pool in (("random", 1), ("bucketed", pool_batches)):
-            cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool, seed=seed,
-                             cache_dir=cache_dir or str(Path(tmp) / "cache"))
-            stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size)
-            result[f"{label}_real_token_fraction"] = real_fraction(stream, batches)
-        result["bucket_pool_batches"] = pool_batches
+        for mode, (pool, mixing) in MODES.items():
+            cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool or pool_batches, batch_mixing=mixing,
+                             seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
+            stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size, rank=0, world_size=ranks)
+            result[mode] = batch_stats(stream, ranks, batches)
+    default = result[DataConfig.batch_mixing]
+    result["default"] = DataConfig.batch_mixing
+    result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
+                                       and default["largest_share_over_rate"] <= MAX_SHARE_RATIO)
     return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks, "
+             f"{len(GLUE_LIKE)} GLUE-like tasks at equal rates, {result['batches']} batches",
+             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10}"]
+    for mode in MODES:
+        r = result[mode]
+        lines.append(f"{mode:<11} {r['real_token_fraction']:>11.3f} {r['largest_task_share']:>19.3f} "
+                     f"{r['largest_share_over_rate']:>10.2f}")
+    lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
+                 f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=4000, help="examples per task")
-    parser.add_argument("--micro-batch-size", type=int, default=32)
+    parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--ranks", type=int, default=8, help="ranks sharing a global batch")
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--pool-batches", type=int, default=DataConfig.bucket_pool_batches)
     parser.add_argument("--out", type=Path, default=Path("bench_batching.json"))
     args = parser.parse_args(argv)
-    result = measure(args.examples, args.micro_batch_size, args.batches, args.pool_batches)
-    print(f"{'batching':<10} real-token fraction")
-    for label in ("random", "bucketed"):
-        print(f"{label:<10} {result[f'{label}_real_token_fraction']:.3f}")
+    result = measure(args.examples, args.micro_batch_size, args.ranks, args.batches, args.pool_batches)
+    print(format_table(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -86,10 +86,13 @@ def memory(data: dict) -> str:
 
 
 def batching(data: dict) -> str:
-    return (md(["batching", "real-token fraction"],
-               [["random", data["random_real_token_fraction"]], ["bucketed", data["bucketed_real_token_fraction"]]])
-            + f"\n\n{data['examples_per_task']} examples per task, micro-batch {data['micro_batch_size']}, "
-              f"{data['batches']} batches, bucket pool {data['bucket_pool_batches']} batches\n\n" + machine_line(data))
+    modes = [m for m in ("random", "length", "stratified") if m in data]
+    return (md(["batching", "real-token fraction", "largest task share", "x its rate"],
+               [[m, data[m]["real_token_fraction"], data[m]["largest_task_share"], data[m]["largest_share_over_rate"]]
+                for m in modes])
+            + f"\n\n{data['examples_per_task']} examples per task, global batch {data['micro_batch_size']} x "
+              f"{data['ranks']} ranks, {data['batches']} batches, bucket pool {data['bucket_pool_batches']} batches, "
+              f"default `{data['default']}`\n\n" + machine_line(data))
 
 
 def checkpoint(data: dict) -> str:

@@ -209,6 +209,10 @@ def _quiet_dependencies() -> None:
     """DeepSpeed logs every engine detail at INFO and torch warns on each deprecated collective
     call inside DeepSpeed; neither is actionable for a user, and both bury the training log."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # ZeRO-3 warns, once per rank, that it cannot see inside ConditioningOutput: by design, the
+    # conditioning module owns no parameters (model/conditioning.py, rule 1), so it is noise.
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "ConditioningOutput" not in record.getMessage())
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The README's main job: a short multi-task HyperPrompt-Global run on the bundled tasks, ZeRO-3
-# over 2 local CPU ranks (gloo), evaluated per task at the end, leaving a checkpoint and an
-# export. Usage: bash launch/demo.sh [RUN_DIR]  (make demo calls it inside the project venv)
+# over 2 local CPU ranks (gloo), evaluated per task as it trains, then the same run without
+# conditioning (the multi-task baseline, which cannot tell tasks with the same inputs apart),
+# a closing table of both, an export and plots. Usage: bash launch/demo.sh [RUN_DIR]
+# (make demo calls it inside the project venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN_DIR=${1:-runs/demo}
+BASELINE_DIR="$RUN_DIR/baseline-none"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # CPU ranks even on a GPU host: gloo, and DeepSpeed's CPU accelerator (its launcher's too).
 export HP_DEVICE=cpu DS_ACCELERATOR=cpu
@@ -13,9 +16,19 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Reject a bad config before any rank starts.
 hp-deepspeed validate --config configs/demo.yaml "run.dir=$RUN_DIR" > /dev/null
 
-deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
-  --module hp_deepspeed.cli train --config configs/demo.yaml "run.dir=$RUN_DIR" --resume auto
+train() {  # RUN_DIR [overrides...]
+  local dir=$1; shift
+  deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
+    --module hp_deepspeed.cli train --config configs/demo.yaml "run.dir=$dir" --resume auto "$@"
+}
+
+echo "== HyperPrompt-Global, ZeRO-3 over 2 ranks =="
+train "$RUN_DIR"
+echo "== the same run without task conditioning (the multi-task baseline) =="
+# Evaluated once, at the end; one checkpoint (it is only here to be compared).
+train "$BASELINE_DIR" conditioning.variant=none eval.every=0 checkpoint.interval=100000 checkpoint.keep_last=1
 
 hp-deepspeed export --run-dir "$RUN_DIR" --out "$RUN_DIR/export"
-hp-deepspeed report "$RUN_DIR"
+echo "== closing table: exact match (%) on the validation splits =="
+hp-deepspeed report "$RUN_DIR" --baseline "$BASELINE_DIR"
 echo "demo finished: checkpoints in $RUN_DIR/checkpoints, export in $RUN_DIR/export, plots in $RUN_DIR/report"

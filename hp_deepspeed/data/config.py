@@ -124,6 +124,16 @@ class DataConfig:
     real tokens at 200 on a GLUE-like mix, 89% at 50); the cost is that resuming with another
     global batch size skips the rest of the interrupted pool. 1 disables bucketing."""
 
+    batch_mixing: Literal["stratified", "length"] = "stratified"
+    """How a pool's examples are cut into global batches. ``stratified``: every global batch
+    holds each task at its mixing rate (to one example), and within a batch each rank gets a
+    contiguous range of lengths, so padding stays low when a rank's micro-batch is no larger
+    than a task's share of the global batch (bench/batching.py: 8 GLUE-like tasks, 16 x 8
+    ranks, ~93% real tokens, largest task share 1.0x its rate). ``length``: the pool is sorted
+    by length and cut, the least padding when micro-batches are large, but batches cluster by
+    task (largest share 3.5x its rate on the same mix): the mixture then holds only over many
+    steps."""
+
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row (bad JSON/CSV, missing or mistyped field) raises an error naming the file
     and line, or with ``skip`` is dropped and counted (logged, and in ``TrainStream.skipped``).

@@ -1,9 +1,10 @@
 """The training stream: mixture sampling, length bucketing, rank sharding, resumable state.
 
 Design: there is one global, rank-independent stream of global batches of
-``G = micro_batch_size * world_size`` examples; rank ``r`` takes examples ``r, r+W, r+2W, ...``
-of each global batch. The stream is built pool by pool; pool ``p`` is a pure function of
-``(seed, p, G, bucket_pool_batches, per-task offsets at the start of pool p)``:
+``G = micro_batch_size * world_size`` examples; rank ``r`` takes the ``r``-th contiguous slice
+of ``micro_batch_size`` examples of each global batch. The stream is built pool by pool; pool
+``p`` is a pure function of ``(seed, p, G, bucket_pool_batches, batch_mixing, per-task offsets
+at the start of pool p)``:
 
 1. ``P*G`` task draws from the mixing rates (``np.random.default_rng([seed, p, 0])``);
 2. the ``c``-th draw of task ``k`` overall takes position ``c`` of task ``k``'s example
@@ -13,9 +14,22 @@ of each global batch. The stream is built pool by pool; pool ``p`` is a pure fun
    in draws of the task; in a pool that straddles an epoch boundary the last examples of one
    epoch and the first of the next are interleaved, so there an example may recur after
    fewer than ``len(task)`` draws, once per epoch.)
-3. the pool is sorted by (input length, target length), cut into ``P`` global batches, and the
-   batches are shuffled (``default_rng([seed, p, 1])``). Sorting makes each batch's lengths
-   similar, so dynamic padding wastes few tokens; shuffling removes the length curriculum.
+3. the pool is cut into ``P`` global batches, and the batches are shuffled
+   (``default_rng([seed, p, 1])``; shuffling removes the length curriculum). How it is cut is
+   ``data.batch_mixing``:
+
+   * ``stratified`` (default): each task's draws are ranked by (input length, target length)
+     and the pool is ordered by that rank's quantile, so batch ``j`` holds the ``j``-th
+     length slice of *every* task: each task at its share of the pool's draws (the mixing
+     rate, to one example) in every batch, and each task's examples of similar lengths;
+   * ``length``: the pool is sorted by (input length, target length) and cut. Least padding
+     when a micro-batch spans several tasks, but batches cluster by task, since tasks differ
+     in length: the mixture then holds only on average over many steps.
+
+   Inside a global batch the examples are in (input length, target length) order and rank
+   ``r`` takes the ``r``-th contiguous slice, so a rank's micro-batch spans a narrow range of
+   lengths and dynamic padding wastes few tokens (bench/batching.py measures both modes; the
+   trade-off is in data/config.py's ``batch_mixing``).
 
 The state is ``(pool, batch within pool, per-task offsets at the pool start)``, plain JSON.
 Guarantees on ``load_state_dict``:
@@ -101,6 +115,16 @@ def collate(
     }
 
 
+def _quantile_in_task(draws: np.ndarray, in_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
+    """Per draw, the midpoint quantile of its length among the draws of its own task."""
+    quantile = np.empty(len(draws))
+    for k in np.unique(draws):
+        where = np.flatnonzero(draws == k)
+        ranked = where[np.lexsort((where, tgt_len[where], in_len[where]))]
+        quantile[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
+    return quantile
+
+
 class TrainStream:
     """Infinite iterator of this rank's training micro-batches (see the module docstring).
 
@@ -133,6 +157,7 @@ class TrainStream:
         self.world_size = world_size
         self.global_batch_size = micro_batch_size * world_size
         self.pool_batches = cfg.bucket_pool_batches
+        self.batch_mixing = cfg.batch_mixing
         self.seed = cfg.seed if seed is None else seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._task_ids = [t.task_id for t in self.tasks]
@@ -181,9 +206,14 @@ class TrainStream:
             where = draws == k
             in_len[where] = split.input_lengths[examples[where]]
             tgt_len[where] = split.target_lengths[examples[where]]
-        order = np.lexsort((np.arange(size), tgt_len, in_len))
-        items = np.stack([draws[order], examples[order]], axis=1)
-        batches = np.split(items, pool_batches)
+        if self.batch_mixing == "stratified":
+            order = np.lexsort((draws, _quantile_in_task(draws, in_len, tgt_len)))
+        else:
+            order = np.lexsort((np.arange(size), tgt_len, in_len))
+        batches = []
+        for part in np.split(order, pool_batches):
+            part = part[np.lexsort((part, tgt_len[part], in_len[part]))]  # by length inside the batch
+            batches.append(np.stack([draws[part], examples[part]], axis=1))
         shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
         return [batches[i] for i in shuffle], counts
 
@@ -206,8 +236,13 @@ class TrainStream:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
+    def rank_share(self, global_batch: np.ndarray, rank: int | None = None) -> np.ndarray:
+        """Rank ``rank``'s (default: this rank's) contiguous slice of a length-ordered global batch."""
+        rank = self.rank if rank is None else rank
+        return global_batch[rank * self.micro_batch_size : (rank + 1) * self.micro_batch_size]
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        share = self.next_global_batch()[self.rank :: self.world_size]
+        share = self.rank_share(self.next_global_batch())
         return collate(self.splits, [(int(k), int(i)) for k, i in share], self._task_ids, self.pad_id)
 
     # ------------------------------------------------------------------ checkpointing
@@ -222,6 +257,7 @@ class TrainStream:
             "rates": [float(r) for r in self.rates],
             "global_batch_size": self.global_batch_size,
             "pool_batches": self.pool_batches,
+            "batch_mixing": self.batch_mixing,
             "pool": self._pool_index,
             "batch_in_pool": self._batch_in_pool,
             "offsets": list(self._offsets),
@@ -240,14 +276,16 @@ class TrainStream:
         self._offsets = [int(o) for o in state["offsets"]]
         self._pool_index = int(state["pool"])
         self._batch_in_pool = int(state["batch_in_pool"])
-        same_shape = (state["global_batch_size"], state["pool_batches"]) == (self.global_batch_size, self.pool_batches)
+        # States saved before batch_mixing existed were cut by length.
+        saved_shape = (state["global_batch_size"], state["pool_batches"], state.get("batch_mixing", "length"))
+        same_shape = saved_shape == (self.global_batch_size, self.pool_batches, self.batch_mixing)
         if not same_shape and self._batch_in_pool > 0:
             _, counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"])
             logger.warning(
-                "data stream: global batch %d -> %d, pool %d -> %d batches: resuming at the next pool; "
-                "%d batches of the interrupted pool are skipped",
+                "data stream: global batch %d -> %d, pool %d -> %d batches, batch mixing %s -> %s: resuming "
+                "at the next pool; %d batches of the interrupted pool are skipped",
                 state["global_batch_size"], self.global_batch_size, state["pool_batches"], self.pool_batches,
-                state["pool_batches"] - self._batch_in_pool,
+                saved_shape[2], self.batch_mixing, state["pool_batches"] - self._batch_in_pool,
             )
             self._offsets = [o + c for o, c in zip(self._offsets, counts)]
             self._pool_index += 1

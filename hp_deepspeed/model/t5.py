@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from hp_deepspeed.model import random_init
-from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning, apply_adapter
+from hp_deepspeed.model.layer_conditioning import (
+    FEED_FORWARD,
+    SELF_ATTENTION,
+    ConditioningOutput,
+    LayerConditioning,
+    apply_adapter,
+)
 from hp_deepspeed.model.t5_config import T5Config
 
 ActivationCheckpointing = Literal["none", "reentrant", "non_reentrant"]
@@ -181,7 +187,7 @@ class T5Attention(nn.Module):
 
 
 class T5LayerSelfAttention(nn.Module):
-    """Pre-norm self-attention sub-layer with residual."""
+    """Pre-norm self-attention sub-layer with residual; the adapter (if any) acts on its output before it."""
 
     def __init__(self, config: T5Config, has_relative_attention_bias: bool):
         super().__init__()
@@ -189,9 +195,9 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden, bias, key_prompt=None, value_prompt=None, cache=None):
+    def forward(self, hidden, bias, key_prompt=None, value_prompt=None, cache=None, cond=None):
         attn = self.SelfAttention(self.layer_norm(hidden), bias, None, key_prompt, value_prompt, cache)
-        return hidden + self.dropout(attn)
+        return hidden + self.dropout(apply_adapter(attn, cond, SELF_ATTENTION))
 
 
 class T5LayerCrossAttention(nn.Module):
@@ -254,7 +260,7 @@ class T5LayerFF(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, hidden: Tensor, cond: LayerConditioning | None) -> Tensor:
-        ffn = apply_adapter(self.DenseReluDense(self.layer_norm(hidden)), cond)
+        ffn = apply_adapter(self.DenseReluDense(self.layer_norm(hidden)), cond, FEED_FORWARD)
         return hidden + self.dropout(ffn)
 
 
@@ -282,11 +288,14 @@ class T5Block(nn.Module):
         adapter_down_bias: Tensor | None,
         adapter_up: Tensor | None,
         adapter_up_bias: Tensor | None,
+        adapter_norm_weight: Tensor | None,
+        adapter_norm_bias: Tensor | None,
         cache: LayerKVCache | None = None,
     ) -> Tensor:
         """All tensors positional (the checkpointing contract); ``cache`` only when generating."""
-        cond = LayerConditioning(key_prompt, value_prompt, adapter_down, adapter_down_bias, adapter_up, adapter_up_bias)
-        hidden = _clamp_fp16(self.layer[0](hidden, self_bias, key_prompt, value_prompt, cache))
+        cond = LayerConditioning(key_prompt, value_prompt, adapter_down, adapter_down_bias, adapter_up, adapter_up_bias,
+                                 adapter_norm_weight, adapter_norm_bias)
+        hidden = _clamp_fp16(self.layer[0](hidden, self_bias, key_prompt, value_prompt, cache, cond))
         if self.is_decoder:
             hidden = _clamp_fp16(self.layer[1](hidden, encoder_hidden, cross_bias, cache))
         return _clamp_fp16(self.layer[-1](hidden, cond))

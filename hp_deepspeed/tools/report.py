@@ -8,6 +8,12 @@ Writes into ``RUN_DIR/report/``:
   ``eval_series``), one panel per eval set with each of its metrics, plus a last panel with
   ``<benchmark>_average`` when the evaluator logged it (``glue_average``, ``superglue_average``).
 
+With ``--baseline OTHER_RUN_DIR`` it also prints the closing table of the run's last
+evaluation beside another run's (the demo's unconditioned model): per eval set the primary
+score (``<set>/score``), the average of the scored sets, and the GLUE/SuperGLUE sets of a run
+on the bundled files (``data.data_dir: null``) listed apart as format checks, since those files
+hold a dozen invented rows and their scores mean nothing.
+
 The file is read with ``read_metrics``, which keeps the last record of each (kind, step), so a
 resumed run that re-logged the steps after its checkpoint is plotted once, with the resumed
 values. Only matplotlib's Agg backend is used: it needs no display, as on a cluster login node.
@@ -164,6 +170,62 @@ def write_report(run_dir: str | Path) -> list[Path]:
     return written
 
 
+_SCORE_SUFFIX = "/score"
+
+
+def final_scores(run_dir: Path) -> tuple[int, dict[str, float]]:
+    """(step, {eval set: primary score}) of the run's last evaluation."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
+    evals = [r for r in read_metrics(metrics) if r.get("kind") == "eval"]
+    if not evals:
+        raise ReportError(f"{metrics} holds no evaluation (set eval.every or let the run finish)")
+    last = evals[-1]
+    return int(last["step"]), {k[: -len(_SCORE_SUFFIX)]: float(v) for k, v in last.items() if k.endswith(_SCORE_SUFFIX)}
+
+
+def _variant_and_format_checks(run_dir: Path, eval_sets) -> tuple[str, set[str]]:
+    """The run's conditioning variant, and its eval sets that only check formats: GLUE/SuperGLUE
+    sets read from the bundled files (a dozen invented rows each)."""
+    import yaml
+
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    data = config.get("data") or {}
+    variant = (config.get("conditioning") or {}).get("variant", "?")
+    bundled = data.get("data_dir") is None and not data.get("hub")
+    checks = {s for s in eval_sets if bundled and s.split("/", 1)[0] in ("glue", "superglue")}
+    return variant, checks
+
+
+def closing_table(run_dir: str | Path, baseline_dir: str | Path) -> str:
+    """The run's last evaluation beside the baseline's (see the module docstring)."""
+    run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
+    step, ours = final_scores(run_dir)
+    base_step, theirs = final_scores(baseline_dir)
+    variant, checks = _variant_and_format_checks(run_dir, ours)
+    base_variant, _ = _variant_and_format_checks(baseline_dir, theirs)
+    scored = [s for s in sorted(ours) if s not in checks]
+    columns = (f"{variant} (step {step})", f"{base_variant} (step {base_step})")
+    w = max(12, *(len(c) + 2 for c in columns))
+
+    def row(name: str, a: float, b: float, indent: str = "") -> str:
+        return f"{indent}{name:<{24 - len(indent)}} {a:>{w}.1f} {b:>{w}.1f}"
+
+    head = f"{'eval set':<24} {columns[0]:>{w}} {columns[1]:>{w}}"
+    lines = [head, "-" * len(head)]
+    lines += [row(name, ours[name], theirs.get(name, float("nan"))) for name in scored]
+    if scored:
+        base = [theirs[s] for s in scored if s in theirs]
+        base_mean = sum(base) / len(base) if len(base) == len(scored) else float("nan")
+        lines.append(row("average", sum(ours[s] for s in scored) / len(scored), base_mean))
+    if checks:
+        lines.append("format checks (bundled GLUE/SuperGLUE files: a dozen invented rows, not a benchmark score):")
+        lines += [row(name, ours[name], theirs.get(name, float("nan")), "  ") for name in sorted(checks)]
+    return "\n".join(lines)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -174,14 +236,19 @@ def _save(plt, fig, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
                         help="run directory holding metrics.jsonl (the trainer's run.dir)")
+    parser.add_argument("--baseline", metavar="OTHER_RUN_DIR", type=Path, default=None,
+                        help="also print the last evaluation beside this run's (e.g. the unconditioned model)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         paths = write_report(args.run_dir)
+        table = closing_table(args.run_dir, args.baseline) if args.baseline else None
     except ReportError as err:
         print(f"hp-deepspeed report: error: {err}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
+    if table:
+        print(table)
     return 0

@@ -107,6 +107,10 @@ class Trainer:
         self.dist_env = init_distributed()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
+        if not self.is_main:
+            # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
+            # Warnings and errors still come from every rank.
+            logging.getLogger("hp_deepspeed").setLevel(logging.WARNING)
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)

@@ -12,7 +12,7 @@ NUM_TASKS = 4
 # Small but with every dimension distinct, so a transposed or mis-split tensor cannot pass.
 TINY_COND = dict(prompt_length=3, bottleneck=5, task_embedding_dim=6, layer_embedding_dim=7,
                  projector_hidden_dim=9, hyper_embedding_dim=4)
-BLOCK_VARIANTS = ["kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global", "hyperformer"]
+BLOCK_VARIANTS = ["kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global", "hyperformer", "adapter"]
 CONDITIONED_VARIANTS = ["prompt_tuning"] + BLOCK_VARIANTS
 
 

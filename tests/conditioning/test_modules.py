@@ -17,7 +17,10 @@ DIMS = BackboneDims(d_model=16, num_heads=2, d_kv=4, num_encoder_layers=2, num_d
 CFG = dict(prompt_length=3, bottleneck=5, task_embedding_dim=6, layer_embedding_dim=7,
            projector_hidden_dim=9, hyper_embedding_dim=4)
 NUM_TASKS = 4
-BLOCK_VARIANTS = ["kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global", "hyperformer"]
+BLOCK_VARIANTS = ["kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global", "hyperformer", "adapter"]
+ADAPTER_VARIANTS = ("hyperformer", "adapter")
+ADAPTER_FIELDS = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias", "adapter_norm_weight",
+                  "adapter_norm_bias")
 ALL_VARIANTS = ["prompt_tuning"] + BLOCK_VARIANTS
 
 
@@ -31,10 +34,11 @@ def blocks(out):
     return (out.encoder or []) + (out.decoder or [])
 
 
-def task_layer_embedding(gen, t: int, m: int) -> torch.Tensor:
-    """I(t, m) = h_t([k_t; z_m]) written out for one task and block."""
+def task_layer_embedding(gen, t: int, m: int, s: int | None = None) -> torch.Tensor:
+    """I(t, m) = h_t([k_t; z_m]) (or HyperFormer++'s I(t, m, s) = h_t([k_t; z_m; y_s])) written out."""
     emb = gen.task_layer_embedding
-    x = torch.cat([emb.task_embedding[t], emb.block_embedding[m]])
+    parts = [emb.task_embedding[t], emb.block_embedding[m]] + ([] if s is None else [emb.site_embedding[s]])
+    x = torch.cat(parts)
     return torch.relu(x @ emb.projector_in + emb.projector_in_bias) @ emb.projector_out + emb.projector_out_bias
 
 
@@ -48,14 +52,15 @@ def reference_block(variant: str, gen, t: int, m: int) -> dict[str, torch.Tensor
     """The spec's formula for task t, block m, with every weight materialised."""
     if variant == "kv_prompt":
         return {"key_prompt": gen.prompts[t, 0, m], "value_prompt": gen.prompts[t, 1, m]}
-    if variant == "hyperformer":
-        i = task_layer_embedding(gen, t, m)
-        return {
-            "adapter_down": torch.einsum("j,jdb->db", i, gen.down_generator),
-            "adapter_down_bias": i @ gen.down_bias_generator,
-            "adapter_up": torch.einsum("j,jbd->bd", i, gen.up_generator),
-            "adapter_up_bias": i @ gen.up_bias_generator,
-        }
+    if variant == "hyperformer":  # linear generators with biases, per site (self-attention, FFN)
+        out = {}
+        for name in ADAPTER_FIELDS:
+            w, bias = getattr(gen, f"{name}_generator"), getattr(gen, f"{name}_generator_bias")
+            out[name] = torch.stack([torch.tensordot(task_layer_embedding(gen, t, m, s), w, dims=1) + bias
+                                     for s in range(2)])
+        return out
+    if variant == "adapter":
+        return {name: getattr(gen, name)[t, m] for name in ADAPTER_FIELDS}
     prompt = gen.global_prompts[t]
     out = {}
     for k, name in enumerate(("key_prompt", "value_prompt")):
@@ -83,7 +88,10 @@ def test_block_conditioning_matches_the_spec_formula(variant):
             for b, t in enumerate(task_ids.tolist()):
                 for name, expected in reference_block(variant, cond.generator, t, m).items():
                     torch.testing.assert_close(getattr(layer, name)[b], expected, rtol=1e-5, atol=1e-6)
-    if variant != "hyperformer":
+    if variant in ADAPTER_VARIANTS:
+        assert layers[0].adapter_down.shape == (4, 2, DIMS.d_model, CFG["bottleneck"])
+        assert layers[0].key_prompt is None
+    else:
         assert layers[0].key_prompt.shape == (4, DIMS.num_heads, CFG["prompt_length"], DIMS.d_kv)
         assert layers[0].adapter_down is None
     assert out.input_prompt is None

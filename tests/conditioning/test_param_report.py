@@ -12,13 +12,18 @@ def expected(variant: str, c: T5Config, cfg: ConditioningConfig, tasks: int) -> 
     e, m = c.num_heads * c.d_kv, c.num_layers + c.num_decoder_layers
     t, tk, tz, h = cfg.hyper_embedding_dim, cfg.task_embedding_dim, cfg.layer_embedding_dim, cfg.projector_hidden_dim
     projector = tasks * tk + m * tz + (tk + tz) * h + h + h * t + t      # I(t, m) = h_t([k_t; z_m])
+    # HyperFormer++: I(t, m, s) adds the 2 block-type rows y_s to the projector's input; linear
+    # generators with biases for D, U, their biases and the layer norm's gain and bias.
+    hyper_projector = projector + 2 * tz + tz * h
+    adapter = 2 * d * b + b + 3 * d                                      # per site: D, U, biases, norm
     return {
         "prompt_tuning": tasks * l * d,
         "kv_prompt": tasks * 2 * m * l * e,
         "hyperprompt_share": tasks * l * d + 2 * m * b * (d + e),
         "hyperprompt_sep": tasks * l * d + tasks * 2 * m * b * (d + e),
         "hyperprompt_global": tasks * l * d + projector + 2 * t * b * (d + e),
-        "hyperformer": projector + t * (2 * d * b + b + d),
+        "hyperformer": hyper_projector + (t + 1) * adapter,
+        "adapter": tasks * m * 2 * adapter,
     }[variant]
 
 
@@ -27,7 +32,7 @@ def expected(variant: str, c: T5Config, cfg: ConditioningConfig, tasks: int) -> 
 def test_counts_follow_the_documented_formulas(preset):
     cfg = ConditioningConfig()
     rows = parameter_report([preset], num_tasks=8)
-    assert len(rows) == 6
+    assert len(rows) == 7
     for row in rows:
         assert row.conditioning == expected(row.variant, T5Config.from_pretrained(preset), cfg, 8), row.variant
     assert len({row.backbone for row in rows}) == 1

@@ -30,11 +30,12 @@ CASES = [
         ("hyperformer", "none", False),
         ("hyperformer", "reentrant", False),
         ("hyperformer", "non_reentrant", False),
+        ("adapter", "non_reentrant", False),
     ]
 ]
 
 # Variants also built inside deepspeed.zero.Init, to check construction gives the same weights.
-ZERO_INIT_VARIANTS = ["hyperprompt_global", "prompt_tuning"]
+ZERO_INIT_VARIANTS = ["hyperprompt_global", "prompt_tuning", "hyperformer"]
 
 
 def configs(variant: str, ckpt: str, frozen: bool) -> tuple[ModelConfig, ConditioningConfig]:

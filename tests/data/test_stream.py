@@ -158,7 +158,20 @@ def test_eval_only_tasks_are_not_trained(make_cfg, tokenizer):
         stream(make_cfg, tokenizer, ["superglue/axb"])
 
 
-def test_bucketing_pads_little_on_glue_like_mix(session_cache):
-    result = measure(examples=600, micro_batch_size=16, batches=60, pool_batches=200, cache_dir=session_cache)
-    assert result["bucketed_real_token_fraction"] >= 0.9
-    assert result["random_real_token_fraction"] < 0.6
+def test_default_batches_follow_the_mixture_and_pad_little_on_glue_like_mix(session_cache):
+    """8 GLUE-like tasks at equal rates, global batch 16 x 8 ranks (bench/batching.py)."""
+    result = measure(examples=600, micro_batch_size=16, ranks=8, batches=30, pool_batches=40, cache_dir=session_cache)
+    assert result["default"] == "stratified" and result["default_meets_targets"]
+    assert result["stratified"]["real_token_fraction"] >= 0.9
+    assert result["stratified"]["largest_share_over_rate"] <= 1.25
+    # what the modes trade: length sorting clusters batches by task, random batches pad a lot
+    assert result["length"]["largest_share_over_rate"] > 2
+    assert result["random"]["real_token_fraction"] < 0.8
+
+
+def test_stratified_batches_hold_every_task_at_its_rate(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, ["synthetic/copy", "synthetic/first", "glue/rte"], micro_batch_size=8,
+               world_size=3, mixture="weights", weights={"synthetic/copy": 2.0, "synthetic/first": 1.0, "glue/rte": 1.0})
+    for _ in range(25):
+        counts = np.bincount(s.next_global_batch()[:, 0], minlength=3)
+        assert np.abs(counts - np.array([12, 6, 6])).max() <= 2, counts

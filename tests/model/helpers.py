@@ -60,10 +60,13 @@ def random_conditioning(
             kwargs.update(key_prompt=leaf(batch, config.num_heads, prompt_len, config.d_kv),
                           value_prompt=leaf(batch, config.num_heads, prompt_len, config.d_kv))
         if adapter_dim:
-            kwargs.update(adapter_down=leaf(batch, config.d_model, adapter_dim, scale=0.3),
-                          adapter_down_bias=leaf(batch, adapter_dim, scale=0.1),
-                          adapter_up=leaf(batch, adapter_dim, config.d_model, scale=0.3),
-                          adapter_up_bias=leaf(batch, config.d_model, scale=0.1))
+            sites = 2  # after self-attention, after the FFN
+            kwargs.update(adapter_down=leaf(batch, sites, config.d_model, adapter_dim, scale=0.3),
+                          adapter_down_bias=leaf(batch, sites, adapter_dim, scale=0.1),
+                          adapter_up=leaf(batch, sites, adapter_dim, config.d_model, scale=0.3),
+                          adapter_up_bias=leaf(batch, sites, config.d_model, scale=0.1),
+                          adapter_norm_weight=leaf(batch, sites, config.d_model, scale=0.5),
+                          adapter_norm_bias=leaf(batch, sites, config.d_model, scale=0.1))
         return LayerConditioning(**kwargs)
 
     return ConditioningOutput(

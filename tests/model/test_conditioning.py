@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hp_deepspeed.model import ConditioningOutput, LayerConditioning, apply_adapter, greedy_generate
+from hp_deepspeed.model.layer_conditioning import FEED_FORWARD, SELF_ATTENTION
 from hp_deepspeed.model.t5 import T5Attention
 from tests.model.helpers import conditioning_leaves, load_ours, padded_batch, random_conditioning
 
@@ -126,21 +127,40 @@ def test_no_conditioning_is_exactly_the_backbone(tiny_checkpoint):
             assert torch.equal(model(input_ids, attention_mask, labels=labels, conditioning=conditioning).logits, plain)
 
 
-def test_adapter_acts_on_the_ffn_output_before_the_residual(tiny_checkpoint):
+def test_adapters_act_on_the_self_attention_and_ffn_outputs_before_the_residual(tiny_checkpoint):
     model = load_ours(tiny_checkpoint("tiny-v1_1"))
     input_ids, attention_mask, labels = padded_batch()
     conditioning = random_conditioning(model.config, batch=3, prompt_len=0, adapter_dim=4)
-    ff = model.decoder.block[2].layer[2]
+    attn, ff = model.decoder.block[2].layer[0], model.decoder.block[2].layer[2]
     seen = {}
+    attn.register_forward_hook(lambda module, args, out: seen.update(attn_in=args[0], attn_out=out))
+    attn.SelfAttention.register_forward_hook(lambda module, args, out: seen.update(sa_out=out))
     ff.register_forward_hook(lambda module, args, out: seen.update(ff_in=args[0], ff_out=out))
     ff.DenseReluDense.register_forward_hook(lambda module, args, out: seen.update(dense_out=out))
     with torch.no_grad():
         with_adapter = model(input_ids, attention_mask, labels=labels, conditioning=conditioning)
         # eval mode: the sub-layer's dropout is the identity
-        expected = seen["ff_in"] + apply_adapter(seen["dense_out"], conditioning.decoder[2])
-        torch.testing.assert_close(seen["ff_out"], expected)
+        cond = conditioning.decoder[2]
+        torch.testing.assert_close(seen["attn_out"], seen["attn_in"] + apply_adapter(seen["sa_out"], cond, SELF_ATTENTION))
+        torch.testing.assert_close(seen["ff_out"], seen["ff_in"] + apply_adapter(seen["dense_out"], cond, FEED_FORWARD))
         plain = model(input_ids, attention_mask, labels=labels)
     assert (with_adapter.logits - plain.logits).abs().max() > 1e-2
+
+
+def test_apply_adapter_is_the_residual_swish_bottleneck_with_its_output_layer_norm():
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 8, generator=gen)
+    cond = LayerConditioning(
+        adapter_down=torch.randn(2, 2, 8, 3, generator=gen), adapter_down_bias=torch.randn(2, 2, 3, generator=gen),
+        adapter_up=torch.randn(2, 2, 3, 8, generator=gen), adapter_up_bias=torch.randn(2, 2, 8, generator=gen),
+        adapter_norm_weight=torch.randn(2, 2, 8, generator=gen), adapter_norm_bias=torch.randn(2, 2, 8, generator=gen),
+    )
+    for site in (SELF_ATTENTION, FEED_FORWARD):
+        for b in range(2):
+            up = torch.nn.functional.silu(h[b] @ cond.adapter_down[b, site] + cond.adapter_down_bias[b, site])
+            up = up @ cond.adapter_up[b, site] + cond.adapter_up_bias[b, site]
+            normed = torch.nn.functional.layer_norm(up, (8,), cond.adapter_norm_weight[b, site], cond.adapter_norm_bias[b, site])
+            torch.testing.assert_close(apply_adapter(h, cond, site)[b], h[b] + normed)
 
 
 def test_gradients_reach_every_conditioning_tensor(tiny_checkpoint):

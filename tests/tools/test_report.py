@@ -103,3 +103,29 @@ def test_missing_or_empty_metrics_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(report.ReportError, match="not a valid metrics file"):
         report.write_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def _eval_run(run_dir, variant, scores, data_dir=None):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(
+        f"conditioning:\n  variant: {variant}\ndata:\n  data_dir: {data_dir or 'null'}\n")
+    records = [{"kind": "eval", "step": 50, "time": 1.0, **{f"{k}/score": 0.0 for k in scores}},
+               {"kind": "eval", "step": 100, "time": 2.0, **{f"{k}/score": v for k, v in scores.items()}}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_closing_table_sets_the_runs_side_by_side_and_bundled_glue_apart(tmp_path, capsys):
+    _eval_run(tmp_path / "run", "hyperprompt_global", {"synthetic/first": 100.0, "synthetic/copy": 96.0, "glue/rte": 50.0})
+    _eval_run(tmp_path / "base", "none", {"synthetic/first": 40.0, "synthetic/copy": 30.0, "glue/rte": 41.7})
+    table = report.closing_table(tmp_path / "run", tmp_path / "base")
+    lines = table.splitlines()
+    assert "hyperprompt_global (step 100)" in lines[0] and "none (step 100)" in lines[0]
+    assert lines[2].split() == ["synthetic/copy", "96.0", "30.0"]
+    assert lines[4].split() == ["average", "98.0", "35.0"]  # the scored sets only
+    assert "format checks" in lines[5] and lines[6].split() == ["glue/rte", "50.0", "41.7"]
+    # on real data files GLUE is scored like any task
+    _eval_run(tmp_path / "real", "hyperprompt_global", {"glue/rte": 70.0}, data_dir="/data/glue")
+    assert "format checks" not in report.closing_table(tmp_path / "real", tmp_path / "base")
+    # the command prints it after the plots
+    args = argparse.Namespace(run_dir=tmp_path / "run", baseline=tmp_path / "base")
+    assert report.run(args) == 0 and "format checks" in capsys.readouterr().out
