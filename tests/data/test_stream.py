@@ -36,23 +36,36 @@ def test_mixing_rates_by_hand(make_cfg):
     temp = mixing_rates(make_cfg(mixture="temperature", temperature=2.0, mixture_cap=None), names, sizes)
     root = np.sqrt([1000, 12, 12])
     np.testing.assert_allclose(temp, root / root.sum())
+    # The cap applies before the temperature: with cap 100 the big task counts as 100, not 1000.
+    capped = mixing_rates(make_cfg(mixture="temperature", temperature=2.0, mixture_cap=100), names, sizes)
+    root = np.sqrt([100, 12, 12])
+    np.testing.assert_allclose(capped, root / root.sum())
     weights = mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2, "c": 1}), names, sizes)
     np.testing.assert_allclose(weights, [0.25, 0.5, 0.25])
     with pytest.raises(DataError, match=r"missing \['c'\]"):
         mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2}), names, sizes)
 
 
+CUBE_ROOTS = np.cbrt([100, 12, 12])
+
+
+# The three tasks have 1000, 12 and 12 training examples; the expected rates are computed by hand
+# here (not taken from the stream), each with a cap that binds.
 @pytest.mark.parametrize(
-    "mixture",
-    [dict(mixture="proportional", mixture_cap=100), dict(mixture="temperature", temperature=3.0),
-     dict(mixture="weights", weights={"synthetic/copy": 1.0, "glue/rte": 2.0, "superglue/cb": 1.0})],
+    "mixture, rates",
+    [(dict(mixture="proportional", mixture_cap=100), np.array([100, 12, 12]) / 124),
+     (dict(mixture="temperature", temperature=3.0, mixture_cap=100), CUBE_ROOTS / CUBE_ROOTS.sum()),
+     (dict(mixture="weights", weights={"synthetic/copy": 1.0, "glue/rte": 2.0, "superglue/cb": 1.0}),
+      np.array([0.25, 0.5, 0.25]))],
 )
-def test_sampled_proportions(make_cfg, tokenizer, mixture):
+def test_sampled_proportions(make_cfg, tokenizer, mixture, rates):
     s = stream(make_cfg, tokenizer, ["synthetic/copy", "glue/rte", "superglue/cb"], micro_batch_size=100, **mixture)
+    assert s.sizes == [1000, 12, 12]
     draws = np.concatenate([s.next_global_batch()[:, 0] for _ in range(100)])  # 10,000 draws
     freq = np.bincount(draws, minlength=3) / len(draws)
     # binomial standard deviation is at most 0.005 here; 0.02 is four of them
-    np.testing.assert_allclose(freq, s.rates, atol=0.02)
+    np.testing.assert_allclose(freq, rates, atol=0.02)
+    np.testing.assert_allclose(s.rates, rates)
 
 
 def test_batch_format(make_cfg, tokenizer):
