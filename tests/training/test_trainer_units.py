@@ -129,3 +129,49 @@ def test_resume_restores_the_data_stream_position(tmp_path):
     # and a fresh stream differs from the resumed one, so the comparison above can fail
     fresh = trainer()
     assert not all(torch.equal(next(fresh.stream)["input_ids"], want["input_ids"]) for want in expected[:1])
+
+
+class AccumulatingEngine:
+    """What Trainer.train_step needs of a DeepSpeed engine, behaving like one on a single rank:
+    ``backward`` scales the loss by 1/gradient_accumulation before autograd, as DeepSpeed does."""
+
+    def __init__(self, model, accumulation):
+        self.model, self.accumulation = model, accumulation
+
+    def __call__(self, **batch):
+        return self.model(**batch)
+
+    def backward(self, loss):
+        (loss / self.accumulation).backward()
+
+    def step(self):
+        pass
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
+    """Trainer.train_step with accumulation 2 (two micro-batches of different lengths and token
+    counts) gives the gradient of the token-mean loss over both, as accumulation 1 over one
+    micro-batch holding both examples' sets would: the ``x accumulation`` factor is exercised."""
+    from hp_deepspeed.training.flops import shape_of
+    from hp_deepspeed.training.trainer import Trainer
+    from tests.conditioning.common import random_batch, tiny_model
+
+    model = tiny_model("hyperprompt_global")
+    micro = [random_batch(3, seed=1, max_src=9, max_tgt=6), random_batch(3, seed=2, max_src=5, max_tgt=3)]
+
+    trainer = object.__new__(Trainer)  # only what train_step reads
+    trainer.cfg = SimpleNamespace(training=SimpleNamespace(gradient_accumulation=2))
+    trainer.device, trainer.world_size, trainer.model = torch.device("cpu"), 1, model
+    trainer.model_shape = shape_of(model.config)
+    trainer.engine = AccumulatingEngine(model, 2)
+    window = WindowStats(num_tasks=4)
+    trainer.train_step(iter(micro), window)
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    outs = [model(**b) for b in micro]
+    tokens = sum(o.example_token_count.sum() for o in outs)
+    (sum(o.example_loss_sum.sum() for o in outs) / tokens).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert window.samples == 6 and window.task_tokens.sum() == tokens
