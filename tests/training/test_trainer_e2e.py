@@ -22,8 +22,9 @@ from hp_deepspeed.training.metrics_log import read_metrics
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "tests" / "training" / "tiny_job.yaml"
-# Measured: the reference run goes from about FIRST to LAST (see test_reference_run_learns...).
-LEARNS = 0.8
+# "Learns": the mean loss of steps 7-8 is below LEARNS x that of steps 1-2. Measured on 2 CPU
+# ranks: 23.7 -> 9.2 (a ratio of 0.39); a run that does not learn stays near 1.
+LEARNS = 0.6
 
 
 def train_cmd(run_dir: Path, *overrides: str, ranks: int = 2) -> list[str]:
