@@ -215,3 +215,28 @@ def test_another_world_size_is_refused_when_conversion_is_off(tmp_path):
         manager(tmp_path, convert_universal="never").find_resume_point()
     point = manager(tmp_path).find_resume_point()
     assert manager(tmp_path).needs_universal(point)
+
+
+def test_a_preemption_signal_during_a_save_lets_the_save_finish_and_stops_at_the_next_step(tmp_path):
+    """SIGTERM arriving while the shards are being written: the handler only records it, so the
+    checkpoint is committed whole, and the next step boundary decides to stop (and save again)."""
+    import os
+    import signal
+
+    from hp_deepspeed.training.preemption import PreemptionHandler
+
+    class SignalledMidSave(FakeEngine):
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            os.kill(os.getpid(), signal.SIGTERM)  # would kill pytest without the handler
+            super().save_checkpoint(root, tag, client_state, save_latest)
+
+    mgr, engine = manager(tmp_path), SignalledMidSave()
+    with PreemptionHandler() as handler:
+        assert not handler.should_stop(2)
+        step_dir = mgr.save(engine, 2)  # the interval save during which the signal arrives
+        assert handler.received == signal.SIGTERM
+        assert (step_dir / MARKER).is_file() and read_latest(tmp_path / "checkpoints") == "step-2"
+        assert not list((tmp_path / "checkpoints").glob("*.staging"))
+        assert handler.should_stop(3)  # the trainer then saves step 3 and exits 75
+        mgr.save(FakeEngine(), 3)
+    assert manager(tmp_path).find_resume_point().step == 3
