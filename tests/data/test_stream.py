@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,6 +155,67 @@ def test_resume_with_other_global_batch_moves_to_next_pool(make_cfg, tokenizer):
     other.load_state_dict(state)
     new = other.state_dict()
     assert (new["pool"], new["batch_in_pool"], new["offsets"]) == (1, 0, pool_counts)
+
+
+def test_resume_with_other_global_batch_at_a_pool_boundary_skips_nothing(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=8)
+    for _ in range(21):  # pools 0 and 1 consumed, one batch into pool 2
+        s.next_global_batch()
+    one_in = s.state_dict()
+    assert (one_in["pool"], one_in["batch_in_pool"]) == (2, 1)
+    pool_counts = s._make_pool(2, one_in["offsets"], 8, 10)[1]
+    other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
+    other.load_state_dict(one_in)
+    new = other.state_dict()
+    assert (new["pool"], new["batch_in_pool"]) == (3, 0)
+    assert new["offsets"] == [o + c for o, c in zip(one_in["offsets"], pool_counts)]
+    at_boundary = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=8)
+    for _ in range(20):
+        at_boundary.next_global_batch()
+    state = at_boundary.state_dict()
+    assert (state["pool"], state["batch_in_pool"]) == (2, 0)
+    other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
+    other.load_state_dict(state)
+    assert other.state_dict()["pool"] == 2 and other.state_dict()["offsets"] == state["offsets"]
+
+
+def test_resume_refuses_another_version_or_other_rates(make_cfg, tokenizer):
+    state = stream(make_cfg, tokenizer, SYNTH).state_dict()
+    with pytest.raises(ValueError, match="data stream state version 0, expected 1"):
+        stream(make_cfg, tokenizer, SYNTH).load_state_dict({**state, "version": 0})
+    nudged = [state["rates"][0] + 1e-9, state["rates"][1] - 1e-9]  # any change of the mixture
+    with pytest.raises(ValueError, match=re.escape(f"mixing rates were {nudged}, are {state['rates']}")):
+        stream(make_cfg, tokenizer, SYNTH).load_state_dict({**state, "rates": nudged})
+
+
+def test_sharding_arguments_are_checked(make_cfg, tokenizer):
+    for bad in (dict(micro_batch_size=0), dict(world_size=0, rank=0), dict(rank=2, world_size=2), dict(rank=-1)):
+        with pytest.raises(ValueError, match="bad sharding: micro_batch_size=.* rank=.* world_size="):
+            stream(make_cfg, tokenizer, SYNTH, **bad)
+    with pytest.raises(ValueError, match="data.bucket_pool_batches must be at least 1, got 0"):
+        stream(make_cfg, tokenizer, SYNTH, bucket_pool_batches=0)
+    s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=1, rank=1, world_size=2)
+    assert (s.micro_batch_size, s.global_batch_size, s.skipped) == (1, 2, {"synthetic/copy": 0, "synthetic/reverse": 0})
+    config = make_cfg(tasks=SYNTH, seed=3)
+    default = TrainStream(config, build_tasks(config), tokenizer, 4)  # rank 0 of world size 1 by default
+    assert (default.world_size, default.global_batch_size, default.seed) == (1, 4, 3)
+    assert TrainStream(config, build_tasks(config), tokenizer, 4, seed=5).seed == 5  # the trainer's run seed wins
+
+
+def test_mixing_settings_are_validated(make_cfg):
+    names, sizes = ["a", "b", "c"], [10, 20, 30]
+    for weights, error in (({"a": -1, "b": 2, "c": 1}, "non-negative"), ({"a": 0, "b": 0, "c": 0}, "not all zero"),
+                           ({"a": 1, "b": 1, "c": 1, "d": 1}, r"missing \[\], not training tasks \['d'\]")):
+        with pytest.raises(DataError, match=error):
+            mixing_rates(make_cfg(mixture="weights", weights=weights), names, sizes)
+    # Zero and fractional weights summing to one are fine.
+    rates = mixing_rates(make_cfg(mixture="weights", weights={"a": 0, "b": 0.25, "c": 0.75}), names, sizes)
+    np.testing.assert_allclose(rates, [0, 0.25, 0.75])
+    for temperature in (0.0, -1.0):
+        with pytest.raises(DataError, match=f"data.temperature must be positive, got {temperature}"):
+            mixing_rates(make_cfg(mixture="temperature", temperature=temperature), names, sizes)
+    sharp = mixing_rates(make_cfg(mixture="temperature", temperature=0.5), names, sizes)  # T < 1 sharpens
+    np.testing.assert_allclose(sharp, np.square(sizes) / np.square(sizes).sum())
 
 
 def test_resume_refuses_another_stream(make_cfg, tokenizer):
