@@ -59,6 +59,7 @@ class FakeEngine:
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=0.1)
         self._config = SimpleNamespace(load_universal_checkpoint=False)
         self.load_calls = []
+        self.save_latest_args = []
 
     def zero_optimization_stage(self):
         return 0
@@ -70,6 +71,7 @@ class FakeEngine:
         return False
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
+        self.save_latest_args.append(save_latest)
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "client": client_state},
@@ -240,3 +242,47 @@ def test_a_preemption_signal_during_a_save_lets_the_save_finish_and_stops_at_the
         assert handler.should_stop(3)  # the trainer then saves step 3 and exits 75
         mgr.save(FakeEngine(), 3)
     assert manager(tmp_path).find_resume_point().step == 3
+
+
+def test_save_logs_and_deepspeeds_own_latest_file_is_not_written(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger=manager_module.__name__)
+    (tmp_path / "checkpoints" / "step-6.staging").mkdir(parents=True)  # debris of a crashed save
+    mgr, engine = manager(tmp_path), FakeEngine()
+    step_dir = mgr.save(engine, 2, job_config={"b": 1, "a": 2})
+    mgr.save(engine, 2)
+    assert engine.save_latest_args == [False]  # our `latest` pointer is the only one
+    assert not (tmp_path / "checkpoints" / "step-6.staging").exists()
+    assert (step_dir / "config.yaml").read_text() == "b: 1\na: 2\n"  # the job's key order
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"removed leftover of an interrupted save or deletion: {tmp_path / 'checkpoints' / 'step-6.staging'}" in messages
+    assert any(m.startswith(f"saved checkpoint {step_dir} in ") and m.endswith("s") for m in messages)
+    assert f"checkpoint {step_dir} already holds this exact state; not re-saving" in messages
+    manager(tmp_path).resume(FakeEngine())
+    assert f"resumed from {step_dir.resolve()} (step 2)" in [r.getMessage() for r in caplog.records]
+    text = "toy: yes\n"
+    assert manager(tmp_path).save(engine, 4, job_config=text).joinpath("config.yaml").read_text() == text
+
+
+def test_a_failed_write_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path):
+    class DiskFull(FakeEngine):
+        def save_checkpoint(self, root, tag, client_state, save_latest):
+            raise OSError("No space left on device")
+
+    manager(tmp_path).save(FakeEngine(), 2)
+    with pytest.raises(CheckpointError, match="step-4.staging: rank 0 failed to write its part: No space left"):
+        manager(tmp_path).save(DiskFull(), 4)
+    assert not (tmp_path / "checkpoints" / "step-4").exists()
+    assert read_latest(tmp_path / "checkpoints") == "step-2"
+    assert manager(tmp_path).find_resume_point().step == 2
+
+
+def test_a_failed_commit_is_reported(tmp_path, monkeypatch):
+    def broken(step_dir, marker):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(manager_module, "write_marker", broken)
+    with pytest.raises(CheckpointError, match="step-2: rank 0 could not commit the checkpoint: OSError: read-only"):
+        manager(tmp_path).save(FakeEngine(), 2)
+    assert read_latest(tmp_path / "checkpoints") is None
