@@ -18,8 +18,9 @@ from hp_deepspeed.training import evaluation
 from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.train_config import EvalConfig
 
-# Bundled validation sets of 12 examples each; 3-way (cb) and 2-way (rte) label words.
-TASKS = ["glue/rte", "superglue/cb"]
+# Bundled validation sets of 12 examples each, 3-way (cb) and 2-way (rte) label words, scored by
+# rank classification; synthetic/first (100 examples) is decoded.
+TASKS = ["glue/rte", "superglue/cb", "synthetic/first"]
 
 
 class PerExampleScorer(torch.nn.Module):
@@ -32,6 +33,16 @@ class PerExampleScorer(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, task_ids):
         content = (input_ids * attention_mask).sum(dim=1)  # padding does not change it
         return SimpleNamespace(example_loss_sum=((content * 31 + labels[:, 0] * 17) % 101).float())
+
+    max_new_tokens_seen: set = set()
+
+    def generate(self, input_ids, attention_mask, task_ids, max_new_tokens):
+        """Decoder start, then the example's input tokens k..k+2 (k from its content), then EOS."""
+        self.max_new_tokens_seen.add(max_new_tokens)
+        content = (input_ids * attention_mask).sum(dim=1)
+        rows = [[0] + ids[int(c) % 3:int(c) % 3 + 3].tolist() + [1] for ids, c in zip(input_ids, content)]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows])  # pad (0) is skipped in decoding
 
 
 class ThreadRanks:
@@ -95,8 +106,9 @@ def one_rank_scores(tokenizer, session_cache):
 def test_one_rank_scores_are_not_trivial(one_rank_scores):
     # The fake model is right on some examples and wrong on others, so a lost or duplicated
     # example changes the scores below.
-    for key in ("glue/rte/accuracy", "superglue/cb/accuracy"):
+    for key in ("glue/rte/accuracy", "superglue/cb/accuracy", "synthetic/first/accuracy"):
         assert 0 < one_rank_scores[key] < 100, key
+    assert PerExampleScorer.max_new_tokens_seen == {EvalConfig().max_new_tokens}
 
 
 # (world size, batch size): dummies on some ranks; 16 ranks of 1 over 12 examples: ranks 12-15
@@ -108,9 +120,10 @@ def test_w_ranks_give_the_one_rank_scores_on_every_rank(make_cfg, tokenizer, mon
     for r, scores in enumerate(results):
         assert scores == one_rank_scores, f"rank {r}"
     if world_size == 16:
-        only_dummies = [r for r, e in enumerate(evaluators)
-                        if all((b["example_index"] < 0).all() for s in e.eval_sets for b in s.batches)]
-        assert only_dummies == [12, 13, 14, 15]
+        for k in (0, 1):  # rte and cb, 12 examples each: ranks 12-15 hold only dummies of them
+            only_dummies = [r for r, e in enumerate(evaluators)
+                            if all((b["example_index"] < 0).all() for b in e.eval_sets[k].batches)]
+            assert only_dummies == [12, 13, 14, 15]
 
 
 def test_max_examples_per_task_scores_the_same_subset_on_every_rank(make_cfg, tokenizer, monkeypatch):
