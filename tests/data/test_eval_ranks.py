@@ -109,6 +109,8 @@ def test_one_rank_scores_are_not_trivial(one_rank_scores):
     for key in ("glue/rte/accuracy", "superglue/cb/accuracy", "synthetic/first/accuracy"):
         assert 0 < one_rank_scores[key] < 100, key
     assert PerExampleScorer.max_new_tokens_seen == {EvalConfig().max_new_tokens}
+    # The GLUE average over the GLUE sets present (here only RTE): partial benchmarks are averaged.
+    assert one_rank_scores["glue_average"] == one_rank_scores["glue/rte/score"]
 
 
 # (world size, batch size): dummies on some ranks; 16 ranks of 1 over 12 examples: ranks 12-15
@@ -136,3 +138,6 @@ def test_max_examples_per_task_scores_the_same_subset_on_every_rank(make_cfg, to
         assert (batch["example_index"] >= 0).all()
     one, _ = evaluate(make_cfg, tokenizer, monkeypatch, 1, 4, max_examples=4)
     assert results[0] == one[0]
+    # 5 examples with global batches of 4: rounded up to 2 batches, on every rank.
+    _, evaluators = evaluate(make_cfg, tokenizer, monkeypatch, 2, 2, max_examples=5)
+    assert all(len(s.batches) == 2 for e in evaluators for s in e.eval_sets)

@@ -23,7 +23,7 @@ class FakeTokenizer:
     ids = {"yes": [5], "no": [6, 7]}
 
     def __call__(self, word, add_special_tokens=True):
-        return {"input_ids": self.ids[word] + [1]}
+        return {"input_ids": self.ids[word] + ([1] if add_special_tokens else [])}
 
     def __len__(self):
         return 100
@@ -56,7 +56,16 @@ def test_primary_scores_and_table():
               "superglue/cb/score": 45.0, "glue_average": 60.0}
     assert Evaluator.primary_scores(scores) == {"glue/rte": 60.0, "superglue/cb": 45.0}
     table = Evaluator.format_table(scores, step=7)
-    assert "evaluation at step 7" in table and "glue/rte" in table and "glue_average" in table
+    assert table == (
+        "evaluation at step 7\n"
+        "task          metrics\n"
+        "glue/rte      accuracy=60.00  score=60.00\n"
+        "superglue/cb  macro_f1=40.00  score=45.00\n"
+        "glue_average  60.00"
+    )
+    # A task name with a slash in the metric part and a long name widen the column.
+    wide = Evaluator.format_table({"custom/a/b/accuracy": 1.0, "x": 2.0}, step=1).splitlines()
+    assert wide[1:] == ["task          metrics", "custom/a/b    accuracy=1.00", "x             2.00"]
 
 
 def test_window_stats_per_task_loss_without_distributed():
