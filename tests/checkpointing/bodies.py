@@ -134,3 +134,14 @@ def resume_on_one_rank(run_dir: str) -> dict:
     out["saved_path"] = str(manager.save(engine, TOTAL_STEPS, {"sampler": {"offset": 4 * TOTAL_STEPS}}))
     return out
 
+
+
+def resume_on_two_ranks(run_dir: str) -> dict:
+    """2 ranks: resume the checkpoint the 1-rank run saved (1 -> 2 ranks, via universal)."""
+    seed(7)
+    engine = make_engine(dropout=0.0, init_seed=11)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    point = manager.find_resume_point()
+    out = {"saved_on": point.world_size, "trainer_state": manager.load(engine, point)}
+    out["resumed"] = snapshot(engine)
+    return out

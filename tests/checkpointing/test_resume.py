@@ -4,7 +4,8 @@ Three multi-process runs share one run directory, in the order a real job would 
  1. 2 ranks train 10 steps saving at 2, 4, 6, 8 (retention and best pins active), then resume
     step 8 into fresh engines and replay steps 9-10;
  2. 2 ranks resume, train to step 10 and die between the shard writes and the marker;
- 3. 1 rank auto-resumes (universal conversion), replays 9-10 and saves step 10.
+ 3. 1 rank auto-resumes (universal conversion), replays 9-10 and saves step 10;
+ 4. 2 ranks auto-resume that 1-rank checkpoint (universal conversion the other way, 1 -> 2).
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def one_rank(crashed):
     layout_before = sorted(p.name for p in (crashed / "checkpoints").iterdir())
     results = run_ranks(f"{BODIES}:resume_on_one_rank", 1, timeout=300, args=(str(crashed),))
     return crashed, layout_before, results[0]
+
+
+@pytest.fixture(scope="module")
+def two_ranks_again(one_rank):
+    run_dir = one_rank[0]
+    return run_ranks(f"{BODIES}:resume_on_two_ranks", 2, timeout=300, args=(str(run_dir),))
 
 
 def assert_same_tensors(expected: dict, actual: dict, atol: float = 0.0) -> None:
@@ -169,3 +176,15 @@ def test_mismatched_model_is_refused_with_the_difference_named(one_rank):
 def test_explicit_resume_of_an_incomplete_folder_is_refused(one_rank):
     _, _, r = one_rank
     assert "step-12" in r["incomplete_error"] and "no COMPLETE marker" in r["incomplete_error"]
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(one_rank, two_ranks_again):
+    run_dir, _, one = one_rank
+    step_dir = run_dir / "checkpoints" / f"step-{TOTAL_STEPS}"
+    assert (step_dir / "universal" / MARKER).is_file()
+    for r in two_ranks_again:
+        assert r["saved_on"] == 1
+        assert r["trainer_state"] == {"step": TOTAL_STEPS, "sampler": {"offset": 4 * TOTAL_STEPS}}
+        # Weights, both Adam moments, per-group weight decay, lr and step count: each rank's
+        # gathered view of the re-partitioned state is the 1-rank run's state when it saved.
+        assert_same_tensors(one["after"], r["resumed"], atol=1e-7)

@@ -2,7 +2,8 @@
 updated weights after a few AdamW steps equal a single-process plain PyTorch run of the same
 model on the same global batches, with activation checkpointing off, reentrant and
 non-reentrant, for HyperPrompt-Global and the HyperFormer++ baseline (and Global with a frozen
-backbone, the case DeepSpeed < 0.19.3 crashes on under non-reentrant checkpointing).
+backbone, the case DeepSpeed < 0.19.3 crashes on under non-reentrant checkpointing), and for
+HyperPrompt-Share, -Sep, kv_prompt and prompt_tuning, with different tasks on each rank.
 
 One launcher run trains every case in sequence (tests/scripts/cond_zero3_train.py); the plain
 reference runs here. DeepSpeed averages the ranks' gradients, so the plain loss is the mean of

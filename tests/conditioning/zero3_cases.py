@@ -31,6 +31,13 @@ CASES = [
         ("hyperformer", "reentrant", False),
         ("hyperformer", "non_reentrant", False),
         ("adapter", "non_reentrant", False),
+        # The other conditioning variants: Sep indexes per-task generators with a different set
+        # of tasks on each rank, the case ZeRO-3's gathers of never-used generators must survive.
+        ("hyperprompt_share", "none", False),
+        ("hyperprompt_sep", "none", False),
+        ("hyperprompt_sep", "non_reentrant", False),
+        ("kv_prompt", "reentrant", False),
+        ("prompt_tuning", "none", False),
     ]
 ]
 

@@ -120,3 +120,60 @@ def test_a_bad_row_is_reported_once_with_one_row_number(make_cfg, tokenizer, tmp
             build_eval_batches(config, build_tasks(config), tokenizer, 2)
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
     assert "ERROR" not in capfd.readouterr().err
+
+
+def test_bad_rows_of_a_json_array_file_are_named_by_record(make_cfg, tokenizer, tmp_path):
+    rows = GOOD[:2] + [{"txt": "typo", "label": 1}] + GOOD[2:]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train.json'} record 2: task my/task: missing field 'text'")):
+        train(make_cfg, tokenizer, tmp_path)
+    s = train(make_cfg, tokenizer, tmp_path, on_bad_row="skip")
+    assert s.skipped == {"my/task": 1} and s.sizes == [5]
+
+
+def test_a_json_file_that_does_not_parse_is_named(make_cfg, tokenizer, tmp_path):
+    (tmp_path / "train.json").write_text(json.dumps(GOOD)[:-20])
+    for policy in ("error", "skip"):  # no row can be told apart in a broken array: never skipped
+        with pytest.raises(DataError, match=re.escape(f"task my/task: {tmp_path / 'train.json'} cannot be read")):
+            train(make_cfg, tokenizer, tmp_path, on_bad_row=policy)
+
+
+def test_bad_rows_of_a_parquet_file_are_named_by_record(make_cfg, tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = GOOD[:3] + [{"text": None, "label": 1}] + GOOD[3:]  # a null where a string belongs
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'train.parquet'} record 3: task my/task: missing field 'text'")):
+        train(make_cfg, tokenizer, tmp_path)
+    s = train(make_cfg, tokenizer, tmp_path, on_bad_row="skip")
+    assert s.skipped == {"my/task": 1} and s.sizes == [5]
+
+
+def test_bad_rows_skipped_in_an_eval_split_keep_references_aligned(make_cfg, tokenizer, tmp_path):
+    """Each kept eval example's reference is its own row's label: the skipped rows shift no one."""
+    rows = [{"text": f"row {i}", "label": (i // 2) % 2} for i in range(9)]
+    lines = [json.dumps(r) for r in rows]
+    lines[2] = '{"text": "broken'  # malformed JSON
+    lines[6] = json.dumps({"txt": "typo", "label": 1})  # missing field
+    write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in GOOD])
+    write_jsonl(tmp_path / "validation.jsonl", lines)
+    config = make_cfg(custom_tasks=[custom(tmp_path)], on_bad_row="skip")
+    tasks = build_tasks(config)
+    kept = [r for i, r in enumerate(rows) if i not in (2, 6)]
+    seen = {}
+    for rank in range(2):
+        (eval_set,) = build_eval_batches(config, tasks, tokenizer, 2, rank, 2)
+        assert len(eval_set) == len(kept)
+        for batch in eval_set.batches:
+            for index, ids, labels in zip(batch["example_index"].tolist(), batch["input_ids"], batch["labels"]):
+                if index >= 0:
+                    seen[index] = (tokenizer.decode(ids, skip_special_tokens=True),
+                                   tokenizer.decode(labels[labels != -100], skip_special_tokens=True))
+    assert sorted(seen) == list(range(len(kept)))
+    for index, (text, target) in seen.items():
+        row = kept[index]
+        assert text == f"classify: {row['text']}" and target == ["no", "yes"][row["label"]], index
+        assert eval_set.references[index]["label"] == row["label"], index
+    outputs = {i: target for i, (_, target) in seen.items()}  # a model that is always right
+    assert eval_set.compute_metrics(outputs)["accuracy"] == 100.0

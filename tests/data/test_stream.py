@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -36,23 +37,36 @@ def test_mixing_rates_by_hand(make_cfg):
     temp = mixing_rates(make_cfg(mixture="temperature", temperature=2.0, mixture_cap=None), names, sizes)
     root = np.sqrt([1000, 12, 12])
     np.testing.assert_allclose(temp, root / root.sum())
+    # The cap applies before the temperature: with cap 100 the big task counts as 100, not 1000.
+    capped = mixing_rates(make_cfg(mixture="temperature", temperature=2.0, mixture_cap=100), names, sizes)
+    root = np.sqrt([100, 12, 12])
+    np.testing.assert_allclose(capped, root / root.sum())
     weights = mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2, "c": 1}), names, sizes)
     np.testing.assert_allclose(weights, [0.25, 0.5, 0.25])
     with pytest.raises(DataError, match=r"missing \['c'\]"):
         mixing_rates(make_cfg(mixture="weights", weights={"a": 1, "b": 2}), names, sizes)
 
 
+CUBE_ROOTS = np.cbrt([100, 12, 12])
+
+
+# The three tasks have 1000, 12 and 12 training examples; the expected rates are computed by hand
+# here (not taken from the stream), each with a cap that binds.
 @pytest.mark.parametrize(
-    "mixture",
-    [dict(mixture="proportional", mixture_cap=100), dict(mixture="temperature", temperature=3.0),
-     dict(mixture="weights", weights={"synthetic/copy": 1.0, "glue/rte": 2.0, "superglue/cb": 1.0})],
+    "mixture, rates",
+    [(dict(mixture="proportional", mixture_cap=100), np.array([100, 12, 12]) / 124),
+     (dict(mixture="temperature", temperature=3.0, mixture_cap=100), CUBE_ROOTS / CUBE_ROOTS.sum()),
+     (dict(mixture="weights", weights={"synthetic/copy": 1.0, "glue/rte": 2.0, "superglue/cb": 1.0}),
+      np.array([0.25, 0.5, 0.25]))],
 )
-def test_sampled_proportions(make_cfg, tokenizer, mixture):
+def test_sampled_proportions(make_cfg, tokenizer, mixture, rates):
     s = stream(make_cfg, tokenizer, ["synthetic/copy", "glue/rte", "superglue/cb"], micro_batch_size=100, **mixture)
+    assert s.sizes == [1000, 12, 12]
     draws = np.concatenate([s.next_global_batch()[:, 0] for _ in range(100)])  # 10,000 draws
     freq = np.bincount(draws, minlength=3) / len(draws)
     # binomial standard deviation is at most 0.005 here; 0.02 is four of them
-    np.testing.assert_allclose(freq, s.rates, atol=0.02)
+    np.testing.assert_allclose(freq, rates, atol=0.02)
+    np.testing.assert_allclose(s.rates, rates)
 
 
 def test_batch_format(make_cfg, tokenizer):
@@ -141,6 +155,67 @@ def test_resume_with_other_global_batch_moves_to_next_pool(make_cfg, tokenizer):
     other.load_state_dict(state)
     new = other.state_dict()
     assert (new["pool"], new["batch_in_pool"], new["offsets"]) == (1, 0, pool_counts)
+
+
+def test_resume_with_other_global_batch_at_a_pool_boundary_skips_nothing(make_cfg, tokenizer):
+    s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=8)
+    for _ in range(21):  # pools 0 and 1 consumed, one batch into pool 2
+        s.next_global_batch()
+    one_in = s.state_dict()
+    assert (one_in["pool"], one_in["batch_in_pool"]) == (2, 1)
+    pool_counts = s._make_pool(2, one_in["offsets"], 8, 10)[1]
+    other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
+    other.load_state_dict(one_in)
+    new = other.state_dict()
+    assert (new["pool"], new["batch_in_pool"]) == (3, 0)
+    assert new["offsets"] == [o + c for o, c in zip(one_in["offsets"], pool_counts)]
+    at_boundary = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=8)
+    for _ in range(20):
+        at_boundary.next_global_batch()
+    state = at_boundary.state_dict()
+    assert (state["pool"], state["batch_in_pool"]) == (2, 0)
+    other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
+    other.load_state_dict(state)
+    assert other.state_dict()["pool"] == 2 and other.state_dict()["offsets"] == state["offsets"]
+
+
+def test_resume_refuses_another_version_or_other_rates(make_cfg, tokenizer):
+    state = stream(make_cfg, tokenizer, SYNTH).state_dict()
+    with pytest.raises(ValueError, match="data stream state version 0, expected 1"):
+        stream(make_cfg, tokenizer, SYNTH).load_state_dict({**state, "version": 0})
+    nudged = [state["rates"][0] + 1e-9, state["rates"][1] - 1e-9]  # any change of the mixture
+    with pytest.raises(ValueError, match=re.escape(f"mixing rates were {nudged}, are {state['rates']}")):
+        stream(make_cfg, tokenizer, SYNTH).load_state_dict({**state, "rates": nudged})
+
+
+def test_sharding_arguments_are_checked(make_cfg, tokenizer):
+    for bad in (dict(micro_batch_size=0), dict(world_size=0, rank=0), dict(rank=2, world_size=2), dict(rank=-1)):
+        with pytest.raises(ValueError, match="bad sharding: micro_batch_size=.* rank=.* world_size="):
+            stream(make_cfg, tokenizer, SYNTH, **bad)
+    with pytest.raises(ValueError, match="data.bucket_pool_batches must be at least 1, got 0"):
+        stream(make_cfg, tokenizer, SYNTH, bucket_pool_batches=0)
+    s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=1, rank=1, world_size=2)
+    assert (s.micro_batch_size, s.global_batch_size, s.skipped) == (1, 2, {"synthetic/copy": 0, "synthetic/reverse": 0})
+    config = make_cfg(tasks=SYNTH, seed=3)
+    default = TrainStream(config, build_tasks(config), tokenizer, 4)  # rank 0 of world size 1 by default
+    assert (default.world_size, default.global_batch_size, default.seed) == (1, 4, 3)
+    assert TrainStream(config, build_tasks(config), tokenizer, 4, seed=5).seed == 5  # the trainer's run seed wins
+
+
+def test_mixing_settings_are_validated(make_cfg):
+    names, sizes = ["a", "b", "c"], [10, 20, 30]
+    for weights, error in (({"a": -1, "b": 2, "c": 1}, "non-negative"), ({"a": 0, "b": 0, "c": 0}, "not all zero"),
+                           ({"a": 1, "b": 1, "c": 1, "d": 1}, r"missing \[\], not training tasks \['d'\]")):
+        with pytest.raises(DataError, match=error):
+            mixing_rates(make_cfg(mixture="weights", weights=weights), names, sizes)
+    # Zero and fractional weights summing to one are fine.
+    rates = mixing_rates(make_cfg(mixture="weights", weights={"a": 0, "b": 0.25, "c": 0.75}), names, sizes)
+    np.testing.assert_allclose(rates, [0, 0.25, 0.75])
+    for temperature in (0.0, -1.0):
+        with pytest.raises(DataError, match=f"data.temperature must be positive, got {temperature}"):
+            mixing_rates(make_cfg(mixture="temperature", temperature=temperature), names, sizes)
+    sharp = mixing_rates(make_cfg(mixture="temperature", temperature=0.5), names, sizes)  # T < 1 sharpens
+    np.testing.assert_allclose(sharp, np.square(sizes) / np.square(sizes).sum())
 
 
 def test_resume_refuses_another_stream(make_cfg, tokenizer):

@@ -20,7 +20,7 @@ from hp_deepspeed.model.t5_config import PRESETS
 from hp_deepspeed.tools import plan
 
 with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from deepspeed.runtime.zero.stage3 import model_to_params
 
 GIB = 2**30
 XXL = "google/t5-v1_1-xxl"
@@ -68,18 +68,59 @@ def test_xxl_backbone_count_from_its_dimensions(xxl):
 
 @pytest.mark.parametrize("preset", ["t5-small", XXL])
 @pytest.mark.parametrize("nodes,gpus", [(1, 8), (4, 8), (1, 1)])
-def test_model_states_are_deepspeeds_estimate(preset, nodes, gpus, xxl):
+def test_model_states_by_hand(preset, nodes, gpus, xxl):
+    """ZeRO-3 model states per parameter, written out here rather than by calling DeepSpeed's
+    estimator again: 18 bytes (bf16 weight and gradient, fp32 master weight and two Adam moments,
+    and DeepSpeed's 2 bytes of communication buffers) sharded over all GPUs; with the optimizer
+    offloaded the GPU keeps the 2-byte weight shard and each node's CPU holds 16 bytes of its
+    share; with the parameters offloaded too, the CPU holds all 18. The GPU always has room for
+    the largest layer gathered in fp32 (4 bytes per parameter); without offload, zero.Init's CPU
+    side only ever holds the largest layer per GPU. DeepSpeed's 1.5 head-room is on the CPU side."""
     spec = xxl if preset == XXL else plan.load_model_spec(preset)
+    total, largest = spec.total_params, spec.largest_layer_params
     cluster = plan.Cluster(nodes, gpus, 80, 1024)
     result = plan.make_plan(spec, cluster, plan.Workload(512, 128, 0.1))
     assert [o["offload"] for o in result["options"]] == ["none", "cpu_optimizer", "cpu_optimizer_params"]
-    for option, (offload, params) in zip(result["options"], [(False, False), (True, False), (True, True)]):
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            spec.total_params, spec.largest_layer_params, num_gpus_per_node=gpus, num_nodes=nodes,
-            cpu_offload=offload, cpu_offload_params=params, zero_init=True, additional_buffer_factor=1.5)
-        assert option["gpu_model_states_gib"] * GIB == pytest.approx(gpu, abs=1)
+    world = nodes * gpus
+    expected = [  # (GPU bytes per GPU, CPU bytes per node)
+        (4 * largest + 18 * total // world, 4 * largest * gpus * 1.5),
+        (4 * largest + 2 * total // world, 16 * total / nodes * 1.5),
+        (4 * largest, 18 * total / nodes * 1.5),
+    ]
+    for option, (gpu, cpu) in zip(result["options"], expected):
+        assert option["gpu_model_states_gib"] * GIB == pytest.approx(gpu, abs=1), option["offload"]
         assert option["gpu_model_states_per_node_gib"] * GIB == pytest.approx(gpu * gpus, abs=gpus)
-        assert option["cpu_per_node_gib"] * GIB == pytest.approx(cpu, abs=1)
+        assert option["cpu_per_node_gib"] * GIB == pytest.approx(cpu, abs=1), option["offload"]
+
+
+def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
+    """``peak`` = ``saved`` + the loss head's two fp32 [B, T, V] gradients (8*B*T*V bytes), plus,
+    with checkpointing, the larger block's activations recomputed during backward."""
+    work = plan.Workload(512, 128, 0.1)
+    b, t, vocab = 3, work.target_len, xxl.config.vocab_size
+    loss_gradient = 2 * b * t * vocab * 4
+    plain = plan.activation_bytes(xxl, work, b, checkpointing=False)
+    assert plain.peak - plain.saved == loss_gradient
+    ckpt = plan.activation_bytes(xxl, work, b, checkpointing=True)
+    enc_len = work.input_len + xxl.input_prompt_len
+    assert xxl.kv_prompt_sides == ("encoder", "decoder")  # HyperPrompt: key/value prompts in both stacks
+    p = xxl.kv_prompt_len
+    blocks = [plan.block_activation_bytes(xxl.config, b, enc_len, enc_len, p, decoder=False, dropout=True),
+              plan.block_activation_bytes(xxl.config, b, t, enc_len, p, decoder=True, dropout=True)]
+    assert ckpt.peak - ckpt.saved == loss_gradient + max(blocks)
+    # Without checkpointing every block is in `saved`: all of them, not one.
+    assert plain.saved - ckpt.saved > (xxl.config.num_layers - 1) * blocks[0]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_max_micro_batch_is_the_largest_whose_peak_fits(xxl, checkpointing):
+    work = plan.Workload(512, 128, 0.1)
+    peak = {mb: plan.activation_bytes(xxl, work, mb, checkpointing).peak for mb in (5, 6)}
+    assert plan.max_micro_batch(xxl, work, peak[5], checkpointing, limit=64) == 5
+    assert plan.max_micro_batch(xxl, work, peak[5] - 1, checkpointing, limit=64) == 4
+    assert plan.max_micro_batch(xxl, work, peak[6], checkpointing, limit=64) == 6
+    assert plan.max_micro_batch(xxl, work, peak[6], checkpointing, limit=5) == 5
+    assert plan.max_micro_batch(xxl, work, 1, checkpointing, limit=64) == 0
 
 
 def _measure_saved_bytes(model, batch: int, src: int, tgt: int, num_tasks: int) -> int:
