@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from hp_deepspeed.launching.distributed import (
     DistInfo,
     LaunchEnvironmentError,
     NetworkView,
+    advertised_host,
     collective_timeout,
     describe_lost_peer,
     socket_ifname_env,
@@ -96,3 +98,14 @@ def test_a_lost_peer_is_named_from_the_gloo_error():
     timed_out = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 90000ms for recv")
     assert "a collective timed out (HP_DIST_TIMEOUT)" in describe_lost_peer(timed_out, PEERS, rank=0)
     assert describe_lost_peer(RuntimeError("CUDA out of memory"), PEERS, rank=0) is None
+
+
+def test_mpi_rank_0_advertises_the_named_interface_and_a_loopback_master_is_refused():
+    assert advertised_host({"HP_SOCKET_IFNAME": "lo"}) == "127.0.0.1"
+    assert advertised_host({}) == socket.gethostname()
+    # Rank 0 advertised its host name, which resolves to loopback: the other hosts cannot use it.
+    mpi = DistInfo(rank=1, local_rank=0, world_size=2, local_world_size=1, master_addr="vm",
+                   master_port=29500, source="mpi")
+    with pytest.raises(LaunchEnvironmentError, match="rank 0 advertised MASTER_ADDR=vm, a loopback "
+                       "address, to ranks on other hosts"):
+        socket_ifname_env(mpi, {}, FakeNet(master_ip="127.0.0.1"))
