@@ -367,9 +367,13 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
 
 def interface_addresses() -> dict[str, str]:
     """This host's interfaces that have an IPv4 address: name -> address."""
-    found = {}
+    found: dict[str, str] = {}
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:  # no interface list here: nothing can be checked against it
+        return found
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for _, name in socket.if_nameindex():
+        for name in names:
             try:
                 packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
             except OSError:  # no IPv4 address on it
@@ -517,7 +521,8 @@ def describe_lost_peer(err: BaseException, peers: list[tuple[str, str]] | None =
         host = peers[ranks[0]][0]
         who = f"rank {ranks[0]}" if len(ranks) == 1 else f"one of ranks {', '.join(map(str, ranks))}"
         return f"{me} lost {who} on {host} ({addr}): its process or node is gone"
-    if re.search(r"[Tt]imed out|[Tt]imeout", text):
+    # gloo's and NCCL's watchdog's words for a collective that outlived the timeout.
+    if re.search(r"Timed out waiting|Watchdog caught collective operation timeout", text):
         return f"{me}: a collective timed out (HP_DIST_TIMEOUT): a peer rank stopped answering"
     return None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from tests.launching.conftest import (
     wait_for_job,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# The first test that asks for the shared run pays for all of it (several jobs in a row).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]
 JOB = REPO / "tests" / "training" / "tiny_job.yaml"
 STEPS, INTERVAL, CRASH_AT = 12, 2, 4
 JOB_TIMEOUT = 600  # generous: the machine's 2 cores are shared
@@ -199,15 +201,14 @@ def test_wrong_interface_fails_fast(netns_cluster, tmp_path):
     """GLOO_SOCKET_IFNAME=lo across two nodes: gloo would advertise 127.0.0.1 to the other node
     and wait for the collective timeout; the check in init_distributed ends it at once."""
     conf = netns_cluster["SLURM_CONF"]
-    job = sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch",
-                  f"run.dir={tmp_path / 'run'}"],
+    job = sbatch(["--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch"],
                  HP_DEVICE="cpu", HP_RUN_DIR=str(tmp_path / "run"), HP_MODULE="tests.scripts.launch_workload",
                  GLOO_SOCKET_IFNAME="lo", HP_DIST_TIMEOUT="600", **netns_cluster)
     info = wait_for_job(job, JOB_TIMEOUT, tmp_path / "hp-train-*.out", conf=conf)
     text = (tmp_path / f"hp-train-{job}.out").read_text()
     assert info["JobState"] == "FAILED", (info, text[-4000:])
     assert ("GLOO_SOCKET_IFNAME=lo: a loopback interface, which the other nodes of this 2-node job "
-            "cannot reach on vm") in text.replace("\n", " ") or "cannot reach" in text, text[-4000:]
+            f"cannot reach on {socket.gethostname()}") in text, text[-4000:]
     assert "set HP_SOCKET_IFNAME to the interface that reaches MASTER_ADDR=node1 (here: eth0)" in text
 
 
