@@ -11,7 +11,8 @@
 #
 # Idempotent: `up` on a running cluster checks it and repairs what is missing; `down` on a torn
 # down one does nothing. After `up`, `source $HP_NETNS_DIR/env.sh` gives a shell SLURM_CONF and
-# the ssh options of pdsh (PDSH_SSH_ARGS_APPEND) and Open MPI (OMPI_MCA_plm_rsh_args).
+# the ssh options of pdsh (PDSH_SSH_ARGS_APPEND) and Open MPI (OMPI_MCA_plm_rsh_args for 4,
+# PRTE_MCA_plm_ssh_args for 5).
 #
 # The network (a private /24, nothing routed or NATed to the outside):
 #   bridge hpbr0 on the host, address NET.1, host name `hphead` (slurmctld listens there)
@@ -127,7 +128,8 @@ EOF
 # Written by scripts/netns_cluster.sh: source it to use the netns cluster from a shell.
 export SLURM_CONF=$SLURM_CONF
 export PDSH_SSH_ARGS_APPEND="-F $DIR/ssh/config"
-export OMPI_MCA_plm_rsh_args="-F $DIR/ssh/config"
+export OMPI_MCA_plm_rsh_args="-F $DIR/ssh/config"   # Open MPI 4
+export PRTE_MCA_plm_ssh_args="-F $DIR/ssh/config"   # Open MPI 5 (PRRTE)
 EOF
 }
 

@@ -211,7 +211,7 @@ def netns_cluster():
         run_command([str(NETNS_CLUSTER), "up"], timeout=900)
         ssh = f"-F {NETNS_DIR}/ssh/config"
         yield {"SLURM_CONF": str(NETNS_DIR / "slurm.conf"), "PDSH_SSH_ARGS_APPEND": ssh,
-               "OMPI_MCA_plm_rsh_args": ssh}
+               "OMPI_MCA_plm_rsh_args": ssh, "PRTE_MCA_plm_ssh_args": ssh}
     finally:
         if not was_up:
             run_command([str(NETNS_CLUSTER), "down"], timeout=120)

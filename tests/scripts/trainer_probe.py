@@ -2,7 +2,7 @@
 
     HP_MODULE=tests.scripts.trainer_probe  ... the trainer's arguments ...
 
-* Every rank records where it runs in ``run.dir/ranks/rank{R}-restart{N}.json`` once the process
+* Every rank records where it runs in ``run.dir/ranks/rank{R}-job{J}-restart{N}.json`` once the process
   group is up: its DistInfo, SLURM node name and node id, the interface gloo was told
   (GLOO_SOCKET_IFNAME) and the address that interface has.
 * ``HP_CRASH_IN_SAVE=N``: every rank dies (``os._exit(17)``) in the middle of saving checkpoint
@@ -35,7 +35,8 @@ def _recording_init(run_dir: Path):
                       node_id=os.environ.get("SLURM_NODEID"), gloo_ifname=ifname,
                       address=distributed.interface_addresses().get(ifname),
                       restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
-        out = run_dir / "ranks" / f"rank{info.rank}-restart{record['restart']}.json"
+        job = os.environ.get("SLURM_JOB_ID", "none")
+        out = run_dir / "ranks" / f"rank{info.rank}-job{job}-restart{record['restart']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record))
         return info
