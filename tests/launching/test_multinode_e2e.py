@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,11 +263,18 @@ def openmpi_over_ssh(openmpi_env: dict, netns_cluster: dict) -> dict:
     return {**netns_cluster, **openmpi_env}
 
 
+# --prefix: the nodes' ssh sessions do not have the venv's Open MPI on PATH. `coll ^han`: the
+# namespaces share this machine's host name, and Open MPI's hierarchical collectives (han),
+# which group ranks by host name, then fail in the first split (MPI_ERR_TRUNCATE); real nodes
+# have their own names.
+OPENMPI_ACROSS_NODES = f"--prefix {OPENMPI_PREFIX} --mca coll ^han"
+
+
 def test_deepspeed_openmpi_runner_across_two_nodes(netns_cluster, openmpi_env, tmp_path):
     run_dir = tmp_path / "run"
     out = launch([str(REPO / "launch" / "multinode.sh"), *workload_args(run_dir)], timeout=400,
                  HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER="openmpi", MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_SOCKET_IFNAME="eth0", HP_MPIRUN_ARGS=f"--prefix {OPENMPI_PREFIX}",
+                 HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_SOCKET_IFNAME="eth0", HP_MPIRUN_ARGS=OPENMPI_ACROSS_NODES,
                  **openmpi_over_ssh(openmpi_env, netns_cluster)).output
     assert "btl_tcp_if_include eth0" in out and "-x HP_SOCKET_IFNAME" in out, out[-4000:]
     check_two_nodes(run_dir, "mpi", out)
@@ -274,11 +282,12 @@ def test_deepspeed_openmpi_runner_across_two_nodes(netns_cluster, openmpi_env, t
 
 def test_mpirun_script_across_two_nodes(netns_cluster, openmpi_env, tmp_path):
     run_dir = tmp_path / "run"
-    args = f"--prefix {OPENMPI_PREFIX} --host node1,node2 -x PYTHONPATH -x HP_SOCKET_IFNAME -x HP_MODULE"
+    args = f"{OPENMPI_ACROSS_NODES} --host node1,node2 -x PYTHONPATH -x HP_SOCKET_IFNAME"
     out = launch([str(REPO / "launch" / "mpirun.sh"), *workload_args(run_dir)], timeout=400,
                  HP_NPROCS="2", HP_MPIRUN_ARGS=args, HP_SOCKET_IFNAME="eth0",
-                 PYTHON=str(Path(os.sys.executable)), **openmpi_over_ssh(openmpi_env, netns_cluster)).output
+                 PYTHON=sys.executable, **openmpi_over_ssh(openmpi_env, netns_cluster)).output
     ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
     assert [(r["rank"], r["local_world_size"], r["source"]) for r in ranks] == [(0, 1, "mpi"), (1, 1, "mpi")], out[-4000:]
-    # Rank 0 broadcast its own host's address as the master: node1's, reachable from node2.
-    assert ranks[1]["master_addr"] == ranks[0]["master_addr"]
+    # Rank 0 broadcast the address of its HP_SOCKET_IFNAME (node1's eth0), not its host name,
+    # which resolves to loopback on every node.
+    assert {r["master_addr"] for r in ranks} == {NODE_ADDR["node1"]}, ranks
