@@ -19,9 +19,9 @@
 #   node i (1..N): namespace hp-node<i>, interface `eth0` (a veth whose other end is on the
 #                  bridge), address NET.(10+i), host name `node<i>`; `lo` up
 # The names are added to /etc/hosts between marker lines (every namespace reads the same file)
-# and removed by `down`. Inside a node the machine's own host name still resolves to 127.0.0.1,
-# like a cluster node whose host name maps to loopback: the ranks need their interface named
-# (HP_SOCKET_IFNAME=eth0, see hp_deepspeed/launching/distributed.py), which the tests exercise.
+# and removed by `down`. Each node also has its own UTS namespace, so that `hostname` there says
+# node<i>, which resolves to the node's address, as on a real cluster (MPI groups ranks by host
+# name); the file system and the processes stay shared.
 #
 # SLURM: SLURM_CONF=$HP_NETNS_DIR/slurm.conf (never /etc/slurm), controller port 6827 so that the
 # one-node cluster of scripts/slurm_local_cluster.sh can run beside it; node i runs
@@ -54,8 +54,31 @@ log() { echo "[netns_cluster] $*" >&2; }
 node_ids() { seq 1 "$NODES"; }
 ns_of() { echo "hp-node$1"; }
 addr_of() { echo "$NET.$((10 + $1))"; }
+UTS_DIR=/run/hp-netns-uts
+uts_of() { echo "$UTS_DIR/node$1"; }
 # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup mount slurmd needs.
-in_node() { local ns; ns=$(ns_of "$1"); shift; nsenter --net="/run/netns/$ns" "$@"; }
+in_node() { local i=$1; shift; nsenter --net="/run/netns/$(ns_of "$i")" --uts="$(uts_of "$i")" "$@"; }
+
+# A persistent UTS namespace per node (a bind mount of it), its host name node<i>.
+uts_up() {
+  local i file
+  mkdir -p "$UTS_DIR"
+  for i in $(node_ids); do
+    file=$(uts_of "$i")
+    mountpoint -q "$file" 2>/dev/null && continue
+    touch "$file"
+    unshare --uts="$file" hostname "node$i"
+  done
+}
+
+uts_down() {
+  local i file
+  for i in $(node_ids); do
+    file=$(uts_of "$i")
+    mountpoint -q "$file" 2>/dev/null && umount "$file"
+    rm -f "$file"
+  done
+}
 
 network_up() {
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
@@ -65,17 +88,17 @@ network_up() {
   for i in $(node_ids); do
     ns=$(ns_of "$i")
     ip netns list | grep -w "$ns" >/dev/null || ip netns add "$ns"
-    if ! in_node "$i" ip link show eth0 >/dev/null 2>&1; then
+    if ! ip -n "$ns" link show eth0 >/dev/null 2>&1; then
       ip link del "hpv$i" 2>/dev/null || true
       ip link add "hpv$i" type veth peer name "hpp$i"
       ip link set "hpp$i" netns "$ns"
-      in_node "$i" ip link set "hpp$i" name eth0
+      ip -n "$ns" link set "hpp$i" name eth0
     fi
     ip link set "hpv$i" master "$BRIDGE" up
-    in_node "$i" ip link set lo up
-    in_node "$i" ip link set eth0 up
-    in_node "$i" ip addr show dev eth0 | grep -F " $(addr_of "$i")/24" >/dev/null ||
-      in_node "$i" ip addr add "$(addr_of "$i")/24" dev eth0
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" addr show dev eth0 | grep -F " $(addr_of "$i")/24" >/dev/null ||
+      ip -n "$ns" addr add "$(addr_of "$i")/24" dev eth0
   done
 }
 
@@ -202,6 +225,7 @@ up() {
   install sshd:openssh-server pdsh:pdsh ip:iproute2
   mkdir -p "$DIR"
   network_up
+  uts_up
   hosts_up
   ssh_files
   [ -f "$SLURM_CONF" ] && pid_alive "$DIR/slurmctld.pid" || write_conf
@@ -229,6 +253,7 @@ down() {
     ip netns del "$ns"
   done
   for i in $(node_ids); do ip link del "hpv$i" 2>/dev/null || true; done
+  uts_down
   ip link del "$BRIDGE" 2>/dev/null || true
   hosts_down
   if [ -f "$DIR/munged.ours" ] && ! pid_alive "${HP_SLURM_DIR:-/tmp/hp-slurm}/slurmctld.pid"; then
@@ -244,6 +269,7 @@ status() {
   local i
   for i in $(node_ids); do
     ip netns list | grep -w "$(ns_of "$i")" >/dev/null || { log "no namespace $(ns_of "$i")"; return 1; }
+    mountpoint -q "$(uts_of "$i")" || { log "no UTS namespace $(uts_of "$i")"; return 1; }
     pid_alive "$DIR/slurmd-node$i.pid" || { log "slurmd of node$i not running"; return 1; }
     pid_alive "$DIR/sshd-node$i.pid" || { log "sshd of node$i not running"; return 1; }
   done
