@@ -260,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except _input_errors() as err:
         print(input_error_line(args.command, err), file=sys.stderr)
         return 2
+    except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
+        from hp_deepspeed.launching.distributed import describe_lost_peer
+
+        lost = describe_lost_peer(err)
+        if lost is None:
+            raise
+        print(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@
 #                      runner adds `--mca btl_tcp_if_include eth0` unless this names that option)
 #   HP_LAUNCHER_ARGS   extra deepspeed options, e.g. "--force_multi --no_ssh_check" for a
 #                      one-host hostfile (mpirun options go in HP_MPIRUN_ARGS, not here)
+#   HP_SOCKET_IFNAME   the interface between the nodes, for gloo and NCCL (see README,
+#                      "Multi-node"); with openmpi it and GLOO_/NCCL_SOCKET_IFNAME and
+#                      HP_DIST_TIMEOUT are passed to the ranks with -x. The pdsh runner passes
+#                      only NCCL_*/PYTHON* variables: put others in .deepspeed_env
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 hostfile=${HP_HOSTFILE:?set HP_HOSTFILE to a hostfile of \"host slots=N\" lines}
@@ -46,6 +50,10 @@ args=(--hostfile "$hostfile" --launcher "$launcher" --master_addr "$master_addr"
 mpirun_args=${HP_MPIRUN_ARGS:-}
 if [ "$launcher" = openmpi ]; then
   mpirun_args="-x MASTER_ADDR=$master_addr -x MASTER_PORT=$master_port $(openmpi_binding "$mpirun_args") $mpirun_args"
+  # Open MPI's remote ranks see only the variables named with -x.
+  for var in HP_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME HP_DIST_TIMEOUT; do
+    [ -n "${!var:-}" ] && mpirun_args="-x $var $mpirun_args"
+  done
 fi
 if [ -n "$mpirun_args" ]; then
   args+=(--launcher_args "$mpirun_args")

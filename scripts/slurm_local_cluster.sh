@@ -28,18 +28,44 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
 node_idle() { sinfo -h -N -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
 
+# install [BINARY:PACKAGE ...]: apt-get install the packages of SLURM, munge and any BINARY that is
+# missing (scripts/netns_cluster.sh adds sshd, pdsh and ip).
 install() {
-  local need=()
-  command -v munged >/dev/null || need+=(munge)
-  command -v slurmctld >/dev/null || need+=(slurmctld)
-  command -v slurmd >/dev/null || need+=(slurmd)
-  command -v sbatch >/dev/null || need+=(slurm-client)
+  local need=() pair
+  for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client "$@"; do
+    command -v "${pair%%:*}" >/dev/null || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
+  done
   [ ${#need[@]} -eq 0 ] && return
   [ "$(id -u)" -eq 0 ] || { log "need root to install ${need[*]}"; exit 2; }
   command -v apt-get >/dev/null || { log "no apt-get to install ${need[*]}"; exit 2; }
   log "installing ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+# The settings every local test cluster shares (this one and scripts/netns_cluster.sh).
+common_conf() {
+  cat <<'EOF'
+# No cgroups in containers: track processes by parent pid, no task binding, no accounting.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
+# Requeue: `scontrol requeue` and preemption put jobs back in the queue.
+JobRequeue=1
+# Fast tests: a requeued job may start again after cred_expire seconds (default 120), a short
+# kill grace, finished jobs visible to scontrol for 10 minutes.
+AuthInfo=cred_expire=10
+KillWait=10
+MinJobAge=600
+ReturnToService=2
+SlurmdTimeout=60
+MpiDefault=none
+EOF
 }
 
 write_conf() {
@@ -66,38 +92,15 @@ SlurmctldLogFile=$STATE_DIR/log/slurmctld.log
 SlurmdLogFile=$STATE_DIR/log/slurmd.log
 SlurmctldPort=${HP_SLURMCTLD_PORT:-6817}
 SlurmdPort=${HP_SLURMD_PORT:-6818}
-# No cgroups in containers: track processes by parent pid, no task binding, no accounting.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-# Requeue: \`scontrol requeue\` and preemption put jobs back in the queue.
-JobRequeue=1
-# Fast tests: a requeued job may start again after cred_expire seconds (default 120), a short
-# kill grace, finished jobs visible to scontrol for 10 minutes.
-AuthInfo=cred_expire=10
-KillWait=10
-MinJobAge=600
-ReturnToService=2
-SlurmdTimeout=60
-MpiDefault=none
+$(common_conf)
 $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   mv "$CONF.tmp" "$CONF"
 }
 
-start() {
-  install
-  if pid_alive "$STATE_DIR/slurmctld.pid" && pid_alive "$STATE_DIR/slurmd.pid" && node_idle; then
-    log "already running"; sinfo; return
-  fi
-  write_conf
-  mkdir -p "$STATE_DIR"
+# A munged for the cluster's credentials, unless one already answers (its key made once).
+start_munge() {
   if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
     dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none
@@ -111,6 +114,16 @@ start() {
     munged --force
     touch "$STATE_DIR/munged.ours"
   fi
+}
+
+start() {
+  install
+  if pid_alive "$STATE_DIR/slurmctld.pid" && pid_alive "$STATE_DIR/slurmd.pid" && node_idle; then
+    log "already running"; sinfo; return
+  fi
+  write_conf
+  mkdir -p "$STATE_DIR"
+  start_munge
   pid_alive "$STATE_DIR/slurmctld.pid" || slurmctld -i
   pid_alive "$STATE_DIR/slurmd.pid" || slurmd
   local i
@@ -149,6 +162,8 @@ status() {
   pid_alive "$STATE_DIR/slurmctld.pid" && pid_alive "$STATE_DIR/slurmd.pid" && sinfo && node_idle
 }
 
+# Sourced (by scripts/netns_cluster.sh) only the functions are defined.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 case "${1:-}" in
   start) start ;;
   stop) stop ;;

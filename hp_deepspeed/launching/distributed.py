@@ -34,17 +34,37 @@ SLURM tasks but no srun step, ...) is a ``LaunchEnvironmentError`` naming what i
 never a silent single-process run. ``HP_DIST_SOURCE=env|mpi|slurm|single`` forces a source.
 ``HP_DIST_BACKEND`` forces the backend; ``HP_DEVICE=cpu`` selects gloo even where CUDA exists.
 
+Network interface (``socket_ifname_env``). Gloo advertises to the other ranks the address of the
+interface named by GLOO_SOCKET_IFNAME, or else the address its host name resolves to; NCCL's
+bootstrap uses NCCL_SOCKET_IFNAME or else any interface but ``lo``/``docker*``. On a node whose
+host name maps to 127.0.0.1, or whose first interface is not the one between the nodes, a
+multi-node job then hangs in the rendezvous. ``HP_SOCKET_IFNAME=ib0`` names the interface for
+both (it fills GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME where they are not set). Before the
+process group exists every rank checks the names it was given: an interface this host does not
+have, one without an IPv4 address, or ``lo`` in a job over several nodes is a
+``LaunchEnvironmentError`` listing the host's interfaces and the one that reaches MASTER_ADDR.
+With no name given in a multi-node job on a host whose name resolves to loopback, gloo is told
+the interface of the route to MASTER_ADDR, and the rank says so in one line.
+
+Collective timeout: ``HP_DIST_TIMEOUT`` seconds (default 1800) bounds every collective, so a rank
+whose peer died never waits forever. A collective that fails because a peer went away is
+explained by :func:`describe_lost_peer`, which names the lost rank(s) and host from the table of
+ranks, hosts and addresses every rank shares right after the process group starts.
+
 The ``*_from_*`` functions are pure over a mapping (and, for MPI, a communicator), so each
 launcher's environment is unit-testable without starting processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
+import sys
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Callable, Mapping, Protocol
@@ -54,6 +74,11 @@ MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_L
 # Ports derived from a SLURM job id fall in [SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN).
 SLURM_PORT_BASE = 15000
 SLURM_PORT_SPAN = 20000
+# The variables naming the interface of the rendezvous: ours, then each backend's own.
+HP_IFNAME_VAR = "HP_SOCKET_IFNAME"
+BACKEND_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+DEFAULT_TIMEOUT_S = 1800.0
+_SIOCGIFADDR = 0x8915
 
 
 class LaunchEnvironmentError(RuntimeError):
@@ -323,7 +348,7 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
             "lib directory of the MPI that runs mpirun on LD_LIBRARY_PATH, or set MPI4PY_LIBMPI "
             "to its libmpi.so"
         ) from err
-    info = info_from_mpi(MPI.COMM_WORLD, env, MPI.COMM_TYPE_SHARED)
+    info = info_from_mpi(MPI.COMM_WORLD, env, MPI.COMM_TYPE_SHARED, hostname=lambda: advertised_host(env))
     expected = next((env[k] for k in MPI_MARKERS[:3] if env.get(k)), None)
     if expected is not None and int(expected) != info.world_size:
         raise LaunchEnvironmentError(
@@ -332,6 +357,170 @@ def _mpi_info(env: Mapping[str, str]) -> DistInfo:
             "mpirun; set MPI4PY_LIBMPI to this MPI's libmpi.so, or install mpi4py against it"
         )
     return info
+
+
+# ----------------------------------------------------------------------------- network interface
+
+def interface_addresses() -> dict[str, str]:
+    """This host's interfaces that have an IPv4 address: name -> address."""
+    found: dict[str, str] = {}
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:  # no interface list here: nothing can be checked against it
+        return found
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for name in names:
+            try:
+                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def route_source(addr: str) -> str | None:
+    """The local address the kernel picks to reach ``addr`` (a UDP connect sends nothing)."""
+    target = _resolve(addr)
+    if target is None:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((target, 9))
+            return sock.getsockname()[0]
+    except OSError:
+        return None
+
+
+def _is_loopback(addr: str | None) -> bool:
+    return bool(addr) and addr.startswith("127.")
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """What this host looks like to the rendezvous (a fake one in the unit tests)."""
+
+    hostname: str
+    interfaces: Mapping[str, str]   # name -> IPv4 address
+    master_ip: str | None           # MASTER_ADDR resolved; None when it does not resolve
+    route_source: str | None        # local address that reaches MASTER_ADDR
+
+    @classmethod
+    def probe(cls, master_addr: str) -> "NetworkView":
+        return cls(socket.gethostname(), interface_addresses(), _resolve(master_addr), route_source(master_addr))
+
+    def route_interface(self) -> str | None:
+        return next((n for n, a in self.interfaces.items() if a == self.route_source), None)
+
+    def hostname_is_loopback(self) -> bool:
+        return _is_loopback(_resolve(self.hostname))
+
+
+def _interface_error(var: str, name: str, problem: str, info: DistInfo, net: NetworkView) -> LaunchEnvironmentError:
+    have = ", ".join(f"{n} {a}" for n, a in net.interfaces.items()) or "none with IPv4"
+    route = net.route_interface()
+    hint = f" (here: {route})" if route and not _is_loopback(net.route_source) else ""
+    return LaunchEnvironmentError(
+        f"{var}={name}: {problem} on {net.hostname} (its interfaces: {have}); set {HP_IFNAME_VAR} "
+        f"to the interface that reaches MASTER_ADDR={info.master_addr}{hint}"
+    )
+
+
+def _check_interface(var: str, name: str, multi_node: bool, info: DistInfo, net: NetworkView) -> None:
+    if name not in net.interfaces:
+        raise _interface_error(var, name, "no such interface with an IPv4 address", info, net)
+    if multi_node and _is_loopback(net.interfaces[name]) and not _is_loopback(net.master_ip):
+        nodes = info.world_size // info.local_world_size
+        raise _interface_error(
+            var, name, f"a loopback interface, which the other nodes of this {nodes}-node job cannot reach",
+            info, net)
+
+
+def socket_ifname_env(info: DistInfo, env: Mapping[str, str], net: NetworkView) -> dict[str, str]:
+    """The interface variables to export before the process group starts (see the module
+    docstring), or a ``LaunchEnvironmentError`` for an interface that cannot work."""
+    multi_node = info.world_size > info.local_world_size
+    chosen: dict[str, str] = {}
+    if env.get(HP_IFNAME_VAR):
+        _check_interface(HP_IFNAME_VAR, env[HP_IFNAME_VAR], multi_node, info, net)
+        chosen = {var: env[HP_IFNAME_VAR] for var in BACKEND_IFNAME_VARS if not env.get(var)}
+    gloo = env.get("GLOO_SOCKET_IFNAME")
+    # NCCL_SOCKET_IFNAME is not checked: it takes prefixes and ^exclusions, not just names.
+    for name in (gloo or "").split(","):
+        if name:
+            _check_interface("GLOO_SOCKET_IFNAME", name, multi_node, info, net)
+    if multi_node and info.source == "mpi" and _is_loopback(net.master_ip):
+        # MPI knows which ranks share a host: rank 0 advertised a name the others resolve to
+        # themselves. (A hostfile of loopback "nodes" on one machine is left alone.)
+        raise _interface_error(
+            HP_IFNAME_VAR, env.get(HP_IFNAME_VAR, ""), f"rank 0 advertised MASTER_ADDR={info.master_addr}, "
+            "a loopback address, to ranks on other hosts", info, net)
+    if chosen or gloo or not multi_node or _is_loopback(net.master_ip):
+        return chosen
+    if not net.hostname_is_loopback():
+        return {}
+    route = net.route_interface()
+    if route is None or _is_loopback(net.route_source):
+        raise _interface_error(
+            HP_IFNAME_VAR, "", "not set, the host name resolves to loopback and no interface reaches "
+            "MASTER_ADDR", info, net)
+    return {"GLOO_SOCKET_IFNAME": route}
+
+
+def advertised_host(env: Mapping[str, str]) -> str:
+    """How rank 0 of an MPI job names itself to the others: the address of the interface named
+    by HP_SOCKET_IFNAME (or GLOO_SOCKET_IFNAME) when there is one, else its host name."""
+    name = (env.get(HP_IFNAME_VAR) or env.get("GLOO_SOCKET_IFNAME") or "").split(",")[0]
+    if not name:
+        return socket.gethostname()
+    return interface_addresses().get(name) or socket.gethostname()
+
+
+def collective_timeout(env: Mapping[str, str]) -> timedelta:
+    """HP_DIST_TIMEOUT seconds (default :data:`DEFAULT_TIMEOUT_S`): the longest any collective
+    may wait for a peer before it fails."""
+    raw = env.get("HP_DIST_TIMEOUT") or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise LaunchEnvironmentError(f"HP_DIST_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+# (host name, address) of every rank, by rank; filled by init_distributed.
+_PEERS: list[tuple[str, str]] = []
+
+
+def describe_lost_peer(err: BaseException, peers: list[tuple[str, str]] | None = None,
+                       rank: int | None = None) -> str | None:
+    """One line naming the rank(s) a failed collective lost, from the peer address in a gloo
+    error or a timeout; None when ``err`` is not a lost peer."""
+    peers = _PEERS if peers is None else peers
+    if rank is None and os.environ.get("RANK", "").isdigit():
+        rank = int(os.environ["RANK"])
+    text = str(err)
+    me = f"rank {rank}" if rank is not None else "this rank"
+    found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", text)
+    if found and re.search(r"reset by peer|closed by peer|Connection refused|Broken pipe|Read error|Write error", text):
+        addr = found.group(1)
+        ranks = [r for r, (_, a) in enumerate(peers) if a == addr and r != rank]
+        if not ranks:
+            return f"{me} lost a peer at {addr} (no rank of this job has that address)"
+        host = peers[ranks[0]][0]
+        who = f"rank {ranks[0]}" if len(ranks) == 1 else f"one of ranks {', '.join(map(str, ranks))}"
+        return f"{me} lost {who} on {host} ({addr}): its process or node is gone"
+    # gloo's and NCCL's watchdog's words for a collective that outlived the timeout.
+    if re.search(r"Timed out waiting|Watchdog caught collective operation timeout", text):
+        return f"{me}: a collective timed out (HP_DIST_TIMEOUT): a peer rank stopped answering"
+    return None
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -396,7 +585,8 @@ def default_backend(env: Mapping[str, str] | None = None) -> str:
 def init_distributed(
     backend: str | None = None, timeout: timedelta | None = None, verbose: bool = False
 ) -> DistInfo:
-    """Resolve the launcher environment, export it, and initialise deepspeed's process group.
+    """Resolve the launcher environment, check the network interface, export both, and
+    initialise deepspeed's process group with a bounded collective timeout.
 
     Idempotent: when torch.distributed is already initialised only the information is returned.
     """
@@ -410,6 +600,14 @@ def init_distributed(
     from hp_deepspeed.launching.device import cuda_device_index, prepare_process
 
     prepare_process()
+    timeout = timeout or collective_timeout(os.environ)
+    net = NetworkView.probe(info.master_addr)
+    ifnames = socket_ifname_env(info, os.environ, net)
+    if ifnames and not os.environ.get(HP_IFNAME_VAR):
+        print(f"[hp-deepspeed] rank {info.rank} on {net.hostname}: {net.hostname} resolves to loopback; "
+              f"using {ifnames} (the interface that reaches MASTER_ADDR={info.master_addr}); set "
+              f"{HP_IFNAME_VAR} to choose another", file=sys.stderr, flush=True)
+    os.environ.update(ifnames)
     backend = backend or default_backend()
     if backend == "nccl":
         index = cuda_device_index(info.local_rank, info.local_world_size, torch.cuda.device_count(),
@@ -420,9 +618,22 @@ def init_distributed(
         os.environ["LOCAL_RANK"] = str(index)
     import deepspeed
 
-    kwargs = {"timeout": timeout} if timeout is not None else {}
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, distributed_port=info.master_port,
-        verbose=verbose, rank=info.rank, world_size=info.world_size, **kwargs,
+        verbose=verbose, rank=info.rank, world_size=info.world_size, timeout=timeout,
     )
+    _share_peer_table(info, net, os.environ.get("GLOO_SOCKET_IFNAME"))
     return info
+
+
+def _share_peer_table(info: DistInfo, net: NetworkView, ifname: str | None) -> None:
+    """Every rank learns every rank's host and address, so that a lost peer can be named
+    (:func:`describe_lost_peer`). The one collective of this module, run once at start-up."""
+    from hp_deepspeed.launching import collectives
+
+    addr = net.interfaces.get((ifname or "").split(",")[0]) or net.route_source or "?"
+    try:  # the name the other nodes know this address by, e.g. from /etc/hosts
+        host = socket.gethostbyaddr(addr)[0]
+    except OSError:
+        host = net.hostname
+    _PEERS[:] = [tuple(entry) for entry in collectives.all_gather_objects((host, addr))]

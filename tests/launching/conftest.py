@@ -65,23 +65,29 @@ def slurm_cluster():
         run_command([str(CLUSTER), "stop"], timeout=120)
 
 
-def job_info(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                         text=True, timeout=30).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", out))
+def scontrol(*args: str, conf: str | None = None, check: bool = False) -> str:
+    """scontrol of the default cluster, or of the one whose slurm.conf is ``conf``."""
+    env = dict(os.environ, SLURM_CONF=conf) if conf else None
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
+                          env=env, check=check).stdout
 
 
-def wait_for_job(job_id: str, timeout: float, log_glob: Path | None = None) -> dict[str, str]:
+def job_info(job_id: str, conf: str | None = None) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", scontrol("show", "job", "-o", job_id, conf=conf)))
+
+
+def wait_for_job(job_id: str, timeout: float, log_glob: Path | None = None,
+                 conf: str | None = None) -> dict[str, str]:
     """Poll until the job has ended (completed, failed, cancelled...); fail with its logs."""
     deadline = time.monotonic() + timeout
     info: dict[str, str] = {}
     while time.monotonic() < deadline:
-        info = job_info(job_id)
+        info = job_info(job_id, conf)
         if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                                     "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}:
             return info
         time.sleep(1)
-    subprocess.run(["scancel", job_id], timeout=30)
+    subprocess.run(["scancel", job_id], timeout=30, env=dict(os.environ, SLURM_CONF=conf) if conf else None)
     logs = "" if log_glob is None else "\n".join(
         f"--- {p} ---\n{p.read_text()[-4000:]}" for p in sorted(log_glob.parent.glob(log_glob.name)))
     pytest.fail(f"job {job_id} did not end in {timeout:.0f}s (last: {info})\n{logs}")
@@ -175,3 +181,52 @@ def openmpi_env():
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
+
+
+NETNS_CLUSTER = REPO / "scripts" / "netns_cluster.sh"
+NETNS_DIR = Path(os.environ.get("HP_NETNS_DIR", "/tmp/hp-netns"))
+NETNS_NODES = ("node1", "node2")
+
+
+def _can_build_netns() -> str | None:
+    """Why the network-namespace cluster cannot be built here, or None when it can."""
+    if os.geteuid() != 0:
+        return "network namespaces, bridges and daemons of the netns cluster need root"
+    if not shutil.which("nsenter"):
+        return "nsenter (util-linux) is missing"
+    return _can_manage_slurm()
+
+
+@pytest.fixture(scope="session")
+def netns_cluster():
+    """Two nodes in network namespaces (scripts/netns_cluster.sh): node1 10.231.0.11 and node2
+    10.231.0.12, each with a slurmd and an sshd. Yields the environment that reaches them
+    (SLURM_CONF, pdsh's and Open MPI's ssh options). Torn down at the end, also after a failure
+    of `up` or of a test, unless it was already up before the session."""
+    reason = _can_build_netns()
+    if reason:
+        pytest.skip(reason)
+    was_up = subprocess.run([str(NETNS_CLUSTER), "status"], capture_output=True, timeout=60).returncode == 0
+    try:
+        run_command([str(NETNS_CLUSTER), "up"], timeout=900)
+        ssh = f"-F {NETNS_DIR}/ssh/config"
+        yield {"SLURM_CONF": str(NETNS_DIR / "slurm.conf"), "PDSH_SSH_ARGS_APPEND": ssh,
+               "OMPI_MCA_plm_rsh_args": ssh, "PRTE_MCA_plm_ssh_args": ssh}
+    finally:
+        if not was_up:
+            run_command([str(NETNS_CLUSTER), "down"], timeout=120)
+
+
+def node_pids(node: str, text: str) -> list[int]:
+    """The processes running in ``node``'s namespace whose command line contains ``text``."""
+    out = subprocess.run(["ip", "netns", "pids", f"hp-{node}"], capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    found = []
+    for pid in map(int, out):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(pid)
+    return found
