@@ -5,7 +5,7 @@ called with a tensor built "wherever" works on the CPU test suite and crashes on
 run (``No backend type associated with device type cpu``). This module is the one place that
 knows the rule: :func:`comm_device` is ``cuda:<current>`` under NCCL and the CPU under any other
 backend, and every helper below moves its tensor there and back. No other module of
-``hp_deepspeed`` calls a ``torch.distributed`` collective (``tests/launching/test_collectives.py``
+``hp_deepspeed`` calls a ``torch.distributed`` collective (``tests/training/test_collectives.py``
 checks the source tree), so the CPU suite guards the GPU rule.
 
 Without an initialised process group every helper is the single-process identity, so callers

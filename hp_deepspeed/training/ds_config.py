@@ -103,10 +103,24 @@ def build_ds_config(
     zero = cfg.setdefault("zero_optimization", {})
     offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     cfg["optimizer"] = {"type": "AdamW", "params": optimizer_params(optim, on_cpu, offload_optimizer)}
-    if cfg.get("bf16", {}).get("enabled", False):
-        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     resolve_zero(zero, d_model=d_model, hw=Hardware.detect(world_size, on_cpu), model_size=model_size)
+    if cfg.get("bf16", {}).get("enabled", False):
+        _accumulate_in_fp32(cfg, zero)
     return cfg
+
+
+def _accumulate_in_fp32(cfg: dict, zero: dict) -> None:
+    """bf16 weights, fp32 gradient accumulation (``data_types.grad_accum_dtype``), unless the file
+    chose otherwise.
+
+    DeepSpeed 0.19.8 has no stage-0 engine for that mix: ``_do_optimizer_sanity_check`` raises
+    ``NotImplementedError`` for bf16 weights with fp32 accumulation outside ZeRO. Its stage-1 path
+    for exactly these data types is ``BF16_Optimizer`` (fp32 master weights and accumulation, no
+    ZeRO-3 hooks; at one rank the memory of stage 0), so a stage 0 becomes stage 1.
+    """
+    accum = cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    if accum == "fp32" and zero.get("stage", 0) == 0:
+        zero["stage"] = 1
 
 
 def optimizer_params(optim: OptimConfig, on_cpu: bool, offload_optimizer: bool) -> dict[str, Any]:

@@ -87,7 +87,13 @@ def test_explicit_values_win_and_auto_is_filled_from_parallelism(sizes_by_preset
     # The value comes from the one module that decides it (ds_config.py has no rule of its own).
     assert zero["stage3_prefetch_bucket_size"] == sizes(large, 1024, Hardware(1, None))["stage3_prefetch_bucket_size"]
     auto = build({"stage": "auto", "reduce_bucket_size": "auto"}, size=large)
-    assert auto["stage"] == 0 and "auto" not in json.dumps(auto)
+    # parallelism replicates (stage 0); bf16 weights with fp32 accumulation run that as DeepSpeed's
+    # stage-1 BF16_Optimizer (ds_config.py), the only engine it has for those data types.
+    assert auto["stage"] == 1 and "auto" not in json.dumps(auto)
+    fp32 = build_ds_config({"zero_optimization": {"stage": "auto"}}, micro_batch_size=2, gradient_accumulation=1,
+                           world_size=1, optim=OptimConfig(), d_model=1024, log_every=10, on_cpu=True,
+                           model_size=large)
+    assert fp32["zero_optimization"]["stage"] == 0
 
 
 def test_auto_stage_needs_the_model_size():
