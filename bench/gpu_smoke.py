@@ -1,6 +1,6 @@
 """GPU smoke check: the main job's user paths, end to end, on this machine's first GPU.
 
-    python -m bench.gpu_smoke [--out DIR] [--suites zero3_bf16,zero2_bf16,zero3_offload_cpu]
+    python -m bench.gpu_smoke [--out DIR] [--suites auto_bf16,zero3_bf16,zero2_bf16,zero3_offload_cpu]
     python -m bench.gpu_smoke --cpu [--stages train,eval]        # the same stages on the CPU (gloo)
 
 One suite per DeepSpeed config, each of these stages, every one a real command with its own
@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GPU_SUITES = ("zero3_bf16", "zero2_bf16", "zero3_offload_cpu")
+# auto_bf16 first: the default config (on one GPU, stage 1 with bf16: DeepSpeed's BF16_Optimizer).
+GPU_SUITES = ("auto_bf16", "zero3_bf16", "zero2_bf16", "zero3_offload_cpu")
 CPU_SUITES = ("zero3_cpu_test",)
 STAGES = ("train", "kill_resume", "eval", "export", "predict")
 NEEDS = {"kill_resume": ("train",), "eval": ("train",), "export": ("train",), "predict": ("export",)}
