@@ -19,7 +19,7 @@ hp-deepspeed validate --config configs/demo.yaml "run.dir=$RUN_DIR" > /dev/null
 train() {  # RUN_DIR [overrides...]
   local dir=$1; shift
   deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
-    --module hp_deepspeed.cli train --config configs/demo.yaml "run.dir=$dir" --resume auto "$@"
+    --module hp_deepspeed.cli train --config configs/demo.yaml "run.dir=$dir" "$@" --resume auto
 }
 
 echo "== HyperPrompt-Global, ZeRO-3 over 2 ranks =="
