@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv shm-op demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,20 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" mpich
 	touch $(STAMP)
 
-demo: $(STAMP)
+# DeepSpeed JIT-builds its CPU shared-memory collective op (deepspeed_shm_comm) in torch's
+# extension cache when a process group starts, and the cache's build files name the venv. Built
+# here once, ranks only load it instead of all waiting on one build's lock file under test
+# timeouts; and a build killed midway leaves that lock behind, which would hang every later start,
+# so a lock no build holds is removed first (nothing else builds while make runs this).
+SHM_LOCK = $(HOME)/.cache/torch_extensions/py*_cpu/deepspeed_shm_comm/lock
+shm-op:
+	rm -f $(SHM_LOCK)
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+
+demo: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests --durations=30
 
 test-fast: $(STAMP)
