@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import torch
 
-from hp_deepspeed.model import random_init
 from hp_deepspeed.model.hf_checkpoint import CheckpointReader, load_hf_weights
 from hp_deepspeed.model.t5 import ActivationCheckpointing, T5Model
 from hp_deepspeed.model.t5_config import PRESET_ALIASES, PRESETS, T5Config
@@ -90,12 +89,10 @@ def build_model(
 
         # No dtype argument: DeepSpeed then takes it from the config (bf16 section or fp32).
         # Passing one is ignored on accelerators without fp16 (0.19's _set_dtype), giving bf16.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config), random_init.seeded(config.seed):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = T5Model(t5_config, config.activation_checkpointing)
     else:
-        with random_init.seeded(config.seed):
-            model = T5Model(t5_config, config.activation_checkpointing)
-        model = model.to(device=device, dtype=dtype)
+        model = T5Model(t5_config, config.activation_checkpointing).to(device=device, dtype=dtype)
     if config.load_weights and config.name_or_path not in _RANDOM_ONLY:
         load_hf_weights(model, config.name_or_path, zero3=zero3)
     return model

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hp_deepspeed.model import random_init
 from hp_deepspeed.model.builder import DTYPES, ModelConfig, zero_stage
 from hp_deepspeed.model.builder import build_model as build_backbone
 from hp_deepspeed.model.conditioning import (
@@ -124,11 +123,10 @@ def build_model(
 
         # No dtype argument: the DeepSpeed config's precision section decides (and DeepSpeed
         # 0.19 ignores an explicit dtype on accelerators without fp16, creating bf16 weights).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config), random_init.seeded(model_cfg.seed):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             conditioning = build_conditioning(cond_cfg, dims, num_tasks)
     else:
-        with random_init.seeded(model_cfg.seed):
-            conditioning = build_conditioning(cond_cfg, dims, num_tasks)
+        conditioning = build_conditioning(cond_cfg, dims, num_tasks)
         if conditioning is not None:
             conditioning = conditioning.to(device=device, dtype=DTYPES[model_cfg.dtype])
     return HyperPromptT5(backbone, conditioning, kv_prompt_length=cond_cfg.kv_prompt_length)
