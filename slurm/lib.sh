@@ -105,7 +105,7 @@ hp_run() {
   esac
   if [ "$HP_MODULE" = hp_deepspeed.cli ] && [[ "$1" == train || "$1" == eval ]]; then
     # Reject a typo'd key or a wrong type here, in one process, before any rank is started.
-    "$PYTHON" -m hp_deepspeed.cli validate "${@:2}" > /dev/null || return 2
+    "$PYTHON" -m hp_deepspeed.cli validate --as "$1" "${@:2}" > /dev/null || return 2
   fi
   if [ "$HP_SIGNALLED" = 1 ]; then
     # Told to stop before training even started: go back to the queue right away.
