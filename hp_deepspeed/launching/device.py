@@ -28,7 +28,7 @@ import re
 import sys
 from typing import Mapping, MutableMapping
 
-from hp_deepspeed.launching.distributed import LaunchEnvironmentError
+from hp_deepspeed.launching.errors import LaunchEnvironmentError
 
 _ARCH = re.compile(r"^(\d+)\.(\d+)([a-z]*)(\+PTX)?$")
 

@@ -69,6 +69,8 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Callable, Mapping, Protocol
 
+from hp_deepspeed.launching.errors import LaunchEnvironmentError
+
 SOURCES = ("env", "mpi", "slurm", "single")
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 # Ports derived from a SLURM job id fall in [SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN).
@@ -79,10 +81,6 @@ HP_IFNAME_VAR = "HP_SOCKET_IFNAME"
 BACKEND_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 DEFAULT_TIMEOUT_S = 1800.0
 _SIOCGIFADDR = 0x8915
-
-
-class LaunchEnvironmentError(RuntimeError):
-    """The environment does not describe a distributed job consistently."""
 
 
 @dataclass(frozen=True)
