@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
-import torch.distributed as dist
 
 from hp_deepspeed.data import EvalSet, Task, benchmark_average, build_eval_batches
 from hp_deepspeed.data.config import DataConfig
@@ -111,11 +110,8 @@ class Evaluator:
         return flat
 
     def _merge_ranks(self, outputs: dict[int, str]) -> dict[int, str]:
-        if not (dist.is_initialized() and self.world_size > 1):
-            return outputs
-        gathered = collectives.all_gather_objects(outputs)
         merged: dict[int, str] = {}
-        for part in gathered:
+        for part in collectives.all_gather_objects(outputs):  # [outputs] without a process group
             merged.update(part)
         return merged
 

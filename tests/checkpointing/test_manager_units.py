@@ -144,7 +144,8 @@ def test_deepspeed_state_of_another_step_is_refused(tmp_path):
     # The shards claim another step than the marker: a mixed-up folder must not load silently.
     engine.save_checkpoint(tmp_path / "checkpoints", "step-2", {manager_module.CLIENT_STEP_KEY: 7}, False)
     with pytest.raises(CheckpointError, match="DeepSpeed state is from step 7, marker says 2"):
-        manager(tmp_path).resume(FakeEngine())
+        mgr = manager(tmp_path)
+        mgr.load(FakeEngine(), mgr.find_resume_point())
 
 
 def test_due_every_interval_steps(tmp_path):
@@ -259,7 +260,8 @@ def test_save_logs_and_deepspeeds_own_latest_file_is_not_written(tmp_path, caplo
     assert f"removed leftover of an interrupted save or deletion: {tmp_path / 'checkpoints' / 'step-6.staging'}" in messages
     assert any(m.startswith(f"saved checkpoint {step_dir} in ") and m.endswith("s") for m in messages)
     assert f"checkpoint {step_dir} already holds this exact state; not re-saving" in messages
-    manager(tmp_path).resume(FakeEngine())
+    mgr = manager(tmp_path)
+    mgr.load(FakeEngine(), mgr.find_resume_point())
     assert f"resumed from {step_dir.resolve()} (step 2)" in [r.getMessage() for r in caplog.records]
     text = "toy: yes\n"
     assert manager(tmp_path).save(engine, 4, job_config=text).joinpath("config.yaml").read_text() == text

@@ -1,5 +1,5 @@
 """``Evaluator`` across ranks, simulated in one process: every rank is a thread running the real
-Evaluator over its real shard of the eval sets, and ``dist.all_gather_object`` is a barrier among
+Evaluator over its real shard of the eval sets, and ``collectives.all_gather_objects`` is a barrier among
 the threads. The model is a fake whose scores depend only on each example's own tokens, so the
 predictions do not depend on how examples are batched and W ranks must give exactly the 1-rank
 scores: merging, dummy examples and ranks holding only dummies all show up in the numbers.
@@ -37,16 +37,17 @@ class PerExampleScorer(torch.nn.Module):
     max_new_tokens_seen: set = set()
 
     def generate(self, input_ids, attention_mask, task_ids, max_new_tokens):
-        """Decoder start, then the example's input tokens k..k+2 (k from its content), then EOS."""
+        """Decoder start, then the example's input token k (k = 0 or 1, from its content), then EOS:
+        right for synthetic/first (a one-word target) when k is 0, wrong otherwise."""
         self.max_new_tokens_seen.add(max_new_tokens)
         content = (input_ids * attention_mask).sum(dim=1)
-        rows = [[0] + ids[int(c) % 3:int(c) % 3 + 3].tolist() + [1] for ids, c in zip(input_ids, content)]
+        rows = [[0] + ids[int(c) % 2:int(c) % 2 + 1].tolist() + [1] for ids, c in zip(input_ids, content)]
         width = max(len(r) for r in rows)
         return torch.tensor([r + [0] * (width - len(r)) for r in rows])  # pad (0) is skipped in decoding
 
 
 class ThreadRanks:
-    """A stand-in for torch.distributed where each thread is one rank of ``world_size``."""
+    """A stand-in for the collectives module where each thread is one rank of ``world_size``."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
@@ -55,15 +56,13 @@ class ThreadRanks:
         self.local = threading.local()
         self.gathers = 0
 
-    def is_initialized(self) -> bool:
-        return True
-
-    def all_gather_object(self, gathered: list, obj) -> None:
+    def all_gather_objects(self, obj) -> list:
         self.slots[self.local.rank] = obj
         self.barrier.wait()
-        gathered[:] = list(self.slots)
+        gathered = list(self.slots)
         self.gathers += 1
         self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return gathered
 
 
 def evaluate(make_cfg, tokenizer, monkeypatch, world_size: int, batch_size: int, max_examples: int = 0):
@@ -72,7 +71,7 @@ def evaluate(make_cfg, tokenizer, monkeypatch, world_size: int, batch_size: int,
     tasks = build_tasks(cfg)
     eval_cfg = EvalConfig(batch_size=batch_size, max_examples_per_task=max_examples)
     fake = ThreadRanks(world_size)
-    monkeypatch.setattr(evaluation, "dist", fake)
+    monkeypatch.setattr(evaluation, "collectives", fake)
     results, errors = [None] * world_size, []
     evaluators = [Evaluator(eval_cfg, cfg, tasks, tokenizer, r, world_size) for r in range(world_size)]
 
