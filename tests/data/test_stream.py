@@ -192,7 +192,7 @@ def test_sharding_arguments_are_checked(make_cfg, tokenizer):
     for bad in (dict(micro_batch_size=0), dict(world_size=0, rank=0), dict(rank=2, world_size=2), dict(rank=-1)):
         with pytest.raises(ValueError, match="bad sharding: micro_batch_size=.* rank=.* world_size="):
             stream(make_cfg, tokenizer, SYNTH, **bad)
-    with pytest.raises(ValueError, match="data.bucket_pool_batches must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="data.bucket_pool_batches must be >= 1, got 0"):
         stream(make_cfg, tokenizer, SYNTH, bucket_pool_batches=0)
     s = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=1, rank=1, world_size=2)
     assert (s.micro_batch_size, s.global_batch_size, s.skipped) == (1, 2, {"synthetic/copy": 0, "synthetic/reverse": 0})
@@ -204,16 +204,18 @@ def test_sharding_arguments_are_checked(make_cfg, tokenizer):
 
 def test_mixing_settings_are_validated(make_cfg):
     names, sizes = ["a", "b", "c"], [10, 20, 30]
-    for weights, error in (({"a": -1, "b": 2, "c": 1}, "non-negative"), ({"a": 0, "b": 0, "c": 0}, "not all zero"),
+    with pytest.raises(ValueError, match="data.weights must be >= 0"):  # refused with the config
+        make_cfg(mixture="weights", weights={"a": -1, "b": 2, "c": 1})
+    for weights, error in (({"a": 0, "b": 0, "c": 0}, "not all zero"),
                            ({"a": 1, "b": 1, "c": 1, "d": 1}, r"missing \[\], not training tasks \['d'\]")):
         with pytest.raises(DataError, match=error):
             mixing_rates(make_cfg(mixture="weights", weights=weights), names, sizes)
     # Zero and fractional weights summing to one are fine.
     rates = mixing_rates(make_cfg(mixture="weights", weights={"a": 0, "b": 0.25, "c": 0.75}), names, sizes)
     np.testing.assert_allclose(rates, [0, 0.25, 0.75])
-    for temperature in (0.0, -1.0):
-        with pytest.raises(DataError, match=f"data.temperature must be positive, got {temperature}"):
-            mixing_rates(make_cfg(mixture="temperature", temperature=temperature), names, sizes)
+    for temperature in (0.0, -1.0):  # refused with the config
+        with pytest.raises(ValueError, match=f"data.temperature must be > 0, got {temperature}"):
+            make_cfg(mixture="temperature", temperature=temperature)
     sharp = mixing_rates(make_cfg(mixture="temperature", temperature=0.5), names, sizes)  # T < 1 sharpens
     np.testing.assert_allclose(sharp, np.square(sizes) / np.square(sizes).sum())
 

@@ -183,4 +183,4 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
     (sum(o.example_loss_sum.sum() for o in outs) / tokens).backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert window.samples == 6 and window.task_tokens.sum() == tokens
+    assert window.samples == 6 and window.reduce()["task_tokens"].sum() == tokens
