@@ -46,7 +46,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hp_deepspeed.testing.distributed import DistributedTestError, run_command

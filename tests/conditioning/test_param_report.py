@@ -3,7 +3,7 @@
 import pytest
 
 from hp_deepspeed.model.conditioning import ConditioningConfig
-from hp_deepspeed.model.param_report import count_parameters, format_table, main, parameter_report
+from hp_deepspeed.model.param_report import count_parameters, main, parameter_report
 from hp_deepspeed.model.t5_config import T5Config
 
 
