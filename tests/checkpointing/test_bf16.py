@@ -35,16 +35,24 @@ def bf16_body(run_dir: str) -> dict:
 
     seed(99)
     engine = make_engine(bf16=True, init_seed=5)
-    state = CheckpointManager(config, run_dir, model_config=MODEL_CONFIG).resume(engine)
+    state = load_as_the_trainer_does(config, run_dir, engine)
     out["state"] = state
     out["resumed"], out["resumed_rng"] = snapshot(engine), rng_fingerprint()
     out["replayed"] = {step: train_step(engine, step) for step in range(5, 7)}
     try:
-        CheckpointManager(config, run_dir, model_config=MODEL_CONFIG).resume(make_engine(bf16=False))
+        load_as_the_trainer_does(config, run_dir, make_engine(bf16=False))
         out["fp32_error"] = None
     except CheckpointError as err:
         out["fp32_error"] = str(err)
     return out
+
+
+def load_as_the_trainer_does(config, run_dir, engine):
+    from hp_deepspeed.checkpointing import CheckpointManager
+    from tests.checkpointing.toy import MODEL_CONFIG
+
+    manager = CheckpointManager(config, run_dir, model_config=MODEL_CONFIG)
+    return manager.load(engine, manager.find_resume_point())
 
 
 @pytest.fixture(scope="module")
