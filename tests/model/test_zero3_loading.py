@@ -130,8 +130,10 @@ def test_zero3_streaming_load_forward_generate_backward_save(tiny_checkpoint, tm
     for rank in (rank0, rank1):
         torch.testing.assert_close(rank["logits"], single, atol=1e-5, rtol=0)
     assert rank0["sequences"].tolist() == greedy_generate(reference, input_ids, attention_mask, max_new_tokens=8).tolist()
-    assert rank1["early"].shape[1] == rank0["early"].shape[1] > 2  # rank 1 kept stepping with rank 0 ...
-    assert (rank1["early"][0, 2:] == 0).all()  # ... padding its finished sequence
+    # Rank 1's sequence ended at its second token while rank 0 decoded on: had rank 1 stopped
+    # stepping, rank 0's parameter gathers would have hung, so the run finishing shows it kept
+    # stepping; its output is cut at its own last step, as HF's synced generate leaves it.
+    assert rank0["early"].shape[1] > 2 and rank1["early"].shape[1] == 2
 
     # Activation checkpointing of both flavours under ZeRO-3: the same gradients (up to fp32
     # summation order: ZeRO-3 reduces partitioned gradients in a different order under

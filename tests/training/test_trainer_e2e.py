@@ -156,7 +156,7 @@ def test_predict_without_deepspeed_answers_as_the_live_model(exported, live_mode
     import torch
 
     from hp_deepspeed.data import load_tokenizer
-    from hp_deepspeed.export.predict import model_inputs
+    from hp_deepspeed.export.predict import model_inputs, read_rows
     from hp_deepspeed.training.evaluation import rank_classify, tokenize_label_words
 
     rows_file = REPO / "hp_deepspeed" / "bundled" / "data" / "glue" / "rte" / "validation.jsonl"
@@ -171,7 +171,7 @@ def test_predict_without_deepspeed_answers_as_the_live_model(exported, live_mode
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     label_ids = tokenize_label_words(tokenizer, task.label_words)
     expected = []
-    for text in model_inputs(task, rows, "rows"):
+    for text in model_inputs(task, read_rows(str(rows_file))):
         enc = tokenizer([text], truncation=True, max_length=cfg.data.max_input_length, return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "task_ids": torch.tensor([task.task_id])}
