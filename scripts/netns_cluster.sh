@@ -158,7 +158,7 @@ EOF
 
 write_conf() {
   local i cpus
-  cpus=$(nproc)
+  cpus=$(nproc --all)  # not plain nproc: it follows OMP_NUM_THREADS, which the tests set to 1
   mkdir -p "$DIR"/{ctld,spool,log}
   {
     cat <<EOF

@@ -33,7 +33,7 @@ def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
 
 
 @pytest.mark.distributed
-def test_real_ranks_take_interleaved_shares_of_one_global_stream(tmp_path):
+def test_real_ranks_take_contiguous_shares_of_one_global_stream(tmp_path):
     cache = str(tmp_path / "cache")
     # One rank with the same global batch (8 x 1) gives the global stream; it also fills the
     # tokenisation cache, so the ranks below do not tokenise.
@@ -50,7 +50,7 @@ def test_real_ranks_take_interleaved_shares_of_one_global_stream(tmp_path):
     assert len(rank0) == len(rank1) == 48 and not set(rank0) & set(rank1)
     for step in range(12):
         global_batch = global_rows[8 * step : 8 * step + 8]
-        assert global_batch[0::2] == rank0[4 * step : 4 * step + 4]
-        assert global_batch[1::2] == rank1[4 * step : 4 * step + 4]
+        assert global_batch[:4] == rank0[4 * step : 4 * step + 4]  # rank r: the r-th contiguous slice
+        assert global_batch[4:] == rank1[4 * step : 4 * step + 4]
     # every rank holds the position the single rank reached after the same 12 global batches
     assert two[0]["state"] == two[1]["state"] == single.state_dict()
