@@ -83,7 +83,7 @@ class StudyConfig:
     """Optimizer steps per cell."""
     batch_size: int = 32
     """Examples per step."""
-    lr: float = 1e-2
+    lr: float = 3e-3
     """Peak AdamW learning rate (linear warmup over 5% of the steps, then linear decay)."""
     clip_grad_norm: float = 1.0
     """Global gradient-norm clipping, the trainer's default (``optim.clip_grad_norm``): without it
