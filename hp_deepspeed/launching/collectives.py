@@ -46,10 +46,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def barrier() -> None:
     """All ranks wait here. Under NCCL on the rank's own device, so no rank touches GPU 0."""
     if not is_distributed():
