@@ -514,6 +514,9 @@ def main(argv=None) -> None:
     if args.stage:
         stage = next(s for s in stages_for(mode) if s.name == args.stage)
         (out / f"{stage.name}.json").write_text(json.dumps(run_stage(stage), indent=2) + "\n")
+        from hp_deepspeed.launching.distributed import shutdown_distributed
+
+        shutdown_distributed()  # a stage that trained leaves a process group
         return
     drive(mode, out, args.stages, args.budget_s)
 

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in DEVICE_COMMANDS:
             prepare_process()  # before the subcommand imports deepspeed, which picks its device once
-        return args.func(args)
+        status = args.func(args)
     except _input_errors() as err:
         print(input_error_line(args.command, err), file=sys.stderr)
         return 2
@@ -269,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})",
               file=sys.stderr, flush=True)
         return 1
+    if args.command in DEVICE_COMMANDS:
+        from hp_deepspeed.launching.distributed import shutdown_distributed
+
+        shutdown_distributed()
+    return status
 
 
 if __name__ == "__main__":

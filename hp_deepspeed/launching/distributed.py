@@ -624,6 +624,21 @@ def init_distributed(
     return info
 
 
+def shutdown_distributed() -> None:
+    """Destroy every process group at a clean exit of a command; a no-op when none exists.
+
+    Left to interpreter shutdown, gloo's worker threads can outlive the objects they use: the
+    process then aborts after its work is done ("terminate called without an active exception",
+    exit -6), which the launcher reports as a failed job; CI saw it after a 2-rank run's final
+    checkpoint. NCCL asks for the same call at exit. Only at a clean exit: after an error a peer may
+    still be inside a collective, and destroying the group there can hang instead of failing.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _share_peer_table(info: DistInfo, net: NetworkView, ifname: str | None) -> None:
     """Every rank learns every rank's host and address, so that a lost peer can be named
     (:func:`describe_lost_peer`). The one collective of this module, run once at start-up."""

@@ -28,7 +28,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from hp_deepspeed.launching.distributed import init_distributed
+from hp_deepspeed.launching.distributed import init_distributed, shutdown_distributed
 
 EX_PREEMPTED = 75
 _stop_requested = False
@@ -131,4 +131,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    shutdown_distributed()  # as the real CLI does at a clean exit
+    sys.exit(status)
