@@ -68,3 +68,5 @@ for variant in cases.ZERO_INIT_VARIANTS:
     state = gathered_state(model)
     if rank == 0:
         save_file(state, str(out / f"zero_init.{variant}.safetensors"))
+
+dist.destroy_process_group()  # a clean exit, as the CLI does (see launching/distributed.shutdown_distributed)
