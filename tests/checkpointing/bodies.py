@@ -145,3 +145,17 @@ def resume_on_two_ranks(run_dir: str) -> dict:
     out = {"saved_on": point.world_size, "trainer_state": manager.load(engine, point)}
     out["resumed"] = snapshot(engine)
     return out
+
+
+def resume_on_four_ranks(run_dir: str) -> dict:
+    """4 ranks: resume the 2-rank checkpoint of step 8 (2 -> 4 ranks, via universal) and replay
+    steps 9-10 without dropout, as the 2-rank reference continuation did."""
+    seed(5)
+    engine = make_engine(dropout=0.0, init_seed=13)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    point = manager.find_resume_point()
+    out = {"saved_on": point.world_size, "step": point.step, "trainer_state": manager.load(engine, point)}
+    out["resumed"] = snapshot(engine)
+    out["losses"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
+    out["after"] = snapshot(engine)
+    return out

@@ -5,7 +5,8 @@ Three multi-process runs share one run directory, in the order a real job would 
     step 8 into fresh engines and replay steps 9-10;
  2. 2 ranks resume, train to step 10 and die between the shard writes and the marker;
  3. 1 rank auto-resumes (universal conversion), replays 9-10 and saves step 10;
- 4. 2 ranks auto-resume that 1-rank checkpoint (universal conversion the other way, 1 -> 2).
+ 4. 2 ranks auto-resume that 1-rank checkpoint (universal conversion the other way, 1 -> 2);
+ 5. 4 ranks auto-resume a copy of run 1's 2-rank checkpoint (2 -> 4) and replay steps 9-10.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def one_rank(crashed):
 def two_ranks_again(one_rank):
     run_dir = one_rank[0]
     return run_ranks(f"{BODIES}:resume_on_two_ranks", 2, timeout=300, args=(str(run_dir),))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(trained, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("four-ranks")
+    shutil.copytree(trained[0] / "checkpoints", run_dir / "checkpoints")
+    return run_dir, run_ranks(f"{BODIES}:resume_on_four_ranks", 4, timeout=300, args=(str(run_dir),))
 
 
 def assert_same_tensors(expected: dict, actual: dict, atol: float = 0.0) -> None:
@@ -188,3 +196,19 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(one_rank, two_ranks_again):
         # Weights, both Adam moments, per-group weight decay, lr and step count: each rank's
         # gathered view of the re-partitioned state is the 1-rank run's state when it saved.
         assert_same_tensors(one["after"], r["resumed"], atol=1e-7)
+
+
+def test_two_rank_checkpoint_resumes_on_four_ranks(trained, four_ranks):
+    run_dir, results = four_ranks
+    two_rank = trained[1][0]
+    assert (run_dir / "checkpoints" / f"step-{SAVE_UNTIL}" / "universal" / MARKER).is_file()
+    for r in results:
+        assert (r["saved_on"], r["step"]) == (2, SAVE_UNTIL)
+        assert r["trainer_state"] == {"step": SAVE_UNTIL, "sampler": {"offset": 4 * SAVE_UNTIL}}
+        # Every rank's gathered view of the state re-partitioned four ways is the 2-rank state.
+        assert_same_tensors(two_rank["saved"], r["resumed"], atol=1e-7)
+        # The same global batch, now one sample per rank: the 2-rank continuation's losses and
+        # state after two more updates (Adam moments, step counts, per-group weight decay).
+        for step, loss in two_rank["no_dropout"].items():
+            assert r["losses"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+        assert_same_tensors(two_rank["no_dropout_after"], r["after"], atol=1e-6)

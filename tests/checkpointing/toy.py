@@ -1,8 +1,9 @@
 """A toy model under a real DeepSpeed ZeRO-3 engine on gloo, plus the probes the tests compare.
 
-The global batch is fixed at 4 samples per step: micro-batch 2 on each of 2 ranks, or 2 micro-
-batches of 2 accumulated on 1 rank. Sample ``d`` of step ``s`` depends only on ``(s, d)``, so a
-2-rank run and a 1-rank run see the same data in every step. Dropout draws from the global torch
+The global batch is fixed at 4 samples per step: 2 micro-batches of 2 accumulated on 1 rank,
+micro-batch 2 on each of 2 ranks, or micro-batch 1 on each of 4. Step ``s``'s global batch depends
+only on ``s`` and each rank takes its contiguous slice, so runs on 1, 2 and 4 ranks see the same
+data in every step. Dropout draws from the global torch
 generator, so an exact 2-rank replay after resume also proves the RNG states were restored.
 """
 
@@ -44,12 +45,13 @@ def seed(base: int) -> None:
 def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16: bool = False):
     """A fresh ZeRO-3 engine; ``init_seed`` changes the initial weights (a resume must overwrite them)."""
     world = dist.get_world_size()
+    micro_batch = min(MICRO_BATCH, GLOBAL_BATCH // world)
     with torch.random.fork_rng():
         torch.manual_seed(init_seed)
         model = Toy(hidden, dropout)
     config = {
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": GLOBAL_BATCH // (MICRO_BATCH * world),
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": GLOBAL_BATCH // (micro_batch * world),
         # torch_adam: the PyTorch AdamW, so no DeepSpeed CPU-Adam extension has to be compiled.
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR",
@@ -69,19 +71,21 @@ def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16
     return engine
 
 
-def batch(step: int, sample_group: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(10_000 * step + sample_group)
-    x, y = torch.randn(MICRO_BATCH, 8, generator=generator), torch.randn(MICRO_BATCH, 1, generator=generator)
-    return x.to(dtype), y.to(dtype)
+def batch(step: int, first: int, size: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``first .. first + size - 1`` of step ``step``'s global batch."""
+    generator = torch.Generator().manual_seed(10_000 * step)
+    x, y = torch.randn(GLOBAL_BATCH, 8, generator=generator), torch.randn(GLOBAL_BATCH, 1, generator=generator)
+    return x[first:first + size].to(dtype), y[first:first + size].to(dtype)
 
 
 def train_step(engine, step: int) -> float:
     """One optimizer step over the global batch; returns the global mean loss (same on all ranks)."""
     accumulation = engine.gradient_accumulation_steps()
+    size = engine.train_micro_batch_size_per_gpu()
     total = torch.zeros(1)
     for micro in range(accumulation):
         dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-        loss = engine(*batch(step, dist.get_rank() * accumulation + micro, dtype))
+        loss = engine(*batch(step, (dist.get_rank() * accumulation + micro) * size, size, dtype))
         engine.backward(loss)
         engine.step()
         total += loss.detach().float()
