@@ -22,8 +22,9 @@ import string
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import scipy.stats
-import sklearn.metrics
+
+# scipy.stats and sklearn.metrics are imported by the metrics that use them: together they add
+# about a second to every rank's start-up, and most task mixtures never call them.
 
 Metric = Callable[[Sequence[Any], Sequence[Mapping[str, Any]]], float]
 
@@ -48,6 +49,8 @@ def accuracy(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]
 
 def f1(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> float:
     """Binary F1 of the positive class 1 (MRPC, QQP)."""
+    import sklearn.metrics
+
     labels, preds = _binary_valid(predictions, references)
     return 100.0 * float(sklearn.metrics.f1_score(labels, preds, pos_label=1, zero_division=0.0))
 
@@ -55,6 +58,8 @@ def f1(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> f
 def macro_f1(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> float:
     """Unweighted mean of the per-class F1 over the classes present in labels or predictions
     (CB). Invalid predictions (-1) are wrong for their example and are not a class."""
+    import sklearn.metrics
+
     labels = np.asarray(_labels(references), dtype=np.int64)
     preds = np.asarray(predictions, dtype=np.int64)
     classes = sorted(set(labels.tolist()) | set(preds[preds >= 0].tolist()))
@@ -65,6 +70,8 @@ def macro_f1(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]
 
 def matthews_corrcoef(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> float:
     """Matthews correlation of binary labels (CoLA, AX-b)."""
+    import sklearn.metrics
+
     labels, preds = _binary_valid(predictions, references)
     return 100.0 * float(sklearn.metrics.matthews_corrcoef(labels, preds))
 
@@ -75,6 +82,8 @@ def _float_pairs(predictions, references):
 
 def pearson(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> float:
     """Pearson correlation (STS-B); 0 when either side is constant."""
+    import scipy.stats
+
     preds, labels = _float_pairs(predictions, references)
     if preds.std() == 0 or labels.std() == 0:
         return 0.0
@@ -83,6 +92,8 @@ def pearson(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]])
 
 def spearman(predictions: Sequence[Any], references: Sequence[Mapping[str, Any]]) -> float:
     """Spearman rank correlation (STS-B); 0 when either side is constant."""
+    import scipy.stats
+
     preds, labels = _float_pairs(predictions, references)
     if preds.std() == 0 or labels.std() == 0:
         return 0.0

@@ -1,7 +1,12 @@
-"""launch/*.sh end to end: real launchers start 2 ranks of a ZeRO-3 workload on the CPU.
+"""launch/*.sh end to end: real launchers start 2 ranks of a ZeRO-3 job on the CPU.
 
 Each run goes through hp_deepspeed.launching.distributed.init_distributed, so every test also
 checks which launcher environment the ranks found (``source``) and that they agree on it.
+torchrun, ``mpirun`` (MPICH and Open MPI) and deepspeed's MPICH runner start the real trainer
+(``tests.scripts.trainer_probe``: the CLI, recording each rank's place); the other runners start
+the light stand-in ``tests/scripts/launch_workload.py``, since the trainer already runs under
+them in tests/launching/test_multinode_e2e.py (pdsh and Open MPI runners across two nodes) and
+tests/training/test_trainer_e2e.py (the deepspeed launcher).
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from pathlib import Path
 import pytest
 
 from hp_deepspeed.testing.distributed import free_port
+from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import LOOPBACK_NODES, REPO, launch
 
 pytestmark = pytest.mark.e2e
 LAUNCH = REPO / "launch"
 STEPS = 3
+TRAINER = {"HP_MODULE": "tests.scripts.trainer_probe"}
+JOB = REPO / "tests" / "training" / "tiny_job.yaml"
 
 
 def check_ranks(run_dir: Path, source: str, output: str) -> list[dict]:
@@ -33,6 +41,27 @@ def check_ranks(run_dir: Path, source: str, output: str) -> list[dict]:
     # ZeRO-3 ran: the ranks saw different data, the same master.
     assert len({(r["master_addr"], r["master_port"]) for r in ranks}) == 1
     assert ranks[0]["loss"] != ranks[1]["loss"]
+    return ranks
+
+
+def trainer_args(run_dir: Path) -> list[str]:
+    return ["train", "--config", str(JOB), "--resume", "auto", f"run.dir={run_dir}",
+            f"training.steps={STEPS}", "checkpoint.interval=2", "eval.every=0"]
+
+
+def check_trainer_ranks(run_dir: Path, source: str, output: str) -> list[dict]:
+    """The trainer ran on 2 ranks that found each other through ``source``: it logged every
+    step, kept its checkpoints, and the launcher's exit status was 0 (``launch`` checks it)."""
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank*.json"))]
+    assert [r["rank"] for r in ranks] == [0, 1], output[-3000:]
+    for r in ranks:
+        assert (r["world_size"], r["local_world_size"], r["source"]) == (2, 2, source), r
+        assert r["local_rank"] == r["rank"]
+    assert len({(r["master_addr"], r["master_port"]) for r in ranks}) == 1
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1)), output[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS}", output[-3000:]
+    assert (run_dir / "checkpoints" / f"step-{STEPS}" / "COMPLETE").is_file()
     return ranks
 
 
@@ -57,9 +86,9 @@ def test_deepspeed_one_node(tmp_path):
 
 
 def test_torchrun(tmp_path):
-    out = launch([str(LAUNCH / "torchrun.sh"), *workload_args(tmp_path)], timeout=240,
-                 HP_NPROC_PER_NODE="2", MASTER_PORT=str(free_port())).output
-    check_ranks(tmp_path, "torchrun", out)
+    out = launch([str(LAUNCH / "torchrun.sh"), *trainer_args(tmp_path)], timeout=300,
+                 HP_NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), **TRAINER).output
+    check_trainer_ranks(tmp_path, "torchrun", out)
 
 
 @pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
@@ -73,9 +102,9 @@ def test_mpirun_rank_discovery_through_mpi4py(tmp_path, request, mpi):
         env = {}
     else:
         pytest.skip("no mpirun (pip install mpich, or the system MPI)")
-    out = launch([str(LAUNCH / "mpirun.sh"), *workload_args(tmp_path)], timeout=240,
-                 HP_NPROCS="2", **env).output
-    ranks = check_ranks(tmp_path, "mpi", out)
+    out = launch([str(LAUNCH / "mpirun.sh"), *trainer_args(tmp_path)], timeout=300,
+                 HP_NPROCS="2", **env, **TRAINER).output
+    ranks = check_trainer_ranks(tmp_path, "mpi", out)
     assert ranks[0]["master_port"] > 0  # chosen by rank 0 and broadcast
     assert (ranks[0]["mpi_library"].startswith("Open MPI")) == (mpi == "openmpi"), ranks[0]
 
@@ -87,12 +116,12 @@ def test_deepspeed_hostfile_mpich_runner(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# host slots\nlocalhost slots=2\n")
     run_dir = tmp_path / "run"
-    out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=300,
+    out = launch([str(LAUNCH / "multinode.sh"), *trainer_args(run_dir)], timeout=300,
                  HP_HOSTFILE=str(hostfile), HP_LAUNCHER="mpich", MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS="--force_multi --no_ssh_check").output
+                 HP_LAUNCHER_ARGS="--force_multi --no_ssh_check", **TRAINER).output
     assert "mpirun -n 2 -ppn 2" in out, out[-3000:]  # really the MPICH runner
-    check_ranks(run_dir, "deepspeed", out)
+    check_trainer_ranks(run_dir, "deepspeed", out)
 
 
 def test_deepspeed_hostfile_openmpi_runner(tmp_path, openmpi_env):

@@ -34,7 +34,10 @@ def _recording_init(run_dir: Path):
         record = dict(info.as_dict(), node=os.environ.get("SLURMD_NODENAME"),
                       node_id=os.environ.get("SLURM_NODEID"), gloo_ifname=ifname,
                       address=distributed.interface_addresses().get(ifname),
-                      restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+                      restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                      # Which MPI library mpi4py loaded, for ranks that found each other through it.
+                      mpi_library=(sys.modules["mpi4py.MPI"].Get_library_version().splitlines()[0]
+                                   if "mpi4py.MPI" in sys.modules else None))
         job = os.environ.get("SLURM_JOB_ID", "none")
         out = run_dir / "ranks" / f"rank{info.rank}-job{job}-restart{record['restart']}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
