@@ -37,6 +37,7 @@ def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
 
     from hp_deepspeed.checkpointing import CheckpointManager
     from hp_deepspeed.checkpointing.config import CheckpointConfig
+    from hp_deepspeed.launching import collectives
     from hp_deepspeed.model.builder import ModelConfig, resolve_t5_config
     from hp_deepspeed.model.conditioning import ConditioningConfig
     from hp_deepspeed.model.hyperprompt_t5 import build_model
@@ -61,19 +62,19 @@ def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
         engine.backward(engine(input_ids=ids, labels=ids, task_ids=torch.zeros(1, dtype=torch.long)).loss)
         engine.step()
         for step in range(1, saves + 1):
-            dist.barrier()
+            collectives.barrier()
             start = time.perf_counter()
             path = manager.save(engine, step, {"bench": True})
-            dist.barrier()
+            collectives.barrier()
             times.append(time.perf_counter() - start)
         disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
         return {"save_s_all": times, "checkpoint_bytes": disk,
                 "params": sum(int(p.ds_numel) for p in engine.module.parameters())}
     point = manager.find_resume_point()
-    dist.barrier()
+    collectives.barrier()
     start = time.perf_counter()
     manager.load(engine, point)
-    dist.barrier()
+    collectives.barrier()
     return {"load_s": time.perf_counter() - start}
 
 

@@ -37,6 +37,7 @@ def rank_body(preset: str, enc_len: int, dec_len: int, batch: int, rounds: int, 
     import torch.distributed as dist
     import transformers
 
+    from hp_deepspeed.launching import collectives
     from hp_deepspeed.model.builder import ModelConfig, resolve_t5_config
     from hp_deepspeed.model.conditioning import ConditioningConfig
     from hp_deepspeed.model.hyperprompt_t5 import build_model
@@ -77,7 +78,7 @@ def rank_body(preset: str, enc_len: int, dec_len: int, batch: int, rounds: int, 
 
     def step(name):
         engine = engines[name]
-        dist.barrier()
+        collectives.barrier()
         start = time.perf_counter()
         if name == "hf_t5":
             loss = engine(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
@@ -86,7 +87,7 @@ def rank_body(preset: str, enc_len: int, dec_len: int, batch: int, rounds: int, 
                           task_ids=task_ids if name == "ours_hyperprompt_global" else None).loss
         engine.backward(loss)
         engine.step()
-        dist.barrier()
+        collectives.barrier()
         return time.perf_counter() - start
 
     names = list(engines)
