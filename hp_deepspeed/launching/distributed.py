@@ -612,8 +612,12 @@ def init_distributed(
                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
         torch.cuda.set_device(index)
         # DeepSpeed takes cuda:LOCAL_RANK as the rank's device everywhere; it differs from the
-        # node-local rank only for a rank bound to its own GPU, which is then index 0.
+        # node-local rank only for a rank bound to its own GPU, which is then index 0. Under
+        # Open MPI the engine also asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK, so that one
+        # follows (mpi4py has read it already; nothing else of ours reads it after this point).
         os.environ["LOCAL_RANK"] = str(index)
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
     import deepspeed
 
     deepspeed.init_distributed(

@@ -74,6 +74,34 @@ def test_init_distributed_tells_deepspeed_the_chosen_gpu(monkeypatch):
     assert info.local_rank == 5 and calls == {"set_device": 0, "local_rank": "0"}
 
 
+def test_a_bound_rank_under_open_mpi_passes_deepspeeds_local_rank_check(monkeypatch):
+    """mpirun with one GPU bound per rank: local rank 3 uses cuda:0 and exports LOCAL_RANK=0.
+    DeepSpeed's engine asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK; its own check is run."""
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hp_deepspeed.launching import distributed
+
+    for key, value in dict(RANK="3", WORLD_SIZE="4", LOCAL_RANK="3", LOCAL_WORLD_SIZE="4",
+                           OMPI_COMM_WORLD_LOCAL_RANK="3", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29999", CUDA_VISIBLE_DEVICES="3").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(device, "prepare_process", lambda env=None: None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    distributed.init_distributed(backend="nccl")
+
+    class Args:
+        local_rank = None
+
+    fake = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    torch.nn.Module.__init__(fake)
+    fake._configure_with_arguments(Args(), None)  # raises AssertionError on a mismatch
+    assert fake.local_rank == 0 and os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] == "0"
+
+
 # ----------------------------------------------------------------------------- CPU run on a GPU host
 
 @pytest.mark.parametrize("env", [{"HP_DEVICE": "cpu"}, {"HP_DEVICE": "CPU"}, {"HP_DIST_BACKEND": "gloo"}])
