@@ -209,8 +209,9 @@ class Trainer:
             self.engine.backward(out.example_loss_sum.sum() * scale.to(out.example_loss_sum.dtype))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
-            window.flops += train_step_flops(
-                self.model_shape, batch["input_ids"].shape[0], batch["input_ids"].shape[1],
+            window.flops += train_step_flops(  # prompt_tuning's soft tokens lengthen the encoder input
+                self.model_shape, batch["input_ids"].shape[0],
+                batch["input_ids"].shape[1] + self.cfg.conditioning.input_prompt_length,
                 batch["labels"].shape[1], self.model.kv_prompt_length,
             )
 

@@ -157,22 +157,51 @@ class AccumulatingEngine:
         pass
 
 
+def step_only_trainer(model, variant: str, accumulation: int):
+    """A Trainer holding only what train_step reads, around ``model`` on one CPU rank."""
+    from hp_deepspeed.model.conditioning import ConditioningConfig
+    from hp_deepspeed.training.flops import shape_of
+    from hp_deepspeed.training.trainer import Trainer
+    from tests.conditioning.common import TINY_COND
+
+    trainer = object.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(training=SimpleNamespace(gradient_accumulation=accumulation),
+                                  conditioning=ConditioningConfig(variant=variant, **TINY_COND))
+    trainer.device, trainer.world_size, trainer.model = torch.device("cpu"), 1, model
+    trainer.model_shape = shape_of(model.config)
+    trainer.engine = AccumulatingEngine(model, accumulation)
+    return trainer
+
+
+@pytest.mark.parametrize("variant, extra_encoder, kv_slots", [
+    ("none", 0, 0), ("prompt_tuning", 3, 0), ("hyperprompt_global", 0, 3)])
+def test_step_flops_count_the_prompt_tokens_each_variant_adds(variant, extra_encoder, kv_slots):
+    """MFU's FLOP count: prompt_tuning's 3 soft tokens lengthen the encoder input; HyperPrompt's
+    3 key/value slots lengthen what each self-attention attends to (TINY_COND: prompt_length 3)."""
+    from hp_deepspeed.training.flops import shape_of, train_step_flops
+    from tests.conditioning.common import random_batch, tiny_model
+
+    model = tiny_model(variant)
+    micro = [random_batch(3, seed=1, max_src=9, max_tgt=6), random_batch(2, seed=2, max_src=5, max_tgt=3)]
+    trainer = step_only_trainer(model, variant, accumulation=2)
+    window = WindowStats(num_tasks=4)
+    trainer.train_step(iter(micro), window)
+    shape = shape_of(model.config)
+    expected = sum(train_step_flops(shape, b["input_ids"].shape[0], b["input_ids"].shape[1] + extra_encoder,
+                                    b["labels"].shape[1], kv_slots) for b in micro)
+    assert window.flops == pytest.approx(expected)
+
+
 def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
     """Trainer.train_step with accumulation 2 (two micro-batches of different lengths and token
     counts) gives the gradient of the token-mean loss over both, as accumulation 1 over one
     micro-batch holding both examples' sets would: the ``x accumulation`` factor is exercised."""
-    from hp_deepspeed.training.flops import shape_of
-    from hp_deepspeed.training.trainer import Trainer
     from tests.conditioning.common import random_batch, tiny_model
 
     model = tiny_model("hyperprompt_global")
     micro = [random_batch(3, seed=1, max_src=9, max_tgt=6), random_batch(3, seed=2, max_src=5, max_tgt=3)]
 
-    trainer = object.__new__(Trainer)  # only what train_step reads
-    trainer.cfg = SimpleNamespace(training=SimpleNamespace(gradient_accumulation=2))
-    trainer.device, trainer.world_size, trainer.model = torch.device("cpu"), 1, model
-    trainer.model_shape = shape_of(model.config)
-    trainer.engine = AccumulatingEngine(model, 2)
+    trainer = step_only_trainer(model, "hyperprompt_global", accumulation=2)
     window = WindowStats(num_tasks=4)
     trainer.train_step(iter(micro), window)
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
