@@ -15,6 +15,9 @@ are known after every op, and:
 Parameters are not activations: their storages are excluded, and so are their gradients (the
 planner counts gradients in the ZeRO-3 model states): every gradient is dropped as soon as it is
 accumulated, as ZeRO-3 reduces and frees it, and retroactively removed from the event stream.
+So are the partial gradients of a parameter used twice (the shared embedding by both stacks, and
+by the tied lm_head), which autograd holds until the last use's gradient arrives: a hook on every
+node of the graph that feeds a parameter's AccumulateGrad marks what the node hands it.
 Storage sizes are nbytes, not the allocator's rounded blocks: the planner's unit.
 """
 
@@ -55,11 +58,29 @@ class LiveStorages(TorchDispatchMode):
         self.events.append((uid, nbytes))
         self._refs.append(weakref.ref(storage, lambda _, p=ptr, u=uid, n=nbytes: self._freed(p, u, n)))
 
-    def ignore(self, tensor: torch.Tensor) -> None:
+    def ignore(self, tensor: torch.Tensor | None) -> None:
         """Remove the allocation that holds ``tensor`` from the whole event stream."""
+        if tensor is None:
+            return
         uid = self.live.get(tensor.untyped_storage().data_ptr())
         if uid is not None:
             self.ignored.add(uid)
+
+    def ignore_parameter_gradients(self, root) -> None:
+        """Hook every node of the graph under ``root`` that hands a gradient to a parameter's
+        AccumulateGrad, so that the gradient is ignored the moment it is made."""
+        seen, stack = set(), [root]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            to_params = [i for i, (child, _) in enumerate(node.next_functions)
+                         if child is not None and type(child).__name__ == "AccumulateGrad"]
+            if to_params:
+                node.register_hook(lambda grad_inputs, _, idx=tuple(to_params): [self.ignore(grad_inputs[i])
+                                                                                  for i in idx] and None)
+            stack.extend(child for child, _ in node.next_functions)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -114,6 +135,7 @@ def measure_step(model, batch: int, src: int, tgt: int, num_tasks: int, seed: in
             out = model(**inputs)
             del inputs
             tracker.forward_end = len(tracker.events)
+            tracker.ignore_parameter_gradients(out.loss.grad_fn)
             out.loss.backward()
             del out
     finally:
