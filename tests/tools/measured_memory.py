@@ -66,6 +66,13 @@ class LiveStorages(TorchDispatchMode):
         if uid is not None:
             self.ignored.add(uid)
 
+    def _ignoring(self, indices: list[int]):
+        def hook(grad_inputs, grad_outputs):  # after the node ran: grad_inputs are its results
+            for i in indices:
+                self.ignore(grad_inputs[i])
+
+        return hook
+
     def ignore_parameter_gradients(self, root) -> None:
         """Hook every node of the graph under ``root`` that hands a gradient to a parameter's
         AccumulateGrad, so that the gradient is ignored the moment it is made."""
@@ -78,8 +85,7 @@ class LiveStorages(TorchDispatchMode):
             to_params = [i for i, (child, _) in enumerate(node.next_functions)
                          if child is not None and type(child).__name__ == "AccumulateGrad"]
             if to_params:
-                node.register_hook(lambda grad_inputs, _, idx=tuple(to_params): [self.ignore(grad_inputs[i])
-                                                                                  for i in idx] and None)
+                node.register_hook(self._ignoring(to_params))
             stack.extend(child for child, _ in node.next_functions)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
