@@ -115,6 +115,8 @@ class ModelSpec:
     """Soft-prompt tokens prepended to the encoder input (``prompt_tuning``)."""
     conditioning_saved_bytes_per_task: int = 0
     """What the conditioning generator saves for backward per distinct task of a micro-batch."""
+    conditioning_saved_bytes_fixed: int = 0
+    """What it saves whatever the number of tasks (e.g. a weight einsum lays out for its bmm)."""
     conditioning_bytes_per_example: int = 0
     """The generated tensors gathered to one example (prompts or adapter weights of all blocks)."""
 
@@ -168,9 +170,9 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
     if cond_largest > largest:
         largest, largest_name = cond_largest, f"conditioning.{cond_largest_name}"
 
-    saved_per_task, per_example = (0, 0)
+    saved_fixed, saved_per_task, per_example = (0, 0, 0)
     if conditioning is not None:
-        saved_per_task, per_example = _conditioning_activation_bytes(conditioning, num_tasks)
+        saved_fixed, saved_per_task, per_example = _conditioning_activation_bytes(conditioning, num_tasks)
 
     # The stacks the built conditioning module really conditions, when it conditions them with
     # key/value prompts (its other block-level outputs are FFN adapters).
@@ -181,33 +183,49 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
         largest_layer_params=largest, largest_layer=largest_name,
         kv_prompt_len=cond_cfg.kv_prompt_length, kv_prompt_sides=kv_sides,
         input_prompt_len=cond_cfg.input_prompt_length,
-        conditioning_saved_bytes_per_task=saved_per_task, conditioning_bytes_per_example=per_example,
+        conditioning_saved_bytes_per_task=saved_per_task, conditioning_saved_bytes_fixed=saved_fixed,
+        conditioning_bytes_per_example=per_example,
     )
 
 
-def _conditioning_activation_bytes(conditioning, num_tasks: int) -> tuple[int, int]:
-    """(bytes saved for backward per distinct task, bytes of the outputs per example), in bf16.
+def _conditioning_activation_bytes(conditioning, num_tasks: int) -> tuple[int, int, int]:
+    """(bytes saved for backward whatever the tasks, bytes saved per distinct task, bytes of the
+    outputs per example), in bf16.
 
     Measured rather than derived: the generator (hypernetworks, task embeddings ...) runs on the
-    meta device for all ``num_tasks`` tasks under a saved-tensors hook, which sees exactly what
-    autograd keeps, whatever the variant. Every intermediate is [tasks, ...]-shaped, so the count
-    scales linearly with the distinct tasks of a micro-batch. Views are counted once, by base.
+    meta device under a saved-tensors hook, which sees exactly what autograd keeps, whatever the
+    variant. Views are counted once, by base. It runs twice, for one task and for all
+    ``num_tasks``: the [tasks, ...]-shaped intermediates scale with the distinct tasks of a
+    micro-batch, but not everything saved is [tasks, ...]-shaped: the HyperPrompt hypernetworks'
+    einsums save a bmm-ready copy of a weight once, whatever the tasks (16 MiB for T5-XXL's
+    HyperPrompt-Global). Dividing the all-task count by the tasks, as this did before, spread that
+    copy over the tasks and under-counted a micro-batch of fewer distinct tasks than ``num_tasks``
+    by up to (1 - 1/tasks) of it (found against a measured CPU run, tests/tools/test_plan.py). The
+    two runs give the fixed part and the slope; with one task everything counts as per-task.
     """
     import torch
 
     generator = conditioning.generator.to(torch.bfloat16)
-    saved: dict[int, int] = {}
 
-    def pack(tensor):
-        base = tensor if tensor._base is None else tensor._base
-        if not isinstance(base, torch.nn.Parameter):
-            saved[id(base)] = base.numel() * base.element_size()
-        return tensor
+    def saved_by(tasks: int) -> tuple[int, Any]:
+        saved: dict[int, int] = {}
 
-    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outputs = generator(torch.arange(num_tasks))
+        def pack(tensor):
+            base = tensor if tensor._base is None else tensor._base
+            if not isinstance(base, torch.nn.Parameter):
+                saved[id(base)] = base.numel() * base.element_size()
+            return tensor
+
+        with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = generator(torch.arange(tasks))
+        return sum(saved.values()), outputs
+
+    all_tasks, outputs = saved_by(num_tasks)
     per_example = sum(t.numel() * t.element_size() for t in outputs.values()) // num_tasks
-    return sum(saved.values()) // num_tasks, per_example
+    if num_tasks == 1:
+        return 0, all_tasks, per_example
+    per_task = (all_tasks - saved_by(1)[0]) // (num_tasks - 1)
+    return all_tasks - num_tasks * per_task, per_task, per_example
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +376,7 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
         # Conditioning: the generator's intermediates (at most one set per distinct task of the
         # micro-batch) and its outputs gathered to the B examples ([B, blocks, ...] prompts or
         # adapter weights), which the blocks read as views.
-        + min(b, spec.num_tasks) * spec.conditioning_saved_bytes_per_task
+        + spec.conditioning_saved_bytes_fixed + min(b, spec.num_tasks) * spec.conditioning_saved_bytes_per_task
         + b * spec.conditioning_bytes_per_example
     )
     outside = (
@@ -371,15 +389,31 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
     if dropout:
         outside += 2 * (n_enc + n_dec) * h * MASK  # embedding and final dropout of each stack
 
+    loss_transient = 2 * n_dec * vocab * FP32
     if checkpointing:
         kept = cfg.num_layers * n_enc * h * BF16 + cfg.num_decoder_layers * n_dec * h * BF16
         saved = shared + outside + kept
+        # The loss gradient is freed before the first block is recomputed, so adding both below
+        # over-counts; it is kept as the allowance for the recomputed block's own gradients, which
+        # are not modelled (measured on the CPU: 2 to 13% over, tests/tools/test_plan.py).
         recompute = max(enc_block, dec_block)
+        peak = saved + recompute + loss_transient
+        # Key/value prompts: the gradient of a block's prompt slots is a slice of its [B, a, L + P,
+        # d_kv] key and value gradients, and autograd holds every block's slice until the
+        # conditioning's backward (one node for all blocks, run last), so those whole buffers
+        # pile up while the block inputs are freed. Measured on the CPU, with 8 + 8 blocks this
+        # makes the end of the backward -- the first encoder block recomputed -- the peak; there,
+        # of `saved`, the block inputs but that block's are gone (the rest is still counted).
+        inner = cfg.num_heads * cfg.d_kv
+        retained = (cfg.num_decoder_layers * 2 * b * (dec_len + dec_prompt) * inner * BF16 if dec_prompt else 0)
+        retained += (cfg.num_layers - 1) * 2 * b * (enc_len + enc_prompt) * inner * BF16 if enc_prompt else 0
+        if retained:
+            end = saved - kept + n_enc * h * BF16 + enc_block + retained
+            peak = max(peak, end)
     else:
         saved = shared + outside + cfg.num_layers * enc_block + cfg.num_decoder_layers * dec_block
-        recompute = 0
-    loss_transient = 2 * n_dec * vocab * FP32
-    return ActivationEstimate(saved=saved, peak=saved + recompute + loss_transient)
+        peak = saved + loss_transient
+    return ActivationEstimate(saved=saved, peak=peak)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ against what autograd really saves, and the suggestion logic."""
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from hp_deepspeed.model.param_report import count_parameters
 from hp_deepspeed.model.t5 import T5Attention
 from hp_deepspeed.model.t5_config import PRESETS
 from hp_deepspeed.tools import plan
+from tests.tools.measured_memory import Measured, measure_step
 
 with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout
     from deepspeed.runtime.zero.stage3 import model_to_params
@@ -95,7 +97,10 @@ def test_model_states_by_hand(preset, nodes, gpus, xxl):
 
 def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
     """``peak`` = ``saved`` + the loss head's two fp32 [B, T, V] gradients (8*B*T*V bytes), plus,
-    with checkpointing, the larger block's activations recomputed during backward."""
+    with checkpointing, the larger block's activations recomputed during backward -- or, with
+    key/value prompts, the end of the backward if larger: every block's key and value gradient
+    held for its prompt slots, the first encoder block recomputed, and of the block inputs only
+    its own. (Written out by hand; tests below check both against a measured run.)"""
     work = plan.Workload(512, 128, 0.1)
     b, t, vocab = 3, work.target_len, xxl.config.vocab_size
     loss_gradient = 2 * b * t * vocab * 4
@@ -107,7 +112,17 @@ def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
     p = xxl.kv_prompt_len
     blocks = [plan.block_activation_bytes(xxl.config, b, enc_len, enc_len, p, decoder=False, dropout=True),
               plan.block_activation_bytes(xxl.config, b, t, enc_len, p, decoder=True, dropout=True)]
-    assert ckpt.peak - ckpt.saved == loss_gradient + max(blocks)
+    cfg, h, inner = xxl.config, xxl.config.d_model, xxl.config.num_heads * xxl.config.d_kv
+    kept = cfg.num_layers * b * enc_len * h * 2 + cfg.num_decoder_layers * b * t * h * 2
+    held = 2 * b * inner * 2 * ((cfg.num_layers - 1) * (enc_len + p) + cfg.num_decoder_layers * (t + p))
+    end = ckpt.saved - kept + b * enc_len * h * 2 + blocks[0] + held
+    assert end > ckpt.saved + loss_gradient + max(blocks)  # T5-XXL: 24 + 24 blocks of held gradients
+    assert ckpt.peak == end
+    plain_backbone = plan.load_model_spec(XXL, variant="none")
+    none = plan.activation_bytes(plain_backbone, work, b, checkpointing=True)
+    assert none.peak - none.saved == loss_gradient + max(
+        plan.block_activation_bytes(cfg, b, work.input_len, work.input_len, 0, decoder=False, dropout=True),
+        plan.block_activation_bytes(cfg, b, t, work.input_len, 0, decoder=True, dropout=True))
     # Without checkpointing every block is in `saved`: all of them, not one.
     assert plain.saved - ckpt.saved > (xxl.config.num_layers - 1) * blocks[0]
 
@@ -123,61 +138,131 @@ def test_max_micro_batch_is_the_largest_whose_peak_fits(xxl, checkpointing):
     assert plan.max_micro_batch(xxl, work, 1, checkpointing, limit=64) == 0
 
 
-def _measure_saved_bytes(model, batch: int, src: int, tgt: int, num_tasks: int) -> int:
-    """Bytes autograd holds after one forward (storages counted once, parameters excluded),
-    plus the logits the caller keeps -- what ``ActivationEstimate.saved`` predicts."""
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+# A tiny T5 whose shapes keep the formula's premises (V > d_ff, encoder 4x the decoder length,
+# few blocks so the conditioning generator's backward stays small) at a few MB of activations.
+TINY_DIMS = dict(vocab_size=512, d_model=128, d_kv=16, num_heads=8, d_ff=384, num_layers=3, num_decoder_layers=2)
+TINY_TASKS, TINY_SRC, TINY_TGT, TINY_PROMPT = 3, 96, 24, 8
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(2, 200, (batch, src), generator=gen)
-    labels = torch.randint(2, 200, (batch, tgt), generator=gen)
-    task_ids = torch.arange(batch) % num_tasks
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, task_ids=task_ids)
-    seen.setdefault(out.logits.untyped_storage().data_ptr(), out.logits.untyped_storage().nbytes())
-    return sum(seen.values())
+def _gpu_dropout(input, p=0.5, training=True, inplace=False):
+    """What ``F.dropout`` runs on a GPU: the fused kernel (``native_dropout``), which keeps a
+    bool mask. On the CPU ``F.dropout`` is unfused and keeps its mask in the input's dtype."""
+    return torch.native_dropout(input, p, True)[0] if training and p > 0 else input
+
+
+def _tiny_model_and_spec(folder: Path, monkeypatch, preset: str, variant: str, dropout: float, mode: str,
+                         dims: dict = TINY_DIMS):
+    """The trainer's model (``build_model``, bf16, train mode) and the planner's spec of it.
+
+    The CPU run is made to save what the GPU run saves -- the model and the formula are not
+    touched: dropout runs the GPU's fused kernel (``_gpu_dropout``); attention dropout is off and
+    the relative-bias tables are frozen, because on the CPU SDPA with either falls back to the
+    math kernel, which saves [len, len] fp32 probabilities where the GPU's memory-efficient kernel
+    saves none (and regenerates its dropout mask from a seed, so dropping it saves nothing there
+    either). ``_measure`` gives back the one thing freezing the tables removes."""
+    monkeypatch.setattr(torch.nn.functional, "dropout", _gpu_dropout)
+    config = dataclasses.replace(PRESETS[preset], dropout_rate=dropout, **dims)
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    spec = plan.load_model_spec(str(folder), variant=variant, num_tasks=TINY_TASKS, prompt_length=TINY_PROMPT)
+    model = build_model(
+        ModelConfig(name_or_path=str(folder), load_weights=False, activation_checkpointing=mode, dtype="bfloat16"),
+        ConditioningConfig(variant=variant, prompt_length=TINY_PROMPT), TINY_TASKS,
+    ).train()
+    for stack in (model.backbone.encoder, model.backbone.decoder):
+        stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, T5Attention):
+            module.dropout = 0.0  # SDPA's dropout_p
+    return model, spec
+
+
+def _measure(model, spec, batch: int, src: int = TINY_SRC, tgt: int = TINY_TGT) -> Measured:
+    """``measure_step`` (tests/tools/measured_memory.py), plus the int64 relative-position
+    buckets the bias tables' lookups keep on a GPU, where the tables are trained: frozen here,
+    their lookups save nothing. Alive from the forward through the backward: in both numbers.
+    The encoder's cover its soft input prompt too."""
+    measured = measure_step(model, batch, src, tgt, TINY_TASKS)
+    buckets = ((src + spec.input_prompt_len) ** 2 + tgt**2) * 8
+    return Measured(saved=measured.saved + buckets, peak=measured.peak + buckets)
 
 
 @pytest.mark.parametrize("preset", ["tiny-v1_0", "tiny-v1_1"])
 @pytest.mark.parametrize("variant,dropout", [("none", 0.0), ("hyperprompt_global", 0.0),
                                              ("hyperprompt_global", 0.1), ("prompt_tuning", 0.0)])
 def test_activation_formula_matches_autograd(tmp_path, monkeypatch, preset, variant, dropout):
-    """The derived formula against the tensors autograd actually saves, on a small bf16 model.
+    """``saved`` and ``peak`` against one measured forward + backward of the trainer's model (bf16,
+    96 -> 24 tokens), without checkpointing and with both flavours of it; micro-batch 4 (every
+    one of the 3 tasks, and more examples than tasks) and 1 (one task: the conditioning's saved
+    bytes are not all per task).
 
-    On the CPU, SDPA with attention dropout (or with a bias that needs a gradient) falls back to
-    the math kernel, which stores [len, len] probabilities in fp32 where the GPU's memory-efficient
-    kernel stores none and regenerates its dropout mask. So attention dropout is switched off
-    (the other dropouts, whose masks the formula counts, stay on) and the relative-bias tables are
-    frozen. And torch's CPU dropout is unfused: it keeps its mask in the input's dtype (2 bytes
-    in bf16) where the fused CUDA kernel keeps a bool, so the mask size is set to the CPU's.
-    Reentrant checkpointing saves block inputs through the same hook, so both modes are measured.
+    Measured (tests/tools/measured_memory.py): every storage any op creates, in forward, backward
+    and recomputation, followed until freed; parameters and their gradients excluded. ``saved`` is
+    what is alive when the forward returns, ``peak`` the most alive at once.
+
+    * ``saved`` within 1%: what the formula leaves out is small tensors (the loss outputs, the
+      padding masks, the task ids), a fraction of a percent here;
+    * without checkpointing, ``peak`` within 1%, and at batch 4 ``peak - saved`` within 2%: that
+      transient is the loss head's two fp32 [B, T, V] gradients, measured at
+      ``_log_softmax_backward_data`` (at batch 1, 98 kB, other transients come within 15% of it);
+    * with checkpointing the formula bounds the measurement from above, by at most 20%: it adds the
+      loss gradient to the recomputed block, which never coexist (the loss gradient is freed before
+      the first block is recomputed), and thereby covers the recomputed block's own gradients,
+      which it does not model (measured here 2 to 13% over, see PLANNER_TESTS.md). At batch 1
+      the recomputed block is small beside the conditioning generator's backward, which the formula
+      does not model either: 5% under is allowed there (HyperPrompt measures 3% under).
     """
-    monkeypatch.setattr(plan, "MASK", plan.BF16)
-    config = dataclasses.replace(PRESETS[preset], vocab_size=512, d_model=128, d_kv=16, num_heads=8, d_ff=384,
-                                 num_layers=3, num_decoder_layers=2, dropout_rate=dropout)
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf_dict()))
-    num_tasks, batch, src, tgt = 3, 4, 96, 24
-    spec = plan.load_model_spec(str(tmp_path), variant=variant, num_tasks=num_tasks, prompt_length=8)
-    for mode in ("none", "reentrant"):
-        model = build_model(
-            ModelConfig(name_or_path=str(tmp_path), load_weights=False, activation_checkpointing=mode, dtype="bfloat16"),
-            ConditioningConfig(variant=variant, prompt_length=8), num_tasks,
-        ).train()
-        for stack in (model.backbone.encoder, model.backbone.decoder):
-            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.requires_grad_(False)
-        for module in model.modules():
-            if isinstance(module, T5Attention):
-                module.dropout = 0.0  # SDPA's dropout_p
-        measured = _measure_saved_bytes(model, batch, src, tgt, num_tasks)
-        estimate = plan.activation_bytes(spec, plan.Workload(src, tgt, dropout), batch, checkpointing=mode != "none")
-        assert estimate.saved == pytest.approx(measured, rel=0.05), (mode, estimate.saved, measured)
+    work = plan.Workload(TINY_SRC, TINY_TGT, dropout)
+    for mode, batch in itertools.product(("none", "non_reentrant", "reentrant"), (1, 4)):
+        model, spec = _tiny_model_and_spec(tmp_path / "model", monkeypatch, preset, variant, dropout, mode)
+        measured = _measure(model, spec, batch)
+        estimate = plan.activation_bytes(spec, work, batch, checkpointing=mode != "none")
+        numbers = (mode, batch, estimate, measured)
+        assert estimate.saved == pytest.approx(measured.saved, rel=0.01), numbers
+        if mode == "none":
+            assert estimate.peak == pytest.approx(measured.peak, rel=0.01), numbers
+            if batch > 1:  # at batch 1 the loss gradient is small enough for others to compete
+                assert estimate.peak - estimate.saved == pytest.approx(measured.peak - measured.saved, rel=0.02), numbers
+        else:
+            assert (0.95 if batch == 1 else 1.0) * measured.peak <= estimate.peak <= 1.2 * measured.peak, numbers
+
+
+@pytest.mark.parametrize("preset", ["tiny-v1_0", "tiny-v1_1"])
+def test_checkpointed_peak_holds_the_prompt_gradients_of_every_block(tmp_path, monkeypatch, preset):
+    """HyperPrompt with checkpointing at T5-XXL's depth (24 + 24 blocks), measured: autograd holds
+    each block's key/value gradient for the prompt slots (a slice of it) until the conditioning's
+    backward, so the peak is at the end of the backward. Without that term the formula was 13.6%
+    under this measurement (v1.1; for T5-XXL itself it gave 378 MB per example where it now gives
+    488); with it, 3% over."""
+    dims = dict(TINY_DIMS, num_layers=24, num_decoder_layers=24, d_ff=320)
+    model, spec = _tiny_model_and_spec(tmp_path / "model", monkeypatch, preset, "hyperprompt_global", 0.1,
+                                       "non_reentrant", dims)
+    src, tgt, batch = 128, 32, 1
+    measured = _measure(model, spec, batch, src, tgt)
+    estimate = plan.activation_bytes(spec, plan.Workload(src, tgt, 0.1), batch, checkpointing=True)
+    assert estimate.saved == pytest.approx(measured.saved, rel=0.01), (estimate, measured)
+    assert measured.peak <= estimate.peak <= 1.1 * measured.peak, (estimate, measured)
+
+
+@pytest.mark.parametrize("mode", ["none", "non_reentrant"])
+def test_max_micro_batch_agrees_with_measured_peaks(tmp_path, monkeypatch, mode):
+    """The micro-batch the planner picks for a budget is the one the measurement picks: with the
+    budget halfway between the measured peaks of micro-batches b and b + 1, ``max_micro_batch``
+    returns b -- the chosen batch's measured peak fits, the next one's does not. Half a batch's
+    increment (12 to 50% of the peak here) is the room the formula's error has; checkpointed, its
+    over-estimate (7 to 8% here, up to 13% in other cases) only leaves room up to b = 3."""
+    model, spec = _tiny_model_and_spec(tmp_path / "model", monkeypatch, "tiny-v1_1", "hyperprompt_global", 0.1, mode)
+    work = plan.Workload(TINY_SRC, TINY_TGT, 0.1)
+    top = 4 if mode == "none" else 3
+    peaks = {b: _measure(model, spec, b).peak for b in range(1, top + 2)}
+    assert all(peaks[b] < peaks[b + 1] for b in range(1, top + 1)), peaks
+    for b in range(1, top + 1):
+        budget = (peaks[b] + peaks[b + 1]) // 2
+        chosen = plan.max_micro_batch(spec, work, budget, mode != "none", limit=64)
+        assert chosen == b, (b, budget, peaks, {m: plan.activation_bytes(spec, work, m, mode != "none").peak
+                                                for m in peaks})
+        assert peaks[chosen] <= budget < peaks[chosen + 1]
+    assert plan.max_micro_batch(spec, work, peaks[1] // 2, mode != "none", limit=64) == 0
 
 
 def test_activations_grow_with_batch_and_checkpointing_saves(xxl):
