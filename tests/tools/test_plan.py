@@ -208,7 +208,7 @@ def test_activation_formula_matches_autograd(tmp_path, monkeypatch, preset, vari
     * with checkpointing the formula bounds the measurement from above, by at most 20%: it adds the
       loss gradient to the recomputed block, which never coexist (the loss gradient is freed before
       the first block is recomputed), and thereby covers the recomputed block's own gradients,
-      which it does not model (measured here 2 to 13% over, see PLANNER_TESTS.md). At batch 1
+      which it does not model (measured here 2 to 13% over, see docs/testing.md). At batch 1
       the recomputed block is small beside the conditioning generator's backward, which the formula
       does not model either: 5% under is allowed there (HyperPrompt measures 3% under).
     """
