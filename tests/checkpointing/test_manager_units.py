@@ -610,14 +610,15 @@ def test_a_universal_resume_into_another_number_of_param_groups_is_refused(tmp_p
 
 @pytest.mark.parametrize("on_device", [False, True])
 def test_own_step_places_the_step_as_torchs_load_state_dict_does(on_device):
-    """Fused and capturable AdamW refuse a CPU or non-fp32 step; the others keep it as saved."""
-    param = torch.zeros(2)
+    """Fused and capturable AdamW refuse a step off the parameter's device or not in fp32; the
+    others keep it as saved. (The meta device stands in for the GPU the moments live on.)"""
+    param = moment = torch.zeros(2, device="meta")
     saved = torch.tensor(3.0, dtype=torch.float64)
     expected = torch.optim.Optimizer._process_value_according_to_param_policy(
         param, saved, 0, [{"params": [0], "capturable": on_device}], key="step")
-    step = manager_module.own_step(saved, torch.zeros(2), on_device)
-    assert (step.dtype, step.device, step.item()) == (expected.dtype, expected.device, 3.0)
-    assert step.data_ptr() != saved.data_ptr()
+    step = manager_module.own_step(saved, moment, on_device)
+    assert (step.dtype, step.device) == (expected.dtype, expected.device)
+    assert step.device.type == "meta" or (step.item() == 3.0 and step.data_ptr() != saved.data_ptr())
     assert manager_module.own_step(saved, None, on_device).dtype == torch.float64  # no moment: as saved
 
 
@@ -630,10 +631,9 @@ def test_a_universal_resume_puts_the_steps_where_a_fused_or_capturable_adamw_wan
                 state["step"] = state["step"].double()
             return out
 
-    def universal_resume(run_dir, flag):
+    def universal_resume(run_dir, flag, fresh):
         engine = FakeEngine()
         engine.train_step()
-        fresh = DoubleStep()
         for target in (engine, fresh):
             for group in target.optimizer.param_groups[1:] if flag else ():
                 group[flag] = True  # the job's optimizer is fused/capturable (only the bias group suffices)
@@ -643,11 +643,15 @@ def test_a_universal_resume_puts_the_steps_where_a_fused_or_capturable_adamw_wan
         monkeypatch.setattr(manager_module, "collectives", collectives)
         mgr = manager(run_dir)
         mgr.load(fresh, mgr.find_resume_point())
-        return {s["step"].dtype for s in fresh.optimizer.state.values()}
+        return [fresh.optimizer.state[p]["step"] for p in (fresh.module.weight, fresh.module.bias)]
 
     monkeypatch.setattr(manager_module, "ensure_universal", fake_conversion([]))
-    assert universal_resume(tmp_path / "device", flag) == {torch.float32}
-    assert universal_resume(tmp_path / "plain", None) == {torch.float64}
+    assert {s.dtype for s in universal_resume(tmp_path / "device", flag, DoubleStep())} == {torch.float32}
+    assert {s.dtype for s in universal_resume(tmp_path / "plain", None, DoubleStep())} == {torch.float64}
+    # Already fp32 on the right device, the shared step still becomes one per state.
+    weight_step, bias_step = universal_resume(tmp_path / "fp32", flag, FakeEngine())
+    weight_step += 1
+    assert (weight_step.item(), bias_step.item()) == (2.0, 1.0)
 
 
 # ---------------------------------------------------------------- identity, retention, pins
@@ -733,6 +737,20 @@ def test_after_resuming_an_older_checkpoint_the_abandoned_continuation_is_rotate
     assert torch.equal(fresh.module.weight, torch.full((3, 2), -6.0))
 
 
+def test_the_checkpoint_just_saved_survives_a_clock_stepped_back(tmp_path, monkeypatch):
+    """Commit order comes from the wall clock; after NTP steps it back, the new checkpoint looks
+    older than the previous one, yet retention must not delete the checkpoint `latest` names."""
+    import time
+
+    clock = iter([1000.0, 500.0])
+    monkeypatch.setattr(manager_module, "time", SimpleNamespace(time=lambda: next(clock), monotonic=time.monotonic))
+    mgr = manager(tmp_path, keep_last=1)
+    mgr.save(FakeEngine(), 2)
+    mgr.save(FakeEngine(), 4)
+    root = tmp_path / "checkpoints"
+    assert read_latest(root) == "step-4" and (root / "step-4" / MARKER).is_file()
+
+
 def test_without_keep_best_an_old_best_is_rotated_out(tmp_path, caplog):
     import logging
 
@@ -806,6 +824,7 @@ def test_a_stale_latest_pointer_is_reported_and_a_fresh_start_logged(tmp_path, c
                                "using step-4"]
     caplog.clear()
     assert manager(tmp_path).find_resume_point(str(root / "step-2")).step == 2
+    assert manager(tmp_path, resume="none").find_resume_point() is None
     assert caplog.messages == []  # an explicit choice is not second-guessed
 
 
