@@ -103,13 +103,29 @@ def _group_hyperparameters(engine) -> list[dict[str, Any]]:
             for group in _base_optimizer(engine).param_groups]
 
 
+# How the optimizer runs, not what it optimises: the resuming job's own choice wins. A load puts
+# the saving job's values back into every param group (torch's load_state_dict, and our repair
+# below), so a GPU job resuming a CPU job's checkpoint would lose its fused AdamW, and a CPU job
+# resuming a GPU one would get capturable=True, which refuses CPU tensors.
+_IMPLEMENTATION_KEYS = ("fused", "capturable", "foreach", "differentiable")
+
+
+def _implementation_flags(engine) -> list[dict[str, Any]]:
+    return [{k: group[k] for k in _IMPLEMENTATION_KEYS if k in group} for group in _base_optimizer(engine).param_groups]
+
+
+def _restore_implementation_flags(engine, flags: list[dict[str, Any]]) -> None:
+    for group, own in zip(_base_optimizer(engine).param_groups, flags):
+        group.update(own)
+
+
 def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Path) -> None:
     """Fix two defects of DeepSpeed's universal ZeRO-3 loader (0.19.8,
     ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), both caught by the 2->1 rank test:
 
     * it writes param group 0's hyperparameters into every group, so e.g. the no-weight-decay
       group of biases and LayerNorms silently gets weight decay. We saved every group's settings
-      (``optimizer_groups.json``); put them back.
+      (``optimizer_groups.json``); put them back, but for the implementation flags.
     * it stores one and the same ``step`` tensor in the state of every sub-group; torch's Adam
       increments it in place, so with k sub-groups the step advances k times per update and the
       bias correction of all but the first sub-group is wrong. Give each sub-group its own copy,
@@ -122,7 +138,7 @@ def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Pa
             f"{where}: checkpoint has {len(saved_groups)} optimizer param groups, this job has {len(groups)}")
     for group, values in zip(groups, saved_groups):
         for key, value in values.items():
-            if key in group:
+            if key in group and key not in _IMPLEMENTATION_KEYS:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
     # Every state, not only those of the params in param_groups: ZeRO-3 puts one sub-group's
     # flat partition at a time into its group while stepping.
@@ -378,6 +394,7 @@ class CheckpointManager:
         # {"load_universal": true} in the ds_config, and works whichever way the config was built.
         previous = engine._config.load_universal_checkpoint
         engine._config.load_universal_checkpoint = universal
+        own_flags = _implementation_flags(engine)
         try:
             load_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -385,6 +402,7 @@ class CheckpointManager:
             engine._config.load_universal_checkpoint = previous
         if load_path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint files to load")
+        _restore_implementation_flags(engine, own_flags)
         if universal:
             _repair_universal_load(engine, read_json(step_dir / OPTIMIZER_GROUPS), step_dir)
         saved_step = (client_state or {}).get(CLIENT_STEP_KEY)

@@ -850,3 +850,30 @@ def test_the_logged_save_duration_is_the_time_the_save_took(tmp_path, caplog):
     took = time.monotonic() - started
     (seconds,) = [float(m) for m in re.findall(r"^saved checkpoint .* in (\S+)s$", "\n".join(caplog.messages), re.M)]
     assert 0 <= seconds <= took + 0.05
+
+
+@pytest.mark.parametrize("universal", [True, False])
+def test_a_resume_keeps_the_resuming_jobs_optimizer_implementation(tmp_path, monkeypatch, universal):
+    """A checkpoint of a job whose AdamW was not fused (a CPU job), resumed by a job whose AdamW
+    is fused (a GPU job), natively or through universal: the hyperparameters come back, the
+    implementation stays the resuming job's, and the Adam steps are placed for it."""
+    engine = FakeEngine()
+    engine.train_step()
+    for group in engine.optimizer.param_groups:
+        group["lr"], group["fused"], group["foreach"] = 0.5, False, True
+    as_rank(monkeypatch, Group(rank=0, on_reduce=peer_writes(tmp_path / "checkpoints", 2)))
+    manager(tmp_path).save(engine, 2)
+    monkeypatch.setattr(manager_module, "dist", OneRank)
+    monkeypatch.setattr(manager_module, "collectives", collectives)
+    monkeypatch.setattr(manager_module, "ensure_universal", fake_conversion([]))
+    monkeypatch.setattr(CheckpointManager, "needs_universal", lambda self, point: universal)
+    fresh = FakeEngine()
+    for group in fresh.optimizer.param_groups:
+        group["lr"], group["fused"], group["foreach"] = 0.1, True, False
+    mgr = manager(tmp_path)
+    mgr.load(fresh, mgr.find_resume_point())
+    groups = fresh.optimizer.param_groups
+    assert [(g["lr"], g["fused"], g["foreach"]) for g in groups] == [(0.5, True, False)] * len(groups)
+    if universal:  # fp32 steps, one per state, where the fused AdamW wants them
+        steps = [state["step"] for state in fresh.optimizer.state.values()]
+        assert {s.dtype for s in steps} == {torch.float32} and len({s.data_ptr() for s in steps}) == len(steps)
