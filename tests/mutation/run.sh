@@ -8,6 +8,7 @@
 # ${MUTATION_DIR:-/tmp/hp-mutation}/<module>), whose setup.cfg gets a [mutmut] section that
 # mutates only MODULE (only_mutate; the rest of the package is copied as is). Prints mutmut's per-mutant results
 # and the kill rate; `mutmut show <name>` in the copy shows a mutant's diff.
+# mutmut runs as `${PYTHON:-python} -m mutmut` (no dependence on its console script).
 set -euo pipefail
 module=$1; shift
 [ $# -ge 1 ] || { echo "usage: $0 MODULE.py TEST_FILE..." >&2; exit 2; }
@@ -27,8 +28,8 @@ cd "$work"
   for t in "$@"; do echo "    $t"; done
 } >> setup.cfg
 export PYTHONPATH=$work HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
-nice -n 5 mutmut run --max-children 1 >mutmut.log 2>&1 || { tail -40 mutmut.log; exit 1; }
-mutmut results --all true > results.txt || true
+nice -n 5 "${PYTHON:-python}" -m mutmut run --max-children 1 >mutmut.log 2>&1 || { tail -40 mutmut.log; exit 1; }
+"${PYTHON:-python}" -m mutmut results --all true > results.txt || true
 python - "$module" <<'PY'
 import collections, re, sys
 rows = [l.strip() for l in open("results.txt") if ":" in l]
