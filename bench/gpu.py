@@ -514,8 +514,10 @@ def main(argv=None) -> None:
     if args.stage:
         stage = next(s for s in stages_for(mode) if s.name == args.stage)
         (out / f"{stage.name}.json").write_text(json.dumps(run_stage(stage), indent=2) + "\n")
-        from hp_deepspeed.launching.distributed import shutdown_distributed
-
+        try:
+            from hp_deepspeed.launching.distributed import shutdown_distributed
+        except ImportError:  # the tree before issue 13 (the "before" proxy run) exits as it did
+            return
         shutdown_distributed()  # a stage that trained leaves a process group
         return
     drive(mode, out, args.stages, args.budget_s)
