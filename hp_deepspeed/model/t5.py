@@ -123,6 +123,27 @@ class DecoderCache:
         return 0 if first is None else first.shape[2]
 
 
+class _CompactGrad(torch.autograd.Function):
+    """Identity whose backward hands on a compact copy of the incoming gradient.
+
+    The gradient of a key/value prompt is a slice of its block's [B, heads, P + L, d_kv] key or
+    value gradient (``torch.cat``'s backward returns views). The conditioning's per-block outputs
+    are unbound before the first block runs, so autograd, which runs ready nodes newest first,
+    applies that unbind's backward only after every block: as views, the slices kept every
+    block's whole key and value gradients alive until then (measured on the CPU with
+    checkpointing at 24 + 24 blocks: +8.9% peak; about 0.11 GB per example at T5-XXL's 512 / 128
+    tokens, tests/tools/test_plan.py). Copying the P slots lets each buffer go with its block.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
 class T5Attention(nn.Module):
     """Multi-head attention without score scaling; self-attention may carry the bias table."""
 
@@ -176,8 +197,8 @@ class T5Attention(nn.Module):
                 cache.self_key, cache.self_value = key, value
             if key_prompt is not None:
                 # Prompt slots: prepended, never cached (see the module docstring).
-                key = torch.cat([key_prompt.to(key.dtype), key], dim=2)
-                value = torch.cat([value_prompt.to(value.dtype), value], dim=2)
+                key = torch.cat([_CompactGrad.apply(key_prompt.to(key.dtype)), key], dim=2)
+                value = torch.cat([_CompactGrad.apply(value_prompt.to(value.dtype)), value], dim=2)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=bias.to(query.dtype),
             dropout_p=self.dropout if self.training else 0.0, scale=1.0,

@@ -119,6 +119,11 @@ class ModelSpec:
     """What it saves whatever the number of tasks (e.g. a weight einsum lays out for its bmm)."""
     conditioning_bytes_per_example: int = 0
     """The generated tensors gathered to one example (prompts or adapter weights of all blocks)."""
+    conditioning_backward_bytes_fixed: int = 0
+    """The most the generator holds during its backward (its saved tensors, the gradients of its
+    outputs and intermediates; not its parameters' gradients), whatever the number of tasks ..."""
+    conditioning_backward_bytes_per_task: int = 0
+    """... and per distinct task of a micro-batch."""
 
     @property
     def total_params(self) -> int:
@@ -171,8 +176,10 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
         largest, largest_name = cond_largest, f"conditioning.{cond_largest_name}"
 
     saved_fixed, saved_per_task, per_example = (0, 0, 0)
+    backward_fixed, backward_per_task = (0, 0)
     if conditioning is not None:
         saved_fixed, saved_per_task, per_example = _conditioning_activation_bytes(conditioning, num_tasks)
+        backward_fixed, backward_per_task = _conditioning_backward_bytes(conditioning, num_tasks)
 
     # The stacks the built conditioning module really conditions, when it conditions them with
     # key/value prompts (its other block-level outputs are FFN adapters).
@@ -185,6 +192,7 @@ def load_model_spec(name_or_path: str, variant: str = "hyperprompt_global", num_
         input_prompt_len=cond_cfg.input_prompt_length,
         conditioning_saved_bytes_per_task=saved_per_task, conditioning_saved_bytes_fixed=saved_fixed,
         conditioning_bytes_per_example=per_example,
+        conditioning_backward_bytes_fixed=backward_fixed, conditioning_backward_bytes_per_task=backward_per_task,
     )
 
 
@@ -226,6 +234,100 @@ def _conditioning_activation_bytes(conditioning, num_tasks: int) -> tuple[int, i
         return 0, all_tasks, per_example
     per_task = (all_tasks - saved_by(1)[0]) // (num_tasks - 1)
     return all_tasks - num_tasks * per_task, per_task, per_example
+
+
+def _conditioning_backward_bytes(conditioning, num_tasks: int) -> tuple[int, int]:
+    """(fixed, per distinct task) of the most the generator holds at once during its backward:
+    its saved tensors and outputs, their gradients and the backward's own temporaries, not its
+    parameters' gradients (model states).
+
+    Measured on the meta device like the saved bytes: a dispatch mode records when each storage
+    an op creates is allocated and freed (a meta storage's Python object lives exactly as long as
+    the storage, so a weak reference says when), and the running maximum over the backward is
+    taken. The gradients of the outputs, seeded with ones, stand in for the [tasks, ...] gradient
+    the model hands the generator. Run for one task and for all, as ``_conditioning_activation_bytes``.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    generator = conditioning.generator.to(torch.bfloat16)
+    params = [p for p in generator.parameters() if p.requires_grad]
+
+    class Storages(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.exclude = {id(p.untyped_storage()) for p in generator.parameters()}
+            self.live: dict[int, int] = {}  # id(storage) -> allocation number
+            self.events: list[tuple[int, int]] = []  # (allocation number, +bytes or -bytes)
+            self.ignored: set[int] = set()  # allocations that are parameter gradients
+
+        def _free(self, key: int, uid: int, nbytes: int) -> None:
+            if self.live.get(key) == uid:
+                del self.live[key]
+                self.events.append((uid, -nbytes))
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if isinstance(tensor, torch.Tensor):
+                    storage = tensor.untyped_storage()
+                    key, nbytes = id(storage), storage.nbytes()
+                    if key not in self.exclude and key not in self.live:  # not a view or a parameter
+                        uid = len(self.events)
+                        self.live[key] = uid
+                        self.events.append((uid, nbytes))
+                        weakref.finalize(storage, self._free, key, uid, nbytes)
+            return out
+
+        def release(self, tensor) -> None:
+            """Count ``tensor``'s storage as freed from now on (the model does not keep it)."""
+            key = id(tensor.untyped_storage())
+            uid = self.live.pop(key, None)
+            if uid is not None:
+                self.events.append((uid, -tensor.untyped_storage().nbytes()))
+
+        def drop_gradient(self, param) -> None:
+            uid = self.live.get(id(param.grad.untyped_storage()))
+            if uid is not None:
+                self.ignored.add(uid)
+            param.grad = None
+
+        def peak_after(self, start: int) -> int:
+            live = sum(n for uid, n in self.events[:start] if uid not in self.ignored)
+            peak = live
+            for uid, n in self.events[start:]:
+                if uid not in self.ignored:
+                    live += n
+                    peak = max(peak, live)
+            return peak
+
+    def peak_of(tasks: int) -> int:
+        tracker = Storages()
+        handles = [p.register_post_accumulate_grad_hook(tracker.drop_gradient) for p in params]
+        try:
+            with torch.device("meta"), tracker:
+                outputs = [t for t in generator(torch.arange(tasks)).values() if t.requires_grad]
+                grads = [torch.ones_like(t) for t in outputs]
+                # The model gathers the outputs to its examples and lets them go; only their
+                # gradient reaches the generator's backward.
+                for tensor in outputs:
+                    tracker.release(tensor)
+                start = len(tracker.events)
+                torch.autograd.backward(outputs, grads)
+                del outputs, grads
+        finally:
+            for handle in handles:
+                handle.remove()
+        return tracker.peak_after(start)
+
+    all_tasks = peak_of(num_tasks)
+    if num_tasks == 1:
+        return 0, all_tasks
+    per_task = (all_tasks - peak_of(1)) // (num_tasks - 1)
+    return all_tasks - num_tasks * per_task, per_task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,22 +500,23 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
         # are not modelled (measured on the CPU: 2 to 13% over, tests/tools/test_plan.py).
         recompute = max(enc_block, dec_block)
         peak = saved + recompute + loss_transient
-        # Key/value prompts: the gradient of a block's prompt slots is a slice of its [B, a, L + P,
-        # d_kv] key and value gradients, and autograd holds every block's slice until the
-        # conditioning's backward (one node for all blocks, run last), so those whole buffers
-        # pile up while the block inputs are freed. Measured on the CPU, with 8 + 8 blocks this
-        # makes the end of the backward -- the first encoder block recomputed -- the peak; there,
-        # of `saved`, the block inputs but that block's are gone (the rest is still counted).
-        inner = cfg.num_heads * cfg.d_kv
-        retained = (cfg.num_decoder_layers * 2 * b * (dec_len + dec_prompt) * inner * BF16 if dec_prompt else 0)
-        retained += (cfg.num_layers - 1) * 2 * b * (enc_len + enc_prompt) * inner * BF16 if enc_prompt else 0
-        if retained:
-            end = saved - kept + n_enc * h * BF16 + enc_block + retained
-            peak = max(peak, end)
     else:
         saved = shared + outside + cfg.num_layers * enc_block + cfg.num_decoder_layers * dec_block
         peak = saved + loss_transient
-    return ActivationEstimate(saved=saved, peak=peak)
+    # The end of the backward: autograd runs the conditioning's backward (the unbind of its
+    # per-block outputs, the gather to examples, the generator) after every block. By then the
+    # blocks' activations are gone; what is left is the encoder output, the token ids and
+    # position buckets, every block's prompt-slot gradients ([B, a, P, d_kv] for keys and values,
+    # copied out of the block's key/value gradients by t5._CompactGrad; as views they held the
+    # whole [B, a, L + P, d_kv] buffers: +13.6% at 24 + 24 blocks) with their gather to the
+    # examples, then the generator's own backward (measured, ``_conditioning_backward_bytes``).
+    # The peak for a deep model with a small backbone, e.g. the tests' 24 + 24 tiny blocks.
+    inner = cfg.num_heads * cfg.d_kv
+    held = (cfg.num_decoder_layers * dec_prompt + cfg.num_layers * enc_prompt) * 2 * b * inner * BF16
+    generator = spec.conditioning_backward_bytes_fixed + min(b, spec.num_tasks) * spec.conditioning_backward_bytes_per_task
+    end = (n_enc * h * BF16 + (n_enc + n_dec) * 8 + (enc_len * enc_len + dec_len * dec_len) * 8
+           + max(held + b * spec.conditioning_bytes_per_example, generator))
+    return ActivationEstimate(saved=saved, peak=max(peak, end))
 
 
 # ---------------------------------------------------------------------------------------------
