@@ -99,9 +99,11 @@ def run_command(
 ) -> CommandResult:
     """Run ``cmd`` in a new process group; kill the group and raise on timeout (or failure)."""
     with tempfile.TemporaryFile("w+") as out:
+        # No input: an inherited stdin that never closes (pytest's) kept pdsh's ssh sessions
+        # open about 40 s after the remote command ended (measured: 54 s -> 14 s for a pdsh run).
         proc = subprocess.Popen(
-            list(cmd), stdout=out, stderr=subprocess.STDOUT, env=base_env(env), cwd=cwd,
-            start_new_session=True,
+            list(cmd), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=base_env(env),
+            cwd=cwd, start_new_session=True,
         )
         try:
             proc.wait(timeout=timeout)
@@ -150,7 +152,8 @@ def run_ranks(
             with log.open("w") as fh:
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "hp_deepspeed.testing.rank_entry", target, tmp],
-                    stdout=fh, stderr=subprocess.STDOUT, env=rank_env, start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, env=rank_env,
+                    start_new_session=True,
                 ))
         deadline = time.monotonic() + timeout
         first_failure_at = None
