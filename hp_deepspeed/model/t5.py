@@ -131,8 +131,9 @@ class _CompactGrad(torch.autograd.Function):
     are unbound before the first block runs, so autograd, which runs ready nodes newest first,
     applies that unbind's backward only after every block: as views, the slices kept every
     block's whole key and value gradients alive until then (measured on the CPU with
-    checkpointing at 24 + 24 blocks: +8.9% peak; about 0.11 GB per example at T5-XXL's 512 / 128
-    tokens, tests/tools/test_plan.py). Copying the P slots lets each buffer go with its block.
+    checkpointing at 24 + 24 blocks: +8.9% peak, tests/tools/test_plan.py; by the planner's
+    count about 0.11 GB per example at T5-XXL's 512 / 128 tokens). Copying the P slots lets each
+    buffer go with its block.
     """
 
     @staticmethod
