@@ -51,3 +51,21 @@ def pytest_make_collect_report(collector):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true: module {collector.nodeid} skipped at import: {reason}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_cpu_allreduce_buffers():
+    """Ranks the tests kill (SIGKILL, a crash mid-save, a node lost) never reach the CLI's clean
+    exit, which removes DeepSpeed's 69 MB /dev/shm all-reduce buffer of each rank
+    (launching/distributed.remove_cpu_allreduce_buffer); remove those this session left."""
+    import time
+    from pathlib import Path
+
+    start = time.time()
+    yield
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
+        try:
+            if path.stat().st_mtime >= start:
+                path.unlink()
+        except FileNotFoundError:
+            pass

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hp_deepspeed.launching.distributed import remove_cpu_allreduce_buffer
+
 
 def main() -> None:
     target, workdir = sys.argv[1], Path(sys.argv[2])
@@ -29,7 +31,9 @@ def main() -> None:
         rank = dist.get_rank()
         (workdir / f"result{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
+        rank = dist.get_rank()
         dist.destroy_process_group()
+        remove_cpu_allreduce_buffer(rank)  # DeepSpeed's 69 MB /dev/shm file, if its op ran
 
 
 if __name__ == "__main__":

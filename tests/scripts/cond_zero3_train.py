@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from hp_deepspeed.launching.distributed import shutdown_distributed
 from hp_deepspeed.model.hyperprompt_t5 import build_model
 from tests.conditioning import zero3_cases as cases
 
@@ -69,4 +70,4 @@ for variant in cases.ZERO_INIT_VARIANTS:
     if rank == 0:
         save_file(state, str(out / f"zero_init.{variant}.safetensors"))
 
-dist.destroy_process_group()  # a clean exit, as the CLI does (see launching/distributed.shutdown_distributed)
+shutdown_distributed()  # a clean exit, as the CLI does
