@@ -643,23 +643,19 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
         dist.destroy_process_group()
-        remove_cpu_allreduce_buffer(rank)
+        # DeepSpeed 0.19.8 never unlinks its CPU all-reduce file (69 MB per rank, in RAM): every
+        # CPU run left them in /dev/shm, 17 GB after a day of test suites on a 24 GB machine. The
+        # peers mapped it at start-up, so removing the name takes nothing from them.
+        cpu_allreduce_buffer(rank).unlink(missing_ok=True)
 
 
-def cpu_allreduce_buffer(rank: int, env: Mapping[str, str] | None = None) -> Path:
+def cpu_allreduce_buffer(rank: int) -> Path:
     """The shared-memory file DeepSpeed's CPU all-reduce op creates for ``rank`` at start-up
     (``ops/csrc/cpu/comm/shm.cpp``: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``).
     """
-    env = os.environ if env is None else env
+    env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}_{rank}"
     return Path("/dev/shm") / name
-
-
-def remove_cpu_allreduce_buffer(rank: int) -> None:
-    """DeepSpeed 0.19.8 never unlinks that 69 MB file, so every CPU run left one per rank in
-    /dev/shm (RAM): 17 GB after a day of test suites on this 24 GB machine. The peers mapped it
-    at start-up, so removing the name at exit takes nothing from them."""
-    cpu_allreduce_buffer(rank).unlink(missing_ok=True)
 
 
 def _share_peer_table(info: DistInfo, net: NetworkView, ifname: str | None) -> None:

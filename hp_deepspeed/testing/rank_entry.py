@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hp_deepspeed.launching.distributed import remove_cpu_allreduce_buffer
+from hp_deepspeed.launching.distributed import shutdown_distributed
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
         rank = dist.get_rank()
         (workdir / f"result{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        remove_cpu_allreduce_buffer(rank)  # DeepSpeed's 69 MB /dev/shm file, if its op ran
+        shutdown_distributed()  # the process group and DeepSpeed's /dev/shm all-reduce file
 
 
 if __name__ == "__main__":
