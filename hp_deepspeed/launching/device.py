@@ -19,12 +19,21 @@ CUDA architectures (:func:`sanitize_arch_list`)
     DeepSpeed 0.19.8's op builder parses each ``TORCH_CUDA_ARCH_LIST`` entry with ``int()`` and
     crashes on the arch-specific ``9.0a`` that Hopper images set; the suffix only enables
     sm_90a-only instructions that DeepSpeed's kernels do not use, so it is dropped.
+Which ninja builds DeepSpeed's ops (:func:`environment_ninja_first`)
+    DeepSpeed JIT-builds its ops (the CPU all-reduce, FusedAdam, CPUAdam) with the ``ninja`` it
+    finds on PATH, into one cache per user (``~/.cache/torch_extensions``). A rank started over
+    ssh (the pdsh runner) gets sshd's PATH: the system's ninja, or none, instead of the one pip
+    installed beside DeepSpeed. Two ninja versions hash build commands differently (1.11 and
+    1.13 here), so each sees the other's build as stale and rebuilds it: 28 s per switch on this
+    machine, every time an ssh-started run followed a local one. The interpreter's own ``bin``
+    goes first on PATH when it holds a ninja, so every rank builds with the same one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from typing import Mapping, MutableMapping
 
@@ -64,6 +73,7 @@ def prepare_process(env: MutableMapping[str, str] | None = None) -> None:
     choice can no longer change.
     """
     env = os.environ if env is None else env
+    environment_ninja_first(env)
     if cpu_requested(env):
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call: counting GPUs may initialise CUDA
@@ -76,6 +86,14 @@ def prepare_process(env: MutableMapping[str, str] | None = None) -> None:
         if note:
             print(f"hp-deepspeed: {note}", file=sys.stderr)
             env["TORCH_CUDA_ARCH_LIST"] = fixed
+
+
+def environment_ninja_first(env: MutableMapping[str, str], executable: str | None = None) -> None:
+    """Put the interpreter's ``bin`` first on PATH when it holds a ``ninja`` that PATH would not pick."""
+    tools = os.path.dirname(executable or sys.executable)
+    ninja = os.path.join(tools, "ninja")
+    if os.access(ninja, os.X_OK) and shutil.which("ninja", path=env.get("PATH", "")) != ninja:
+        env["PATH"] = os.pathsep.join([tools, env["PATH"]]) if env.get("PATH") else tools
 
 
 def _cuda_device_count() -> int:

@@ -169,6 +169,51 @@ def test_gpu_process_gets_a_parsable_arch_list(monkeypatch, capsys):
     assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and "9.0a" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- the ninja of op builds
+
+def _tool(folder: Path, name: str = "ninja") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / name
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    return tool
+
+
+def test_a_rank_started_over_ssh_builds_ops_with_the_environments_ninja(tmp_path):
+    """sshd's PATH finds the system's ninja; the interpreter's own goes first."""
+    venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    _tool(venv), _tool(system)
+    env = {"PATH": f"{system}:/bin"}
+    device.environment_ninja_first(env, executable=str(venv / "python"))
+    assert env["PATH"] == f"{venv}:{system}:/bin"
+    env = {}  # no PATH at all
+    device.environment_ninja_first(env, executable=str(venv / "python"))
+    assert env["PATH"] == str(venv)
+
+
+def test_path_is_left_alone_when_it_already_finds_that_ninja_or_there_is_none(tmp_path):
+    venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
+    _tool(venv), _tool(system)
+    env = {"PATH": f"{venv}:{system}"}
+    device.environment_ninja_first(env, executable=str(venv / "python"))
+    assert env["PATH"] == f"{venv}:{system}"
+    bare = tmp_path / "bare" / "bin"
+    _tool(bare, "python")
+    env = {"PATH": str(system)}
+    device.environment_ninja_first(env, executable=str(bare / "python"))
+    assert env["PATH"] == str(system)
+
+
+def test_prepare_process_puts_the_environments_ninja_first(tmp_path, monkeypatch):
+    venv = tmp_path / "venv" / "bin"
+    _tool(venv)
+    monkeypatch.setattr(device.sys, "executable", str(venv / "python"))
+    monkeypatch.setattr(device, "_cuda_device_count", lambda: 0)
+    env = {"PATH": "/usr/bin:/bin"}
+    device.prepare_process(env)
+    assert env["PATH"].split(":")[0] == str(venv)
+
+
 # ----------------------------------------------------------------------------- assembled DeepSpeed config
 
 # A t5-small-like model for the "auto" ZeRO stage of auto_bf16.json.
