@@ -45,6 +45,14 @@ class ModelConfig:
     ``zero.Init`` takes it from the DeepSpeed config's bf16/fp16 section instead."""
     seed: int = 0
     """Seed of the random initialisation (only matters when weights are not loaded)."""
+    compile: bool = False
+    """``torch.compile`` each T5 block for training and scoring (decoding stays eager). Costs a
+    compile of one encoder and one decoder block at the first step and a recompile with dynamic
+    lengths when the lengths first change; parameter names and checkpoints are unchanged. Off
+    by default: the GPU speed-up is not measured yet (docs/benchmarks.md, section 7)."""
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = "inductor"
+    """The ``torch.compile`` backend: ``inductor`` (generated kernels); the others trace without
+    generating kernels (``aot_eager`` is what the CPU tests use to check the graphs quickly)."""
 
 
 def resolve_t5_config(config: ModelConfig) -> T5Config:
@@ -95,6 +103,8 @@ def build_model(
         model = T5Model(t5_config, config.activation_checkpointing).to(device=device, dtype=dtype)
     if config.load_weights and config.name_or_path not in _RANDOM_ONLY:
         load_hf_weights(model, config.name_or_path, zero3=zero3)
+    if config.compile:
+        model.compile_blocks(config.compile_backend)
     return model
 
 

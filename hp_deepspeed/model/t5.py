@@ -398,6 +398,16 @@ class T5Stack(nn.Module):
         self.block = nn.ModuleList(T5Block(config, is_decoder, has_relative_attention_bias=(i == 0)) for i in range(n))
         self.final_layer_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        # Compiled callables of the blocks for the teacher-forced pass (compile_blocks). A plain
+        # list, not a ModuleList: the wrappers must not appear in state_dict or parameters().
+        self._compiled: list | None = None
+
+    def compile_blocks(self, backend: str) -> None:
+        """Run each block through ``torch.compile`` in the teacher-forced pass (training and
+        scoring). Decoding with a cache stays eager: its cache grows by one position per call,
+        which would only recompile. Parameters stay the blocks' own, so names, checkpoints and
+        ZeRO's partitioning are unchanged."""
+        self._compiled = [torch.compile(block, backend=backend) for block in self.block]
 
     def position_bias(self, query_len: int, key_len: int, offset: int, device: torch.device) -> Tensor:
         """[1, heads, query_len, key_len] bias for queries at ``offset .. offset+query_len-1``."""
@@ -454,7 +464,8 @@ class T5Stack(nn.Module):
 
         hidden = self.dropout(hidden)
         use_checkpoint = self.activation_checkpointing != "none" and self.training and cache is None
-        for i, block in enumerate(self.block):
+        blocks = self._compiled if self._compiled is not None and cache is None else self.block
+        for i, block in enumerate(blocks):
             cond_args = conditioning[i].as_args() if conditioning is not None else (None,) * _NUM_COND_ARGS
             args = (hidden, self_biases[i], encoder_hidden, cross_bias, *cond_args)
             if use_checkpoint:
@@ -500,6 +511,11 @@ class T5Model(nn.Module):
             self.lm_head.weight = self.shared.weight
         else:
             _normal_(self.lm_head.weight, config.initializer_factor)
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` every encoder and decoder block (see ``T5Stack.compile_blocks``)."""
+        self.encoder.compile_blocks(backend)
+        self.decoder.compile_blocks(backend)
 
     def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
         """Switch per-block checkpointing (``none``, ``reentrant``, ``non_reentrant``)."""

@@ -19,25 +19,28 @@ WORLD_SIZE = 2
 MICRO_BATCH = 4
 STEPS = 3
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-# (name, variant, activation checkpointing, freeze_backbone)
+# (name, variant, activation checkpointing, freeze_backbone, compiled blocks)
 CASES = [
-    (f"{variant}-{ckpt}{'-frozen' if frozen else ''}", variant, ckpt, frozen)
-    for variant, ckpt, frozen in [
-        ("hyperprompt_global", "none", False),
-        ("hyperprompt_global", "reentrant", False),
-        ("hyperprompt_global", "non_reentrant", False),
-        ("hyperprompt_global", "non_reentrant", True),
-        ("hyperformer", "none", False),
-        ("hyperformer", "reentrant", False),
-        ("hyperformer", "non_reentrant", False),
-        ("adapter", "non_reentrant", False),
+    (f"{variant}-{ckpt}{'-frozen' if frozen else ''}{'-compiled' if compiled else ''}", variant, ckpt, frozen, compiled)
+    for variant, ckpt, frozen, compiled in [
+        ("hyperprompt_global", "none", False, False),
+        ("hyperprompt_global", "reentrant", False, False),
+        ("hyperprompt_global", "non_reentrant", False, False),
+        ("hyperprompt_global", "non_reentrant", True, False),
+        # model.compile: torch.compile'd blocks, inside which ZeRO-3 gathers each block's
+        # parameters (aot_eager: dynamo's graph and autograd without generated kernels).
+        ("hyperprompt_global", "non_reentrant", False, True),
+        ("hyperformer", "none", False, False),
+        ("hyperformer", "reentrant", False, False),
+        ("hyperformer", "non_reentrant", False, False),
+        ("adapter", "non_reentrant", False, False),
         # The other conditioning variants: Sep indexes per-task generators with a different set
         # of tasks on each rank, the case ZeRO-3's gathers of never-used generators must survive.
-        ("hyperprompt_share", "none", False),
-        ("hyperprompt_sep", "none", False),
-        ("hyperprompt_sep", "non_reentrant", False),
-        ("kv_prompt", "reentrant", False),
-        ("prompt_tuning", "none", False),
+        ("hyperprompt_share", "none", False, False),
+        ("hyperprompt_sep", "none", False, False),
+        ("hyperprompt_sep", "non_reentrant", False, False),
+        ("kv_prompt", "reentrant", False, False),
+        ("prompt_tuning", "none", False, False),
     ]
 ]
 
@@ -45,8 +48,9 @@ CASES = [
 ZERO_INIT_VARIANTS = ["hyperprompt_global", "prompt_tuning", "hyperformer"]
 
 
-def configs(variant: str, ckpt: str, frozen: bool) -> tuple[ModelConfig, ConditioningConfig]:
-    model_cfg = ModelConfig(name_or_path="tiny-v1_0", dropout_rate=0.0, seed=0, activation_checkpointing=ckpt)
+def configs(variant: str, ckpt: str, frozen: bool, compiled: bool = False) -> tuple[ModelConfig, ConditioningConfig]:
+    model_cfg = ModelConfig(name_or_path="tiny-v1_0", dropout_rate=0.0, seed=0, activation_checkpointing=ckpt,
+                            compile=compiled, compile_backend="aot_eager")
     return model_cfg, ConditioningConfig(variant=variant, freeze_backbone=frozen, **TINY_COND)
 
 

@@ -18,6 +18,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 from hp_deepspeed.launching.distributed import shutdown_distributed
 from hp_deepspeed.model.hyperprompt_t5 import build_model
@@ -37,10 +38,11 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: param.detach().clone() for name, param in module.named_parameters()}
 
 
-results = {}
-for name, variant, ckpt, frozen in cases.CASES:
+results, graphs = {}, {}
+for name, variant, ckpt, frozen, compiled in cases.CASES:
     started = time.perf_counter()
-    model_cfg, cond_cfg = cases.configs(variant, ckpt, frozen)
+    graphs_before = counters["stats"]["unique_graphs"]
+    model_cfg, cond_cfg = cases.configs(variant, ckpt, frozen, compiled)
     model = build_model(model_cfg, cond_cfg, num_tasks=4)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=cases.ds_config())
@@ -58,11 +60,13 @@ for name, variant, ckpt, frozen in cases.CASES:
     if rank == 0:
         save_file(final, str(out / f"{name}.final.safetensors"))
         results[name] = losses
+        graphs[name] = counters["stats"]["unique_graphs"] - graphs_before  # graphs torch.compile made
     engine.destroy()
     del engine, model
     print(f"rank {rank}: {name} trained in {time.perf_counter() - started:.1f}s", flush=True)
 if rank == 0:
     (out / "losses.json").write_text(json.dumps(results))
+    (out / "graphs.json").write_text(json.dumps(graphs))
 
 for variant in cases.ZERO_INIT_VARIANTS:
     model = build_model(*cases.configs(variant, "none", False), num_tasks=4, ds_config=cases.ds_config())

@@ -1,0 +1,85 @@
+"""``model.compile``: torch.compile'd blocks in the teacher-forced pass, eager decoding.
+
+The backend here records each graph dynamo hands it and runs it as traced, so the tests check
+that the compiled path is really taken and that it computes what the eager blocks compute
+(inductor's kernels are a GPU speed question, measured by bench.gpu). ZeRO-3 with compiled
+blocks is a case of tests/conditioning/test_zero3.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hp_deepspeed.model.builder import ModelConfig, build_model
+from hp_deepspeed.model.generation import greedy_generate
+from tests.model.helpers import conditioning_leaves, load_ours, padded_batch, random_conditioning
+
+
+@pytest.fixture
+def graphs():
+    """A torch.compile backend that counts the graphs it is given and runs them unchanged."""
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    yield seen, backend
+    torch._dynamo.reset()
+
+
+def gradients(model, mode: str):
+    model.set_activation_checkpointing(mode)
+    model.zero_grad(set_to_none=True)
+    conditioning = random_conditioning(model.config, batch=3, adapter_dim=4, input_prompt_len=2, requires_grad=True)
+    input_ids, attention_mask, labels = padded_batch()
+    loss = model(input_ids, attention_mask, labels=labels, conditioning=conditioning).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads.update({f"conditioning.{i}": t.grad.clone() for i, t in enumerate(conditioning_leaves(conditioning))})
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("mode", ["none", "non_reentrant"])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_checkpoint, graphs, mode):
+    seen, backend = graphs
+    folder = tiny_checkpoint("tiny-v1_1")
+    # No dropout: the two sides would draw their masks in different orders.
+    eager, compiled = (load_ours(folder, dropout_rate=0.0).train() for _ in range(2))
+    compiled.compile_blocks(backend)
+    loss, reference = gradients(eager, mode)
+    compiled_loss, grads = gradients(compiled, mode)
+    assert seen, "no block went through torch.compile"
+    torch.testing.assert_close(compiled_loss, loss)
+    assert grads.keys() == reference.keys()
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_names_and_decoding_are_unchanged(tiny_checkpoint, graphs):
+    seen, backend = graphs
+    folder = tiny_checkpoint("tiny-v1_0")
+    eager, compiled = load_ours(folder), load_ours(folder)
+    compiled.compile_blocks(backend)
+    # In place: the wrappers are not submodules, so checkpoints and exports keep HF's names.
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    input_ids, attention_mask, _ = padded_batch()
+    expected = greedy_generate(eager, input_ids, attention_mask, max_new_tokens=6)
+    before = len(seen)
+    assert torch.equal(greedy_generate(compiled, input_ids, attention_mask, max_new_tokens=6), expected)
+    # The encoder pass is compiled; decoding with a cache is not (it would recompile as it grows).
+    encoder_graphs = len(seen) - before
+    assert 0 < encoder_graphs <= len(compiled.encoder.block)
+
+
+def test_the_config_switch_compiles_the_built_model(graphs):
+    seen, backend = graphs
+    model = build_model(ModelConfig(name_or_path="tiny-v1_0", compile=True, compile_backend=backend))
+    assert model.encoder._compiled is not None and model.decoder._compiled is not None
+    input_ids, attention_mask, labels = padded_batch()
+    model(input_ids, attention_mask, labels=labels)
+    assert seen
+    plain = build_model(ModelConfig(name_or_path="tiny-v1_0"))
+    assert plain.encoder._compiled is None and plain.decoder._compiled is None
