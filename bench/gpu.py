@@ -427,6 +427,12 @@ def run_config_stage(stage: Stage) -> dict:
 
 def run_stage(stage: Stage) -> dict:
     start = time.perf_counter()
+    try:  # the trainer's process preparation (accelerator, TORCH_CUDA_ARCH_LIST, ninja)
+        from hp_deepspeed.launching.device import prepare_process
+    except ImportError:  # the tree before issue 12 (the "before" proxy run)
+        prepare_process = None
+    if prepare_process is not None:
+        prepare_process()
     body = {"train": run_train_stage, "attention": run_attention_stage, "config": run_config_stage}[stage.kind]
     result = body(stage)
     return {"stage": asdict(stage), "device": _device_name(), "wall_s": time.perf_counter() - start, **result}

@@ -22,10 +22,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
 fi
+# TORCH_CUDA_ARCH_LIST needs nothing here: every rank and every bench stage rewrites the 9.0a
+# that Hopper images set (launching/device.py, prepare_process).
 export PYTHON=${PYTHON:-python3} PYTHONUNBUFFERED=1
-# Hopper images set 9.0a, which DeepSpeed 0.19's op builder cannot parse; every rank rewrites it
-# (launching/device.py), but the benchmark's plain-PyTorch runners build nothing through a rank.
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"
