@@ -107,18 +107,20 @@ FULL_STAGES = (
         Runner("default_hp_global", "default", variant=HP), Runner("default_none", "default"),
         Runner("plain_none", "plain"), Runner("default_hp_global_compiled", "default", variant=HP, compiled=True)),
         240),
-    # Targets 4 and 5: ZeRO-3 forced, ours against transformers' T5 on the same engine.
+    # Target 5: ZeRO-3 forced, ours against transformers' T5 on the same engine; and the sizes
+    # of the Hugging Face rule the project used before issue 13.
     Stage("large_zero3", "t5-large", 16, 512, 128, (
         Runner("zero3_none", "zero3"), Runner("zero3_hp_global", "zero3", variant=HP),
-        Runner("zero3_hf", "zero3", model="hf")), 150, profile=True),
+        Runner("zero3_hf", "zero3", model="hf"), Runner("zero3_hf_rule_none", "zero3_hf_rule")), 180, profile=True),
     Stage("xl_full", "google/t5-v1_1-xl", 16, 512, 128, (Runner("default_hp_global", "default", variant=HP),),
           150, checkpointing="non_reentrant", rounds=4),
     Stage("xxl_frozen", "google/t5-v1_1-xxl", 8, 512, 128,
           (Runner("default_hp_global", "default", variant=HP, freeze_backbone=True),),
           180, checkpointing="non_reentrant", rounds=3),
+    # Target 4: ZeRO-3 forced beside the single-GPU stages, and with leaf modules.
     Stage("large_stages", "t5-large", 16, 512, 128, (
         Runner("zero0_none", "zero0"), Runner("zero2_none", "zero2"),
-        Runner("zero3_hf_rule_none", "zero3_hf_rule"), Runner("zero3_leaf_none", "zero3_leaf")), 150),
+        Runner("zero3_none", "zero3"), Runner("zero3_leaf_none", "zero3_leaf")), 150),
 )
 # The issue's host-overhead proxy (CPU): measured before issue 13 at 1.67x (ours) and 1.60x (hf).
 PROXY = Stage("proxy", "t5-small", 4, 64, 16, (
@@ -471,6 +473,37 @@ def run_in_subprocess(stage: Stage, mode: str, out: Path, timeout_s: float) -> d
     return result
 
 
+# The issue's targets, each read from runners measured side by side in one stage:
+# (target, stage, how to measure, goal). A ratio is step time over step time.
+TARGETS = (
+    ("t5-large b16 MFU, default config, HyperPrompt-Global", "large_default", ("mfu", "default_hp_global"), (">=", 0.40)),
+    ("t5-v1_1-xl b16 MFU, full fine-tune", "xl_full", ("mfu", "default_hp_global"), (">=", 0.40)),
+    ("t5-v1_1-xxl b8 MFU, frozen backbone", "xxl_frozen", ("mfu", "default_hp_global"), (">=", 0.35)),
+    ("ZeRO-3 forced / best of ZeRO-0 and ZeRO-2, step time", "large_stages", ("ratio", "zero3_none", ("zero0_none", "zero2_none")), ("<=", 1.25)),
+    ("transformers' T5 / ours under the same ZeRO-3, step time", "large_zero3", ("ratio", "zero3_hf", ("zero3_none",)), (">=", 2.0)),
+    ("HyperPrompt-Global / no conditioning, default config, step time", "large_default", ("ratio", "default_hp_global", ("default_none",)), ("<=", 1.03)),
+)
+
+
+def target_rows(results: list[dict]) -> list[dict]:
+    """Each target with its measured value, or why it has none (stage not run, failed, no peak)."""
+    by_stage = {res["stage"]["name"]: res for res in results}
+    rows = []
+    for name, stage, (kind, runner, *rest), (op, goal) in TARGETS:
+        res, value, why = by_stage.get(stage), None, None
+        runners = (res or {}).get("runners", {})
+        if res is None or "error" in res:
+            why = "stage not run" if res is None else res["error"]
+        elif kind == "mfu":
+            value = runners[runner]["mfu"]
+            why = "no known peak for this device" if value is None else None
+        else:
+            value = runners[runner]["step_s_median"] / min(runners[r]["step_s_median"] for r in rest[0])
+        met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+        rows.append({"target": name, "stage": stage, "value": value, "goal": f"{op} {goal:g}", "met": met, "why": why})
+    return rows
+
+
 def summary_rows(results: list[dict]) -> list[list]:
     rows = []
     for res in results:
@@ -502,7 +535,11 @@ def drive(mode: str, out: Path, names: list[str] | None, budget_s: float) -> lis
         results.append(run_in_subprocess(stage, mode, out, min(stage.timeout_s, left)))
     print(table(["stage", "runner", "engine", "step s", "tokens/s", "MFU", "x first", "CPU s", "CPU x first"],
                 summary_rows(results)))
-    summary = {"benchmark": "gpu", "mode": mode, "machine": machine(), "stages": results}
+    targets = target_rows(results)
+    print(table(["target", "measured", "goal", "verdict"], [
+        [t["target"], "-" if t["value"] is None else f"{t['value']:.3g}", t["goal"],
+         t["why"] if t["met"] is None else ("met" if t["met"] else "MISSED")] for t in targets]))
+    summary = {"benchmark": "gpu", "mode": mode, "machine": machine(), "targets": targets, "stages": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}/summary.json")
     return results
