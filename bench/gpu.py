@@ -111,7 +111,7 @@ FULL_STAGES = (
     # of the Hugging Face rule the project used before issue 13.
     Stage("large_zero3", "t5-large", 16, 512, 128, (
         Runner("zero3_none", "zero3"), Runner("zero3_hp_global", "zero3", variant=HP),
-        Runner("zero3_hf", "zero3", model="hf"), Runner("zero3_hf_rule_none", "zero3_hf_rule")), 180, profile=True),
+        Runner("zero3_hf", "zero3", model="hf"), Runner("zero3_hf_rule_none", "zero3_hf_rule")), 240, profile=True),
     Stage("xl_full", "google/t5-v1_1-xl", 16, 512, 128, (Runner("default_hp_global", "default", variant=HP),),
           150, checkpointing="non_reentrant", rounds=4),
     Stage("xxl_frozen", "google/t5-v1_1-xxl", 8, 512, 128,
