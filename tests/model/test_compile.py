@@ -83,3 +83,33 @@ def test_the_config_switch_compiles_the_built_model(graphs):
     assert seen
     plain = build_model(ModelConfig(name_or_path="tiny-v1_0"))
     assert plain.encoder._compiled is None and plain.decoder._compiled is None
+
+
+def test_every_block_of_a_deep_stack_runs_compiled_as_lengths_change():
+    """More blocks than dynamo's per-function cache holds (8): the blocks share their graphs,
+    so none falls back to eager, before or after the lengths change."""
+    import dataclasses
+
+    from hp_deepspeed.model.t5 import T5Model
+    from hp_deepspeed.model.t5_config import T5Config
+
+    torch._dynamo.reset()
+    config = dataclasses.replace(T5Config.from_pretrained("tiny-v1_1"), num_layers=12, num_decoder_layers=12,
+                                 dropout_rate=0.0)
+    assert config.num_layers > torch._dynamo.config.cache_size_limit
+    model = T5Model(config).train()
+    runs = []
+
+    def backend(gm, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    model.compile_blocks(backend)
+    for length in (12, 16, 20):
+        runs.clear()
+        input_ids = torch.randint(2, config.vocab_size, (2, length))
+        model(input_ids, labels=torch.randint(2, config.vocab_size, (2, 5))).loss.backward()
+        assert len(runs) == 24, length
+    torch._dynamo.reset()
