@@ -179,10 +179,17 @@ def _tool(folder: Path, name: str = "ninja") -> Path:
     return tool
 
 
-def test_a_rank_started_over_ssh_builds_ops_with_the_environments_ninja(tmp_path):
-    """sshd's PATH finds the system's ninja; the interpreter's own goes first."""
+@pytest.fixture
+def ninjas(tmp_path) -> tuple[Path, Path]:
+    """A venv's bin and a system bin, each with a ninja."""
     venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
     _tool(venv), _tool(system)
+    return venv, system
+
+
+def test_a_rank_started_over_ssh_builds_ops_with_the_environments_ninja(ninjas):
+    """sshd's PATH finds the system's ninja; the interpreter's own goes first."""
+    venv, system = ninjas
     env = {"PATH": f"{system}:/bin"}
     device.environment_ninja_first(env, executable=str(venv / "python"))
     assert env["PATH"] == f"{venv}:{system}:/bin"
@@ -191,9 +198,8 @@ def test_a_rank_started_over_ssh_builds_ops_with_the_environments_ninja(tmp_path
     assert env["PATH"] == str(venv)
 
 
-def test_path_is_left_alone_when_it_already_finds_that_ninja_or_there_is_none(tmp_path):
-    venv, system = tmp_path / "venv" / "bin", tmp_path / "usr" / "bin"
-    _tool(venv), _tool(system)
+def test_path_is_left_alone_when_it_already_finds_that_ninja_or_there_is_none(ninjas, tmp_path):
+    venv, system = ninjas
     env = {"PATH": f"{venv}:{system}"}
     device.environment_ninja_first(env, executable=str(venv / "python"))
     assert env["PATH"] == f"{venv}:{system}"
