@@ -106,7 +106,7 @@ FULL_STAGES = (
     Stage("large_default", "t5-large", 16, 512, 128, (
         Runner("default_hp_global", "default", variant=HP), Runner("default_none", "default"),
         Runner("plain_none", "plain"), Runner("default_hp_global_compiled", "default", variant=HP, compiled=True)),
-        240),
+        240, profile=True),
     # Target 5: ZeRO-3 forced, ours against transformers' T5 on the same engine; and the sizes
     # of the Hugging Face rule the project used before issue 13.
     Stage("large_zero3", "t5-large", 16, 512, 128, (
@@ -329,25 +329,35 @@ def run_train_stage(stage: Stage) -> dict:
                           cpu_ratio_to_first=median(cpu[name][stage.warmup:]) / median(cpu[first][stage.warmup:]))
     if stage.profile:
         for name, step in steps.items():
-            rows[name]["profile_top"] = profile_step(step)
+            rows[name].update(profile_step(step))
     memory = None
     if device.type == "cuda":
         memory = {"peak_allocated_gib_all_engines": torch.cuda.max_memory_allocated() / 2**30}
     return {"runners": rows, "peak_tflops": peak, "memory": memory, "torch_threads": torch.get_num_threads()}
 
 
-def profile_step(step, top: int = 20) -> list[dict]:
-    """One step under torch.profiler: the operators with the most self time (host, and device on a GPU)."""
+def profile_step(step, top: int = 20) -> dict[str, list[dict]]:
+    """One step under torch.profiler: the operators with the most self time on the host, and on
+    a GPU also those with the most device time (where the MFU goes)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-             "cpu_total_ms": e.cpu_time_total / 1e3,
-             "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in events]
+    events = prof.key_averages()
+
+    def rows(key) -> list[dict]:
+        return [{"name": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                 "cpu_total_ms": e.cpu_time_total / 1e3,
+                 "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3}
+                for e in sorted(events, key=key, reverse=True)[:top]]
+
+    tops = {"profile_top": rows(lambda e: e.self_cpu_time_total)}
+    if cuda:
+        tops["profile_top_device"] = rows(lambda e: getattr(e, "self_device_time_total", 0))
+    return tops
 
 
 def _cpu_timed(step, sink: list[float]):

@@ -32,6 +32,7 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
         assert all(r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["flops"] > 0 for r in runners.values())
     assert results["large_zero3"]["runners"]["zero3_hf"]["zero_optimization"]["stage"] == 3
     assert results["large_default"]["runners"]["default_hp_global_compiled"]["compiled"]
+    assert all(r["profile_top"] for r in results["large_default"]["runners"].values())  # where the step goes
     assert results["large_zero3"]["runners"]["zero3_none"]["profile_top"]  # the profiler table
     calls = results["attention"]["calls"]["bfloat16_weights"]
     assert calls and all(c["bias_dtype"] == "torch.bfloat16" and c["scale"] == 1.0 for c in calls)
