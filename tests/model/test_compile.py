@@ -65,13 +65,22 @@ def test_names_and_decoding_are_unchanged(tiny_checkpoint, graphs):
     compiled.compile_blocks(backend)
     # In place: the wrappers are not submodules, so checkpoints and exports keep HF's names.
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    input_ids, attention_mask, _ = padded_batch()
-    expected = greedy_generate(eager, input_ids, attention_mask, max_new_tokens=6)
-    before = len(seen)
-    assert torch.equal(greedy_generate(compiled, input_ids, attention_mask, max_new_tokens=6), expected)
     # The encoder pass is compiled; decoding with a cache is not (it would recompile as it grows).
-    encoder_graphs = len(seen) - before
-    assert 0 < encoder_graphs <= len(compiled.encoder.block)
+    decoder_calls = []
+
+    def spy(compiled_block):
+        def call(*args, **kwargs):
+            decoder_calls.append(1)
+            return compiled_block(*args, **kwargs)
+        return call
+
+    compiled.decoder._compiled = [spy(block) for block in compiled.decoder._compiled]
+    input_ids, attention_mask, labels = padded_batch()
+    expected = greedy_generate(eager, input_ids, attention_mask, max_new_tokens=6)
+    assert torch.equal(greedy_generate(compiled, input_ids, attention_mask, max_new_tokens=6), expected)
+    assert seen and not decoder_calls  # the encoder ran compiled, the cached decoder did not
+    compiled(input_ids, attention_mask, labels=labels)  # the teacher-forced pass does use them
+    assert len(decoder_calls) == len(compiled.decoder.block)
 
 
 def test_the_config_switch_compiles_the_built_model(graphs):
