@@ -15,7 +15,10 @@ tokens, t5-large batch 16, t5-v1_1-xl batch 16 (full fine-tune), t5-v1_1-xxl bat
 backbone), activation checkpointing for the last two. On the CPU (``--tiny``, the default there)
 the same stages run with the tiny presets and a few tokens, fp32, so the script cannot rot; the
 ``proxy`` stage is the host-overhead proxy of the issue (t5-small shape, batch 4, 64 -> 16
-tokens, fp32: ZeRO-3 at world size 1 over plain PyTorch, and transformers' T5 on the same engine).
+tokens, fp32: ZeRO-3 at world size 1 over plain PyTorch, and transformers' T5 on the same engine),
+and the ``host`` stage the same engines at t5-large's depth with a negligible width (d_model 64):
+there a step is almost only host time -- Python, the dispatcher, ZeRO-3's module hooks -- which
+is what bounds a GPU step when kernels are launched faster than they finish.
 Every step's wall time and process CPU time are recorded; on a CPU shared with other jobs the CPU
 time is the steadier measure of the host work (run the proxy with ``OMP_NUM_THREADS=1`` so that
 idle OpenMP threads spinning do not count).
@@ -27,9 +30,9 @@ Engines ("runners"):
 * ``default``: the project's default ``training.ds_config`` through ``build_ds_config``, i.e. the
   configuration a user gets (ZeRO stage and sizes chosen by ``training/parallelism.py``);
 * ``zero0`` / ``zero2`` / ``zero3``: that stage forced (``ds_configs/zero3_bf16.json`` with the
-  stage replaced; its "auto" sizes resolved by the project);
-* ``zero3_leaf``: ``zero3`` with ``deepspeed.utils.set_z3_leaf_modules`` on the T5 block (one
-  gather and one hook per block instead of per linear layer);
+  stage replaced; its "auto" sizes resolved by the project; under ZeRO-3 our T5 blocks are leaf
+  modules, ``training.zero3_leaf_blocks``, as in the trainer);
+* ``zero3_per_module``: ``zero3`` without leaf blocks (DeepSpeed's hooks on every submodule);
 * ``zero3_hf_rule``: ZeRO-3 with the sizes of the Hugging Face rule (buckets d_model^2,
   persistence 10 d_model) that the project used before issue 13;
 * ``hf``: transformers' ``T5ForConditionalGeneration`` under the ``zero3`` config.
@@ -64,7 +67,7 @@ class Runner:
 
     name: str
     engine: str
-    """``plain``, ``default``, ``zero0``, ``zero2``, ``zero3``, ``zero3_leaf`` or ``zero3_hf_rule``."""
+    """``plain``, ``default``, ``zero0``, ``zero2``, ``zero3``, ``zero3_per_module`` or ``zero3_hf_rule``."""
     model: str = "ours"
     """``ours`` (hyperprompt_t5.build_model) or ``hf`` (transformers' T5ForConditionalGeneration)."""
     variant: str = "none"
@@ -94,9 +97,18 @@ class Stage:
     """``train`` (time steps), ``attention`` (which SDPA kernel) or ``config`` (the default's choices)."""
     profile: bool = False
     """After timing, one more step of each runner under torch.profiler (top operators in the JSON)."""
+    narrow: bool = False
+    """The preset's depth and layout at d_model 64 (d_ff 128, d_kv 8, vocabulary 256): compute
+    becomes negligible and a step measures the host's work."""
 
 
 HP = "hyperprompt_global"
+# Where each engine's host time goes: t5-large's depth at a negligible width (a step is host
+# time). Last on a GPU; in --proxy mode on the CPU beside the issue's proxy.
+HOST = Stage("host", "t5-large", 4, 32, 8, (
+    Runner("plain_none", "plain"), Runner("zero0_none", "zero0"), Runner("zero2_none", "zero2"),
+    Runner("zero3_none", "zero3"), Runner("zero3_per_module_none", "zero3_per_module"),
+    Runner("zero3_hf", "zero3", model="hf")), 120, narrow=True, rounds=7)
 FULL_STAGES = (
     Stage("attention", "t5-large", 16, 512, 128, (), 90, kind="attention"),
     Stage("default_config", "t5-large", 16, 512, 128, (), 90, kind="config"),
@@ -117,10 +129,11 @@ FULL_STAGES = (
     Stage("xxl_frozen", "google/t5-v1_1-xxl", 8, 512, 128,
           (Runner("default_hp_global", "default", variant=HP, freeze_backbone=True),),
           180, checkpointing="non_reentrant", rounds=3),
-    # Target 4: ZeRO-3 forced beside the single-GPU stages, and with leaf modules.
+    # Target 4: ZeRO-3 forced beside the single-GPU stages, and without leaf blocks.
     Stage("large_stages", "t5-large", 16, 512, 128, (
         Runner("zero0_none", "zero0"), Runner("zero2_none", "zero2"),
-        Runner("zero3_none", "zero3"), Runner("zero3_leaf_none", "zero3_leaf")), 150),
+        Runner("zero3_none", "zero3"), Runner("zero3_per_module_none", "zero3_per_module")), 150),
+    HOST,
 )
 # The issue's host-overhead proxy (CPU): measured before issue 13 at 1.67x (ours) and 1.60x (hf).
 PROXY = Stage("proxy", "t5-small", 4, 64, 16, (
@@ -138,7 +151,7 @@ def stages_for(mode: str) -> tuple[Stage, ...]:
     if mode == "full":
         return FULL_STAGES
     if mode == "proxy":
-        return (PROXY,)
+        return (replace(HOST, timeout_s=600), PROXY)
     return tuple(tiny(s) for s in FULL_STAGES)
 
 
@@ -198,12 +211,25 @@ def _model_size(stage: Stage, runner: Runner):
     return ModelSize.of(_model_cfg(stage, runner), _cond_cfg(runner), NUM_TASKS)
 
 
+def _narrow_preset(preset: str) -> str:
+    """A folder holding ``preset``'s architecture at d_model 64 (``Stage.narrow``)."""
+    import tempfile
+
+    from hp_deepspeed.model.t5_config import T5Config
+
+    config = replace(T5Config.from_pretrained(preset), d_model=64, d_ff=128, d_kv=8, vocab_size=256)
+    folder = Path(tempfile.gettempdir()) / f"hp_deepspeed_narrow_{preset.replace('/', '_')}"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_hf_dict()))
+    return str(folder)
+
+
 def _model_cfg(stage: Stage, runner: Runner, dtype: str = "float32"):
     from hp_deepspeed.model.builder import ModelConfig
 
     # On the CPU the stages only guard against rot: aot_eager traces the same graphs in seconds,
     # where inductor would spend a minute building C++ kernels for a tiny model.
-    return ModelConfig(name_or_path=stage.preset, load_weights=False, activation_checkpointing=stage.checkpointing,
+    return ModelConfig(name_or_path=_narrow_preset(stage.preset) if stage.narrow else stage.preset, load_weights=False, activation_checkpointing=stage.checkpointing,
                        dtype=dtype, compile=runner.compiled,
                        compile_backend="inductor" if _device().type == "cuda" else "aot_eager")
 
@@ -215,7 +241,23 @@ def _cond_cfg(runner: Runner):
 
 
 def build_runner(stage: Stage, runner: Runner):
-    """(model or engine, step function input kind, ds_config or None)."""
+    """(model or engine, optimizer or None, ds_config or None, the runner's F.linear).
+
+    ``deepspeed.zero.Init`` with ``memory_efficient_linear`` (DeepSpeed's default) replaces
+    ``torch.nn.functional.linear`` for the whole process, so every runner built after a ZeRO-3
+    one would run DeepSpeed's Python linear too. Each runner's own ``F.linear`` is returned and
+    the original put back; ``step_fn`` installs the runner's for its steps."""
+    import torch
+
+    original = torch.nn.functional.linear
+    try:
+        built = _build_runner(stage, runner)
+        return (*built, torch.nn.functional.linear)
+    finally:
+        torch.nn.functional.linear = original
+
+
+def _build_runner(stage: Stage, runner: Runner):
     import deepspeed
     import torch
 
@@ -244,12 +286,13 @@ def build_runner(stage: Stage, runner: Runner):
         with torch.device(device if not zero3 else "cpu"):
             model = build_model(_model_cfg(stage, runner, "bfloat16" if bf16 else "float32"), _cond_cfg(runner),
                                 NUM_TASKS, ds_config=ds_config)
-    if runner.engine == "zero3_leaf":  # ZeRO-3 gathers a whole block at once, with one hook
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from hp_deepspeed.model.t5 import T5Block
-
-        set_z3_leaf_modules(model, [T5Block])
+    if runner.model == "ours":
+        try:  # the trainer's rule: under ZeRO-3 each T5 block is gathered with one pair of hooks
+            from hp_deepspeed.training.parallelism import mark_leaf_blocks
+        except ImportError:  # the tree before leaf blocks (the "before" proxy run)
+            mark_leaf_blocks = None
+        if mark_leaf_blocks is not None:
+            mark_leaf_blocks(model, ds_config, enabled=not runner.engine.startswith("zero3_per_module"))
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     engine.train()
@@ -267,7 +310,7 @@ def make_batch(stage: Stage, vocab: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def step_fn(runner: Runner, engine, optimizer, batch: dict):
+def step_fn(runner: Runner, engine, optimizer, batch: dict, linear=None):
     """One training step of a runner, synchronised with the device so wall time is step time."""
     import torch
 
@@ -278,6 +321,8 @@ def step_fn(runner: Runner, engine, optimizer, batch: dict):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=optimizer is not None and device.type == "cuda")
 
     def step():
+        if linear is not None:
+            torch.nn.functional.linear = linear  # this runner's (see build_runner)
         with autocast:
             loss = engine(**kwargs).loss
         if optimizer is None:
@@ -305,12 +350,13 @@ def run_train_stage(stage: Stage) -> dict:
     batch = make_batch(stage, t5_config.vocab_size, device)
     steps, rows = {}, {}
     for runner in stage.runners:
-        engine, optimizer, ds_config = build_runner(stage, runner)
-        steps[runner.name] = step_fn(runner, engine, optimizer, batch)
+        engine, optimizer, ds_config, linear = build_runner(stage, runner)
+        steps[runner.name] = step_fn(runner, engine, optimizer, batch, linear)
         prompt = 16 if runner.variant == HP else 0
         rows[runner.name] = {**asdict(runner), "flops": train_step_flops(
             shape_of(t5_config), stage.batch, stage.enc_len, stage.dec_len, prompt),
             "zero_optimization": None if ds_config is None else ds_config["zero_optimization"],
+            "linear": f"{linear.__module__}.{linear.__qualname__}",  # torch's, or DeepSpeed's replacement
             "bf16": bool(ds_config and ds_config.get("bf16", {}).get("enabled")) or device.type == "cuda"}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     times = interleave({name: _cpu_timed(step, cpu[name]) for name, step in steps.items()},

@@ -52,6 +52,10 @@ class HyperPromptT5(nn.Module):
     def config(self) -> T5Config:
         return self.backbone.config
 
+    def zero3_leaf_blocks(self) -> list[nn.Module]:
+        """See ``T5Model.zero3_leaf_blocks``; the conditioning modules keep per-module hooks."""
+        return self.backbone.zero3_leaf_blocks()
+
     def condition(self, task_ids: Tensor) -> ConditioningOutput | None:
         """The conditioning of a batch (``None`` for the plain backbone)."""
         return None if self.conditioning is None else self.conditioning(task_ids)

@@ -517,6 +517,18 @@ class T5Model(nn.Module):
         self.encoder.compile_blocks(backend)
         self.decoder.compile_blocks(backend)
 
+    def zero3_leaf_blocks(self) -> list[T5Block]:
+        """The blocks ZeRO-3 may gather as one unit ("leaf modules": one pair of hooks and one
+        gather per block instead of one per linear layer and norm).
+
+        Every block except each stack's first: the first holds the relative position bias
+        table, which the stack calls *outside* that block's forward (``position_bias``). A
+        leaf's children get no hooks, so the table would then be gathered only by DeepSpeed's
+        fallback for parameters read outside their module's hooks (``ZeROOrderedDict``, which
+        gathers on access and re-registers the table to the stack); with its own hooks it is
+        gathered the way every other call is, at the cost of two blocks out of 2 x num_layers."""
+        return [block for stack in (self.encoder, self.decoder) for block in stack.block[1:]]
+
     def set_activation_checkpointing(self, mode: ActivationCheckpointing) -> None:
         """Switch per-block checkpointing (``none``, ``reentrant``, ``non_reentrant``)."""
         _check_checkpointing(mode)

@@ -40,6 +40,10 @@ class TrainingConfig:
     ds_config: str = "ds_configs/auto_bf16.json"
     """DeepSpeed config file (sharding, offload, precision only; see ds_configs/). The default
     leaves the ZeRO stage and sizes to ``training/parallelism.py`` (ZeRO-3 only when needed)."""
+    zero3_leaf_blocks: bool = True
+    """Under ZeRO-3, gather each T5 block as one unit with one pair of hooks (DeepSpeed "leaf
+    modules") instead of hooking every linear layer; false restores DeepSpeed's per-module
+    hooks. See ``training/parallelism.py`` for why and what it costs."""
     log_every: int = 10
     """Optimizer steps between metric records (loss per task, throughput, memory)."""
     progress_bar: bool = True

@@ -29,7 +29,7 @@ from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
 from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats
 from hp_deepspeed.training.optim import build_scheduler
-from hp_deepspeed.training.parallelism import ModelSize
+from hp_deepspeed.training.parallelism import ModelSize, mark_leaf_blocks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
 from hp_deepspeed.training.train_config import JobConfig
 
@@ -134,6 +134,7 @@ class Trainer:
         # The expensive part: build (and stream in) the sharded model, then the engine.
         self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
         self.model_shape = shape_of(self.t5_config)
+        mark_leaf_blocks(self.model, self.ds_config, cfg.training.zero3_leaf_blocks)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=trainable, config=self.ds_config,

@@ -10,7 +10,7 @@ from bench.gpu import FULL_STAGES, stages_for
 
 REPO = Path(__file__).resolve().parents[2]
 # One stage of each kind, covering every runner type: plain, the default config, ZeRO-3, HF.
-STAGES = ["attention", "default_config", "large_default", "large_zero3"]
+STAGES = ["attention", "default_config", "large_default", "large_zero3", "host"]
 
 
 def test_tiny_mode_mirrors_the_gpu_stages():
@@ -31,6 +31,12 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
         runners = results[name]["runners"]
         assert all(r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["flops"] > 0 for r in runners.values())
     assert results["large_zero3"]["runners"]["zero3_hf"]["zero_optimization"]["stage"] == 3
+    # Every engine ran with torch's linear: the project's ZeRO-3 keeps it (training/parallelism.py),
+    # and no runner inherits another's replacement (bench/gpu.py's build_runner).
+    host = results["host"]["runners"]
+    assert {r["linear"] for r in host.values()} == {"torch._C._nn.linear"}, {n: r["linear"] for n, r in host.items()}
+    assert [host[n]["zero_optimization"]["stage"] for n in ("zero0_none", "zero2_none", "zero3_none",
+                                                            "zero3_per_module_none")] == [0, 2, 3, 3]
     assert results["large_default"]["runners"]["default_hp_global_compiled"]["compiled"]
     assert all(r["profile_top"] for r in results["large_default"]["runners"].values())  # where the step goes
     assert results["large_zero3"]["runners"]["zero3_none"]["profile_top"]  # the profiler table

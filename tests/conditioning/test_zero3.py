@@ -63,10 +63,12 @@ def plain_run(variant: str, ckpt: str, frozen: bool):
 
 @pytest.mark.parametrize("case", cases.CASES, ids=[c[0] for c in cases.CASES])
 def test_zero3_training_equals_plain_pytorch(zero3_run, case):
-    name, variant, ckpt, frozen, compiled = case
+    name, variant, ckpt, frozen, compiled, leaf = case
     initial, final, losses = plain_run(variant, ckpt, frozen)  # the reference is always eager
     ds_losses = json.loads((zero3_run / "losses.json").read_text())[name]
     assert (json.loads((zero3_run / "graphs.json").read_text())[name] > 0) == compiled
+    # tiny-v1_0 has 2 encoder and 3 decoder blocks; each stack's first keeps per-module hooks.
+    assert json.loads((zero3_run / "leaves.json").read_text())[name] == (3 if leaf else 0)
     ds_final = load_file(str(zero3_run / f"{name}.final.safetensors"))
     torch.testing.assert_close(torch.tensor(ds_losses), torch.tensor(losses), rtol=1e-5, atol=0)
     # fp32 tolerance: Adam divides by sqrt(v), so rounding differences between the two

@@ -19,28 +19,33 @@ WORLD_SIZE = 2
 MICRO_BATCH = 4
 STEPS = 3
 ADAMW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-# (name, variant, activation checkpointing, freeze_backbone, compiled blocks)
+# (name, variant, activation checkpointing, freeze_backbone, compiled blocks, leaf blocks).
+# Leaf blocks (training.zero3_leaf_blocks, the trainer's default) unless the name says
+# "per-module": DeepSpeed's own hooks on every submodule.
 CASES = [
-    (f"{variant}-{ckpt}{'-frozen' if frozen else ''}{'-compiled' if compiled else ''}", variant, ckpt, frozen, compiled)
-    for variant, ckpt, frozen, compiled in [
-        ("hyperprompt_global", "none", False, False),
-        ("hyperprompt_global", "reentrant", False, False),
-        ("hyperprompt_global", "non_reentrant", False, False),
-        ("hyperprompt_global", "non_reentrant", True, False),
+    (f"{variant}-{ckpt}{'-frozen' if frozen else ''}{'-compiled' if compiled else ''}{'' if leaf else '-per-module'}",
+     variant, ckpt, frozen, compiled, leaf)
+    for variant, ckpt, frozen, compiled, leaf in [
+        ("hyperprompt_global", "none", False, False, True),
+        ("hyperprompt_global", "reentrant", False, False, True),
+        ("hyperprompt_global", "non_reentrant", False, False, True),
+        ("hyperprompt_global", "non_reentrant", True, False, True),
+        ("hyperprompt_global", "none", False, False, False),
+        ("hyperprompt_global", "non_reentrant", False, False, False),
         # model.compile: torch.compile'd blocks, inside which ZeRO-3 gathers each block's
         # parameters (aot_eager: dynamo's graph and autograd without generated kernels).
-        ("hyperprompt_global", "non_reentrant", False, True),
-        ("hyperformer", "none", False, False),
-        ("hyperformer", "reentrant", False, False),
-        ("hyperformer", "non_reentrant", False, False),
-        ("adapter", "non_reentrant", False, False),
+        ("hyperprompt_global", "non_reentrant", False, True, True),
+        ("hyperformer", "none", False, False, True),
+        ("hyperformer", "reentrant", False, False, True),
+        ("hyperformer", "non_reentrant", False, False, True),
+        ("adapter", "non_reentrant", False, False, True),
         # The other conditioning variants: Sep indexes per-task generators with a different set
         # of tasks on each rank, the case ZeRO-3's gathers of never-used generators must survive.
-        ("hyperprompt_share", "none", False, False),
-        ("hyperprompt_sep", "none", False, False),
-        ("hyperprompt_sep", "non_reentrant", False, False),
-        ("kv_prompt", "reentrant", False, False),
-        ("prompt_tuning", "none", False, False),
+        ("hyperprompt_share", "none", False, False, True),
+        ("hyperprompt_sep", "none", False, False, True),
+        ("hyperprompt_sep", "non_reentrant", False, False, True),
+        ("kv_prompt", "reentrant", False, False, True),
+        ("prompt_tuning", "none", False, False, True),
     ]
 ]
 
@@ -59,8 +64,9 @@ def ds_config() -> dict:
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
-        # Partition every parameter (the default threshold would keep the tiny ones whole).
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        # Partition every parameter (the default threshold would keep the tiny ones whole);
+        # torch's linear, as training/parallelism.py resolves every stage-3 config.
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "memory_efficient_linear": False},
         "optimizer": {"type": "AdamW", "params": {**ADAMW, "betas": list(ADAMW["betas"]), "torch_adam": True}},
         "steps_per_print": 1000,
     }

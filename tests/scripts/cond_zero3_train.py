@@ -4,7 +4,8 @@ tests/conditioning/test_zero3.py.
 1. Trains every case of tests.conditioning.zero3_cases for a few AdamW steps and writes, from
    rank 0, the mean loss of each step and the updated weights gathered with
    deepspeed.zero.GatheredParameters. The model is built plainly and partitioned by
-   ``deepspeed.initialize``, so it starts from exactly the plain reference's weights.
+   ``deepspeed.initialize``, so it starts from exactly the plain reference's weights; its blocks
+   are ZeRO-3 leaf modules as in the trainer (``mark_leaf_blocks``) unless the case says not.
 2. Builds each variant inside ``deepspeed.zero.Init`` (``build_model(..., ds_config)``, the
    trainer's path) and writes the gathered initial weights.
 """
@@ -22,6 +23,7 @@ from torch._dynamo.utils import counters
 
 from hp_deepspeed.launching.distributed import shutdown_distributed
 from hp_deepspeed.model.hyperprompt_t5 import build_model
+from hp_deepspeed.training.parallelism import mark_leaf_blocks
 from tests.conditioning import zero3_cases as cases
 
 parser = argparse.ArgumentParser()
@@ -38,12 +40,13 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {name: param.detach().clone() for name, param in module.named_parameters()}
 
 
-results, graphs = {}, {}
-for name, variant, ckpt, frozen, compiled in cases.CASES:
+results, graphs, leaves = {}, {}, {}
+for name, variant, ckpt, frozen, compiled, leaf in cases.CASES:
     started = time.perf_counter()
     graphs_before = counters["stats"]["unique_graphs"]
     model_cfg, cond_cfg = cases.configs(variant, ckpt, frozen, compiled)
     model = build_model(model_cfg, cond_cfg, num_tasks=4)
+    leaves[name] = mark_leaf_blocks(model, cases.ds_config(), enabled=leaf)  # the trainer's rule
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=cases.ds_config())
     engine.train()
@@ -67,6 +70,7 @@ for name, variant, ckpt, frozen, compiled in cases.CASES:
 if rank == 0:
     (out / "losses.json").write_text(json.dumps(results))
     (out / "graphs.json").write_text(json.dumps(graphs))
+    (out / "leaves.json").write_text(json.dumps(leaves))
 
 for variant in cases.ZERO_INIT_VARIANTS:
     model = build_model(*cases.configs(variant, "none", False), num_tasks=4, ds_config=cases.ds_config())

@@ -99,3 +99,25 @@ def test_explicit_values_win_and_auto_is_filled_from_parallelism(sizes_by_preset
 def test_auto_stage_needs_the_model_size():
     with pytest.raises(ConfigError, match='stage "auto" needs the model size'):
         build({"stage": "auto"})
+
+
+def test_zero3_keeps_torchs_linear_unless_the_file_asks():
+    assert build({"stage": 3})["memory_efficient_linear"] is False
+    assert build({"stage": 3, "memory_efficient_linear": True})["memory_efficient_linear"] is True
+    assert "memory_efficient_linear" not in build({"stage": 2})
+
+
+def test_leaf_blocks_only_under_zero3_and_never_a_stacks_first_block():
+    """Each stack's first block holds the position-bias table the stack calls outside the block
+    (t5.T5Model.zero3_leaf_blocks); the conditioning keeps DeepSpeed's per-module hooks."""
+    from deepspeed.utils import z3_leaf_module
+
+    from hp_deepspeed.model.hyperprompt_t5 import build_model
+
+    model = build_model(ModelConfig(name_or_path="tiny-v1_0"), ConditioningConfig(variant="hyperprompt_global"), 4)
+    assert parallelism.mark_leaf_blocks(model, {"zero_optimization": {"stage": 2}}) == 0
+    assert parallelism.mark_leaf_blocks(model, {"zero_optimization": {"stage": 3}}, enabled=False) == 0
+    assert not any(z3_leaf_module(m) for m in model.modules())
+    assert parallelism.mark_leaf_blocks(model, {"zero_optimization": {"stage": 3}}) == 3
+    leaves = {name for name, m in model.named_modules() if z3_leaf_module(m)}
+    assert leaves == {"backbone.encoder.block.1", "backbone.decoder.block.1", "backbone.decoder.block.2"}
