@@ -96,8 +96,9 @@ def test_model_states_by_hand(preset, nodes, gpus, xxl):
 
 
 def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
-    """``peak`` = ``saved`` + the loss head's two fp32 [B, T, V] gradients (8*B*T*V bytes), plus,
-    with checkpointing, the larger block's activations recomputed during backward -- or the end
+    """``peak`` = ``saved`` + the loss head's two fp32 [B, T, V] gradients (8*B*T*V bytes); with
+    checkpointing, the larger of those and a norm's backward (four fp32 [B, S, d_model]
+    temporaries) plus the larger block's activations recomputed during backward -- or the end
     of the backward if larger: the conditioning's backward after every block, with every block's
     prompt-slot gradients held and the generator's own backward (the peak only for a deep model
     with a small backbone; not T5-XXL). (Written out by hand; tests below check both against a
@@ -114,7 +115,8 @@ def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
     blocks = [plan.block_activation_bytes(xxl.config, b, enc_len, enc_len, p, decoder=False, dropout=True),
               plan.block_activation_bytes(xxl.config, b, t, enc_len, p, decoder=True, dropout=True)]
     cfg, h, inner = xxl.config, xxl.config.d_model, xxl.config.num_heads * xxl.config.d_kv
-    assert ckpt.peak == ckpt.saved + loss_gradient + max(blocks)
+    norm_backward = 4 * b * enc_len * h * 4
+    assert ckpt.peak == ckpt.saved + max(loss_gradient, norm_backward) + max(blocks)
     held = 2 * b * inner * 2 * p * (cfg.num_layers + cfg.num_decoder_layers)  # compact prompt-slot gradients
     generator = xxl.conditioning_backward_bytes_fixed + b * xxl.conditioning_backward_bytes_per_task
     assert 0 < xxl.conditioning_backward_bytes_per_task and 0 < held
@@ -124,7 +126,7 @@ def test_peak_adds_the_recomputed_block_and_the_loss_gradient(xxl):
     assert plan.activation_bytes(xxl, work, b, checkpointing=False).peak > end
     plain_backbone = plan.load_model_spec(XXL, variant="none")
     none = plan.activation_bytes(plain_backbone, work, b, checkpointing=True)
-    assert none.peak - none.saved == loss_gradient + max(
+    assert none.peak - none.saved == max(loss_gradient, norm_backward) + max(
         plan.block_activation_bytes(cfg, b, work.input_len, work.input_len, 0, decoder=False, dropout=True),
         plan.block_activation_bytes(cfg, b, t, work.input_len, 0, decoder=True, dropout=True))
     # Without checkpointing every block is in `saved`: all of them, not one.
@@ -210,11 +212,12 @@ def test_activation_formula_matches_autograd(tmp_path, monkeypatch, preset, vari
       transient is the loss head's two fp32 [B, T, V] gradients, measured at
       ``_log_softmax_backward_data`` (at batch 1, 98 kB, other transients come within 15% of it);
     * with checkpointing the formula bounds the measurement from above, by at most 20%: it adds the
-      loss gradient to the recomputed block, which never coexist (the loss gradient is freed before
-      the first block is recomputed), and thereby covers the recomputed block's own gradients,
-      which it does not model (measured here 0 to 14% over, see docs/testing.md). At batch 1
+      larger of the loss gradient and a norm's backward to the recomputed block, although the loss
+      gradient is freed before the first block is recomputed, and thereby covers the recomputed
+      block's own gradients,
+      which it does not model (measured here 2 to 18% over, see docs/testing.md). At batch 1
       the recomputed block is small beside the conditioning generator's backward, which the formula
-      measures on the meta device; 1% under is allowed there (measured: 0.2% under at most).
+      measures on the meta device; 1% under is allowed there (measured: none under).
     """
     work = plan.Workload(TINY_SRC, TINY_TGT, dropout)
     for mode, batch in itertools.product(("none", "non_reentrant", "reentrant"), (1, 4)):
@@ -255,7 +258,7 @@ def test_max_micro_batch_agrees_with_measured_peaks(tmp_path, monkeypatch, mode)
     budget halfway between the measured peaks of micro-batches b and b + 1, ``max_micro_batch``
     returns b -- the chosen batch's measured peak fits, the next one's does not. Half a batch's
     increment (12 to 50% of the peak here) is the room the formula's error has; checkpointed, its
-    over-estimate (11 to 15% here, since t5._CompactGrad lowered the measured peaks) only leaves
+    over-estimate (13 to 18% here, since t5._CompactGrad and rms_norm lowered the measured peaks) only leaves
     room up to b = 2."""
     model, spec = _tiny_model_and_spec(tmp_path / "model", monkeypatch, "tiny-v1_1", "hyperprompt_global", 0.1, mode)
     work = plan.Workload(TINY_SRC, TINY_TGT, 0.1)
