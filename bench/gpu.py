@@ -229,7 +229,8 @@ def _model_cfg(stage: Stage, runner: Runner, dtype: str = "float32"):
 
     # On the CPU the stages only guard against rot: aot_eager traces the same graphs in seconds,
     # where inductor would spend a minute building C++ kernels for a tiny model.
-    return ModelConfig(name_or_path=_narrow_preset(stage.preset) if stage.narrow else stage.preset, load_weights=False, activation_checkpointing=stage.checkpointing,
+    name = _narrow_preset(stage.preset) if stage.narrow else stage.preset
+    return ModelConfig(name_or_path=name, load_weights=False, activation_checkpointing=stage.checkpointing,
                        dtype=dtype, compile=runner.compiled,
                        compile_backend="inductor" if _device().type == "cuda" else "aot_eager")
 
@@ -292,7 +293,7 @@ def _build_runner(stage: Stage, runner: Runner):
         except ImportError:  # the tree before leaf blocks (the "before" proxy run)
             mark_leaf_blocks = None
         if mark_leaf_blocks is not None:
-            mark_leaf_blocks(model, ds_config, enabled=not runner.engine.startswith("zero3_per_module"))
+            mark_leaf_blocks(model, ds_config, enabled=runner.engine != "zero3_per_module")
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
     engine.train()
