@@ -45,6 +45,7 @@ MFU is model FLOPs (``training/flops.py``) per second over the card's bf16 peak
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -211,8 +212,9 @@ def _model_size(stage: Stage, runner: Runner):
     return ModelSize.of(_model_cfg(stage, runner), _cond_cfg(runner), NUM_TASKS)
 
 
+@functools.lru_cache
 def _narrow_preset(preset: str) -> str:
-    """A folder holding ``preset``'s architecture at d_model 64 (``Stage.narrow``)."""
+    """A folder holding ``preset``'s architecture at d_model 64 (``Stage.narrow``), written once."""
     import tempfile
 
     from hp_deepspeed.model.t5_config import T5Config
