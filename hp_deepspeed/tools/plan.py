@@ -501,7 +501,7 @@ def activation_bytes(spec: ModelSpec, workload: Workload, micro_batch: int, chec
         # recomputed block's own gradients, which are not modelled. rms_norm's gradient, as the
         # CPU decomposes it, holds up to four fp32 [tokens, d_model] temporaries at once (CUDA's
         # fused kernel one); at batch 1 the loss gradient is smaller than that. Measured on the
-        # CPU: from 1% under to 14% over (tests/tools/test_plan.py).
+        # CPU: 2 to 18% over (tests/tools/test_plan.py, docs/testing.md).
         recompute = max(enc_block, dec_block)
         norm_backward = 4 * max(n_enc, n_dec) * h * FP32
         peak = saved + recompute + max(loss_transient, norm_backward)

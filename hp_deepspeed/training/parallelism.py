@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hp_deepspeed.config import ConfigError
+from hp_deepspeed.model.builder import zero_stage
 
 GIB = 2**30
 STATE_SHARE = 0.5
@@ -202,7 +203,7 @@ def mark_leaf_blocks(model, ds_config: dict[str, Any], enabled: bool = True) -> 
     """Under ZeRO-3, make the model's T5 blocks DeepSpeed leaf modules (see the module
     docstring); returns how many were marked. Call it before ``deepspeed.initialize``, which
     registers the hooks. A no-op below stage 3 or when ``enabled`` is false."""
-    if not enabled or int(ds_config.get("zero_optimization", {}).get("stage", 0)) != 3:
+    if not enabled or zero_stage(ds_config) != 3:
         return 0
     from deepspeed.utils import set_z3_leaf_module
 
