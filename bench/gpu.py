@@ -13,20 +13,25 @@ compares steps measured side by side in one process.
 On a GPU (``--full``, the default there) the shapes are the issue's: bf16, 512 input / 128 target
 tokens, t5-large batch 16, t5-v1_1-xl batch 16 (full fine-tune), t5-v1_1-xxl batch 8 (frozen
 backbone), activation checkpointing for the last two. On the CPU (``--tiny``, the default there)
-the same stages run with the tiny presets and a few tokens, fp32, so the script cannot rot; the
+the same stages run with the tiny presets and a few tokens, fp32 (the ``host`` stage in bf16, as
+on a GPU), so the script cannot rot; the
 ``proxy`` stage is the host-overhead proxy of the issue (t5-small shape, batch 4, 64 -> 16
 tokens, fp32: ZeRO-3 at world size 1 over plain PyTorch, and transformers' T5 on the same engine),
 and the ``host`` stage the same engines at t5-large's depth with a negligible width (d_model 64):
 there a step is almost only host time -- Python, the dispatcher, ZeRO-3's module hooks -- which
-is what bounds a GPU step when kernels are launched faster than they finish.
+is what bounds a GPU step when kernels are launched faster than they finish. It keeps the GPU's
+precision on the CPU too (``gpu_precision``), so its engines run the GPU's code paths: plain
+PyTorch with bf16 autocast and fused AdamW, DeepSpeed's BF16_Optimizer for stage 0 (which the
+project's fp32 gradient accumulation makes stage 1), its bf16 ZeRO-2 and ZeRO-3.
 Every step's wall time and process CPU time are recorded; on a CPU shared with other jobs the CPU
 time is the steadier measure of the host work (run the proxy with ``OMP_NUM_THREADS=1`` so that
 idle OpenMP threads spinning do not count).
 
 Engines ("runners"):
 
-* ``plain``: our model, ``torch.optim.AdamW`` (fused on a GPU), fp32 weights, bf16 autocast on a
-  GPU -- the reference every DeepSpeed figure is compared with;
+* ``plain``: our model, ``torch.optim.AdamW`` (fused), fp32 weights, bf16 autocast (on the CPU
+  fp32 and unfused, except in the ``host`` stage) -- the reference every DeepSpeed figure is
+  compared with;
 * ``default``: the project's default ``training.ds_config`` through ``build_ds_config``, i.e. the
   configuration a user gets (ZeRO stage and sizes chosen by ``training/parallelism.py``);
 * ``zero0`` / ``zero2`` / ``zero3``: that stage forced (``ds_configs/zero3_bf16.json`` with the
@@ -99,15 +104,17 @@ class Stage:
     profile: bool = False
     """After timing, one more step of each runner under torch.profiler (top operators in the JSON)."""
     narrow: bool = False
-    """The preset's depth and layout at d_model 64 (d_ff 128, d_kv 8, vocabulary 256): compute
-    becomes negligible and a step measures the host's work."""
+    """The preset's depth and layout at d_model 64 (d_ff 128, d_kv 8, vocabulary 256; the
+    hypernetworks' widths 4 to 8, 2 prompt slots): compute becomes negligible and a step measures
+    the host's work."""
 
 
 HP = "hyperprompt_global"
 # Where each engine's host time goes: t5-large's depth at a negligible width (a step is host
 # time). Last on a GPU; in --proxy mode on the CPU beside the issue's proxy.
 HOST = Stage("host", "t5-large", 4, 32, 8, (
-    Runner("plain_none", "plain"), Runner("zero0_none", "zero0"), Runner("zero2_none", "zero2"),
+    Runner("plain_none", "plain"), Runner("plain_hp_global", "plain", variant=HP),
+    Runner("zero0_none", "zero0"), Runner("zero0_hp_global", "zero0", variant=HP), Runner("zero2_none", "zero2"),
     Runner("zero3_none", "zero3"), Runner("zero3_per_module_none", "zero3_per_module"),
     Runner("zero3_hf", "zero3", model="hf")), 120, narrow=True, rounds=7)
 FULL_STAGES = (
@@ -165,6 +172,14 @@ def _device():
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def gpu_precision(stage: Stage) -> bool:
+    """Whether the stage's engines run as on a GPU: bf16 DeepSpeed engines, plain PyTorch with bf16
+    autocast and fused AdamW. Always on a GPU; on the CPU only in narrow stages, where the
+    arithmetic is negligible and what is measured is the host work of those very code paths
+    (elsewhere the CPU stages are fp32: CPU bf16 kernels would only measure the CPU)."""
+    return _device().type == "cuda" or stage.narrow
+
+
 def _init_world_of_one() -> None:
     """A one-rank process group (DeepSpeed needs one): nccl on a GPU, gloo on the CPU."""
     import deepspeed
@@ -193,7 +208,7 @@ def ds_config_for(engine: str, stage: Stage, t5_config, model_size=None) -> dict
         d = t5_config.d_model
         zero.update(reduce_bucket_size=d * d, stage3_prefetch_bucket_size=int(0.9 * d * d),
                     stage3_param_persistence_threshold=10 * d)
-    if on_cpu:
+    if not gpu_precision(stage):
         base.pop("bf16", None)  # the CPU proxy is fp32
     kwargs = dict(micro_batch_size=stage.batch, gradient_accumulation=1, world_size=1, optim=OptimConfig(),
                   d_model=t5_config.d_model, log_every=1000, on_cpu=on_cpu)
@@ -201,6 +216,8 @@ def ds_config_for(engine: str, stage: Stage, t5_config, model_size=None) -> dict
         kwargs["model_size"] = model_size  # the project's choice needs the model (after issue 13)
     cfg = dsc.build_ds_config(base, **kwargs)
     cfg["optimizer"]["params"]["torch_adam"] = True  # no FusedAdam JIT build inside a timed stage
+    if gpu_precision(stage):
+        cfg["optimizer"]["params"]["fused"] = True  # torch's fused AdamW, as the trainer's GPU default
     return cfg
 
 
@@ -209,7 +226,7 @@ def _model_size(stage: Stage, runner: Runner):
         from hp_deepspeed.training.parallelism import ModelSize
     except ImportError:  # the tree before issue 13 (the "before" proxy run)
         return None
-    return ModelSize.of(_model_cfg(stage, runner), _cond_cfg(runner), NUM_TASKS)
+    return ModelSize.of(_model_cfg(stage, runner), _cond_cfg(runner, stage), NUM_TASKS)
 
 
 @functools.lru_cache
@@ -237,10 +254,18 @@ def _model_cfg(stage: Stage, runner: Runner, dtype: str = "float32"):
                        compile_backend="inductor" if _device().type == "cuda" else "aot_eager")
 
 
-def _cond_cfg(runner: Runner):
+def _cond_cfg(runner: Runner, stage: Stage | None = None):
     from hp_deepspeed.model.conditioning import ConditioningConfig
 
-    return ConditioningConfig(variant=runner.variant, freeze_backbone=runner.freeze_backbone)
+    cfg = ConditioningConfig(variant=runner.variant, freeze_backbone=runner.freeze_backbone)
+    if stage is not None and stage.narrow:
+        # The hypernetworks' widths do not follow d_model: narrow them too, or their arithmetic
+        # (about 5 GFLOP a step at the default widths) would be most of a narrow step. Two prompt
+        # slots, not 16: the slots add keys (arithmetic), not operations, and 16 slots would add
+        # 50% to the encoder's 32 keys and 200% to the decoder's 8 (at 512 / 128 tokens: 3%, 12%).
+        cfg = replace(cfg, prompt_length=2, bottleneck=4, task_embedding_dim=4, layer_embedding_dim=4,
+                      projector_hidden_dim=8, hyper_embedding_dim=4)
+    return cfg
 
 
 def build_runner(stage: Stage, runner: Runner):
@@ -272,9 +297,9 @@ def _build_runner(stage: Stage, runner: Runner):
     t5_config = resolve_t5_config(model_cfg)
     if runner.engine == "plain":
         with torch.device(device):  # allocate on the device directly: an XXL on the host is minutes
-            model = build_model(model_cfg, _cond_cfg(runner), NUM_TASKS, device=device).train()
+            model = build_model(model_cfg, _cond_cfg(runner, stage), NUM_TASKS, device=device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=gpu_precision(stage))
         return model, optimizer, None
     ds_config = ds_config_for(runner.engine, stage, t5_config, _model_size(stage, runner))
     zero3 = ds_config["zero_optimization"].get("stage") == 3
@@ -287,7 +312,7 @@ def _build_runner(stage: Stage, runner: Runner):
             model = transformers.T5ForConditionalGeneration(hf_config)
     else:
         with torch.device(device if not zero3 else "cpu"):
-            model = build_model(_model_cfg(stage, runner, "bfloat16" if bf16 else "float32"), _cond_cfg(runner),
+            model = build_model(_model_cfg(stage, runner, "bfloat16" if bf16 else "float32"), _cond_cfg(runner, stage),
                                 NUM_TASKS, ds_config=ds_config)
     if runner.model == "ours":
         try:  # the trainer's rule: under ZeRO-3 each T5 block is gathered with one pair of hooks
@@ -313,15 +338,16 @@ def make_batch(stage: Stage, vocab: int, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def step_fn(runner: Runner, engine, optimizer, batch: dict, linear=None):
-    """One training step of a runner, synchronised with the device so wall time is step time."""
+def step_fn(runner: Runner, engine, optimizer, batch: dict, linear=None, autocast_bf16: bool = False):
+    """One training step of a runner, synchronised with the device so wall time is step time.
+    ``autocast_bf16``: plain PyTorch's mixed precision (``gpu_precision``)."""
     import torch
 
     device = _device()
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     if runner.model == "ours" and runner.variant != "none":
         kwargs["task_ids"] = batch["task_ids"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=optimizer is not None and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=optimizer is not None and autocast_bf16)
 
     def step():
         if linear is not None:
@@ -340,6 +366,14 @@ def step_fn(runner: Runner, engine, optimizer, batch: dict, linear=None):
     return step
 
 
+def _optimizer_name(engine, optimizer) -> str:
+    """What updates the weights: torch's AdamW (and whether fused) for plain PyTorch, DeepSpeed's
+    wrapper class for an engine (BF16_Optimizer, DeepSpeedZeroOptimizer, ..._Stage3)."""
+    if optimizer is not None:
+        return f"{type(optimizer).__name__}(fused={bool(optimizer.defaults.get('fused'))})"
+    return type(engine.optimizer).__name__
+
+
 def run_train_stage(stage: Stage) -> dict:
     import torch
 
@@ -354,13 +388,13 @@ def run_train_stage(stage: Stage) -> dict:
     steps, rows = {}, {}
     for runner in stage.runners:
         engine, optimizer, ds_config, linear = build_runner(stage, runner)
-        steps[runner.name] = step_fn(runner, engine, optimizer, batch, linear)
-        prompt = 16 if runner.variant == HP else 0
+        steps[runner.name] = step_fn(runner, engine, optimizer, batch, linear, gpu_precision(stage))
         rows[runner.name] = {**asdict(runner), "flops": train_step_flops(
-            shape_of(t5_config), stage.batch, stage.enc_len, stage.dec_len, prompt),
+            shape_of(t5_config), stage.batch, stage.enc_len, stage.dec_len, _cond_cfg(runner, stage).kv_prompt_length),
             "zero_optimization": None if ds_config is None else ds_config["zero_optimization"],
             "linear": f"{linear.__module__}.{linear.__qualname__}",  # torch's, or DeepSpeed's replacement
-            "bf16": bool(ds_config and ds_config.get("bf16", {}).get("enabled")) or device.type == "cuda"}
+            "bf16": bool(ds_config.get("bf16", {}).get("enabled")) if ds_config else gpu_precision(stage),
+            "optimizer": _optimizer_name(engine, optimizer)}
     cpu: dict[str, list[float]] = {name: [] for name in steps}
     times = interleave({name: _cpu_timed(step, cpu[name]) for name, step in steps.items()},
                        rounds=stage.rounds, warmup=stage.warmup)

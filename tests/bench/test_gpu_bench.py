@@ -35,8 +35,15 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
     # and no runner inherits another's replacement (bench/gpu.py's build_runner).
     host = results["host"]["runners"]
     assert {r["linear"] for r in host.values()} == {"torch._C._nn.linear"}, {n: r["linear"] for n, r in host.items()}
+    # The host stage runs the GPU's code paths on the CPU too (bench.gpu.gpu_precision): bf16, where
+    # the project's fp32 gradient accumulation makes a forced stage 0 DeepSpeed's BF16_Optimizer.
     assert [host[n]["zero_optimization"]["stage"] for n in ("zero0_none", "zero2_none", "zero3_none",
-                                                            "zero3_per_module_none")] == [0, 2, 3, 3]
+                                                            "zero3_per_module_none")] == [1, 2, 3, 3]
+    assert all(r["bf16"] for r in host.values())
+    assert {n: host[n]["optimizer"] for n in ("plain_hp_global", "zero0_hp_global", "zero3_none")} == {
+        "plain_hp_global": "AdamW(fused=True)", "zero0_hp_global": "BF16_Optimizer",
+        "zero3_none": "DeepSpeedZeroOptimizer_Stage3"}
+    assert results["large_default"]["runners"]["plain_none"]["optimizer"] == "AdamW(fused=False)"  # fp32 CPU stage
     assert results["large_default"]["runners"]["default_hp_global_compiled"]["compiled"]
     assert all(r["profile_top"] for r in results["large_default"]["runners"].values())  # where the step goes
     assert results["large_zero3"]["runners"]["zero3_none"]["profile_top"]  # the profiler table
