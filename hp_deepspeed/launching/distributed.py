@@ -630,23 +630,92 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
-    """Destroy every process group at a clean exit of a command; a no-op when none exists.
+    """Destroy every process group at a clean exit of a command, and let go of everything that
+    still holds one; a no-op when none exists.
 
     Left to interpreter shutdown, gloo's worker threads can outlive the objects they use: the
     process then aborts after its work is done ("terminate called without an active exception",
     exit -6), which the launcher reports as a failed job; CI saw it after a 2-rank run's final
-    checkpoint. NCCL asks for the same call at exit. Only at a clean exit: after an error a peer may
-    still be inside a collective, and destroying the group there can hang instead of failing.
+    checkpoint, and again after a 2-rank resume. ``destroy_process_group`` alone does not stop
+    those threads while anything still holds a group: a group's threads end when its last
+    reference goes. So the DeepSpeed engines still alive are destroyed, and after the groups the
+    process-wide references that would outlive them are dropped (``_release_group_holders``); a
+    test checks that no gloo or TCP-store thread is left (tests/launching/test_shutdown.py).
+    NCCL asks for the same at exit. Only at a clean exit: after an error a peer may still be
+    inside a collective, and destroying the group there can hang instead of failing.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         rank = dist.get_rank()
+        _destroy_deepspeed_engines()  # needs the groups: DeepSpeed logs by rank while it does
         dist.destroy_process_group()
+        _release_group_holders()
         # DeepSpeed 0.19.8 never unlinks its CPU all-reduce file (69 MB per rank, in RAM): every
         # CPU run left them in /dev/shm, 17 GB after a day of test suites on a 24 GB machine. The
         # peers mapped it at start-up, so removing the name takes nothing from them.
         cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+
+
+def _destroy_deepspeed_engines() -> None:
+    """``destroy()`` every DeepSpeed engine still alive in this process.
+
+    An engine outlives its owner: its gradient hooks sit on autograd nodes (C++ references that
+    Python's garbage collector cannot see through), and ZeRO-3 puts the model on a process-wide
+    stack (``parameter_offload.FWD_MODULE_STACK``) that it never pops. The engine, its optimizer
+    and every ZeRO-3 parameter (``ds_process_group``) hold process groups, so they would keep the
+    groups' threads running to interpreter exit. ``destroy()`` removes the hooks."""
+    import gc
+
+    engine_module = sys.modules.get("deepspeed.runtime.engine")
+    if engine_module is None:  # DeepSpeed never imported: no engine exists
+        return
+    gc.collect()
+    # By type, here and below: isinstance would read attributes of every object, and a few warn.
+    for engine in [o for o in gc.get_objects() if issubclass(type(o), engine_module.DeepSpeedEngine)]:
+        engine.destroy()
+
+
+def _release_group_holders() -> None:
+    """Drop the process-wide references to process groups that outlive ``destroy_process_group``,
+    then collect, so that the groups' threads end now rather than during interpreter exit.
+
+    * ZeRO-3's stack of modules in forward keeps its top module (and so every parameter) forever;
+    * ``deepspeed.utils.groups`` caches the groups DeepSpeed made (``_WORLD_GROUP`` and others);
+    * DeepSpeed memoises some methods with ``functools.lru_cache`` on the class (ZeRO-3's
+      ``PartitionedParameterCoordinator.__params_to_release``), which keeps every instance, and
+      through it the engine's model and parameters, for the life of the process;
+    * default arguments such as ``group=GroupMember.WORLD`` (``torch.distributed.nn.functional``,
+      DeepSpeed's ``TorchBackend.barrier``) are bound when their module is imported; imported
+      after the group exists (DeepSpeed imports lazily), they hold the world group. ``None``
+      means the same there: the default group, whichever exists when the function is called.
+    """
+    import functools
+    import gc
+    import types
+
+    import torch.distributed as dist
+
+    stack_module = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if stack_module is not None:
+        stack_module.FWD_MODULE_STACK.clear()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith("_GROUP") and value is not None:
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+    for cached in [o for o in gc.get_objects() if type(o) is functools._lru_cache_wrapper]:
+        if str(getattr(cached, "__module__", "")).startswith("deepspeed."):
+            cached.cache_clear()
+    def group(value) -> bool:
+        return issubclass(type(value), dist.ProcessGroup)
+
+    for fn in [o for o in gc.get_objects() if type(o) is types.FunctionType]:
+        if fn.__defaults__ and any(map(group, fn.__defaults__)):
+            fn.__defaults__ = tuple(None if group(d) else d for d in fn.__defaults__)
+        if fn.__kwdefaults__ and any(map(group, fn.__kwdefaults__.values())):
+            fn.__kwdefaults__ = {k: None if group(d) else d for k, d in fn.__kwdefaults__.items()}
+    gc.collect()
 
 
 def cpu_allreduce_buffer(rank: int) -> Path:
