@@ -254,11 +254,11 @@ def _model_cfg(stage: Stage, runner: Runner, dtype: str = "float32"):
                        compile_backend="inductor" if _device().type == "cuda" else "aot_eager")
 
 
-def _cond_cfg(runner: Runner, stage: Stage | None = None):
+def _cond_cfg(runner: Runner, stage: Stage):
     from hp_deepspeed.model.conditioning import ConditioningConfig
 
     cfg = ConditioningConfig(variant=runner.variant, freeze_backbone=runner.freeze_backbone)
-    if stage is not None and stage.narrow:
+    if stage.narrow:
         # The hypernetworks' widths do not follow d_model: narrow them too, or their arithmetic
         # (about 5 GFLOP a step at the default widths) would be most of a narrow step. Two prompt
         # slots, not 16: the slots add keys (arithmetic), not operations, and 16 slots would add
@@ -482,7 +482,8 @@ def run_attention_stage(stage: Stage) -> dict:
     dtypes = ("bfloat16",) if device.type == "cuda" else ("float32", "bfloat16")
     for dtype in dtypes:  # bf16 weights: what ZeRO-3 bf16 runs
         with torch.device(device):
-            model = build_model(_model_cfg(stage, runner, dtype), _cond_cfg(runner), NUM_TASKS, device=device).train()
+            model = build_model(_model_cfg(stage, runner, dtype), _cond_cfg(runner, stage), NUM_TASKS,
+                                device=device).train()
         seen.clear()
         model(**batch).loss.backward()
         results[f"{dtype}_weights"] = _distinct(seen)
@@ -512,7 +513,8 @@ def run_config_stage(stage: Stage) -> dict:
     for preset, freeze in (("t5-large", False), ("google/t5-v1_1-xl", False), ("google/t5-v1_1-xxl", False),
                            ("google/t5-v1_1-xxl", True)):
         runner = Runner("x", "default", variant=HP, freeze_backbone=freeze)
-        size = parallelism.ModelSize.of(_model_cfg(replace(stage, preset=preset), runner), _cond_cfg(runner), NUM_TASKS)
+        size = parallelism.ModelSize.of(_model_cfg(replace(stage, preset=preset), runner), _cond_cfg(runner, stage),
+                                        NUM_TASKS)
         for gpus in (1, 8, 64):
             choice = parallelism.choose_zero(size, parallelism.Hardware(world_size=gpus, gpu_mem_gib=gpu_gib))
             rows.append({"preset": preset, "freeze_backbone": freeze, "gpus": gpus, "gpu_mem_gib": round(gpu_gib, 1),
