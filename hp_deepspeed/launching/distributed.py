@@ -670,7 +670,6 @@ def _destroy_deepspeed_engines() -> None:
     engine_module = sys.modules.get("deepspeed.runtime.engine")
     if engine_module is None:  # DeepSpeed never imported: no engine exists
         return
-    gc.collect()
     # By type, here and below: isinstance would read attributes of every object, and a few warn.
     for engine in [o for o in gc.get_objects() if issubclass(type(o), engine_module.DeepSpeedEngine)]:
         engine.destroy()
@@ -704,17 +703,19 @@ def _release_group_holders() -> None:
         for name, value in list(vars(groups).items()):
             if name.startswith("_") and name.endswith("_GROUP") and value is not None:
                 setattr(groups, name, {} if isinstance(value, dict) else None)
-    for cached in [o for o in gc.get_objects() if type(o) is functools._lru_cache_wrapper]:
-        if str(getattr(cached, "__module__", "")).startswith("deepspeed."):
-            cached.cache_clear()
+
     def group(value) -> bool:
         return issubclass(type(value), dist.ProcessGroup)
 
-    for fn in [o for o in gc.get_objects() if type(o) is types.FunctionType]:
-        if fn.__defaults__ and any(map(group, fn.__defaults__)):
-            fn.__defaults__ = tuple(None if group(d) else d for d in fn.__defaults__)
-        if fn.__kwdefaults__ and any(map(group, fn.__kwdefaults__.values())):
-            fn.__kwdefaults__ = {k: None if group(d) else d for k, d in fn.__kwdefaults__.items()}
+    for obj in gc.get_objects():
+        if type(obj) is functools._lru_cache_wrapper:
+            if str(getattr(obj, "__module__", "")).startswith("deepspeed."):
+                obj.cache_clear()
+        elif type(obj) is types.FunctionType:
+            if obj.__defaults__ and any(map(group, obj.__defaults__)):
+                obj.__defaults__ = tuple(None if group(d) else d for d in obj.__defaults__)
+            if obj.__kwdefaults__ and any(map(group, obj.__kwdefaults__.values())):
+                obj.__kwdefaults__ = {k: None if group(d) else d for k, d in obj.__kwdefaults__.items()}
     gc.collect()
 
 
