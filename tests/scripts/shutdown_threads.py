@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from hp_deepspeed.launching import distributed
 
-seen: dict[str, list[str]] = {}
+seen: dict[str, object] = {}  # rank, and the thread names before and after
 
 
 def thread_names() -> list[str]:
