@@ -134,6 +134,11 @@ class DataConfig:
     task (largest share 3.5x its rate on the same mix): the mixture then holds only over many
     steps."""
 
+    prefetch_batches: int = 4
+    """Micro-batches built, collated and copied to the device in a background thread while the
+    current step runs (data/prefetch.py); 0 builds each batch inline, on the critical path. The
+    checkpointed data position is the model's either way, so resume is exact."""
+
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row (bad JSON/CSV, missing or mistyped field) raises an error naming the file
     and line, or with ``skip`` is dropped and counted (logged, and in ``TrainStream.skipped``).
@@ -153,6 +158,8 @@ class DataConfig:
         for name in ("max_input_length", "max_target_length", "bucket_pool_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch_batches < 0:
+            raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.mixture_cap is not None and self.mixture_cap < 1:
             raise ValueError(f"data.mixture_cap must be >= 1 or null, got {self.mixture_cap}")
         if self.temperature <= 0:

@@ -20,6 +20,7 @@ import torch
 from hp_deepspeed.checkpointing import CheckpointManager
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
+from hp_deepspeed.data.prefetch import Prefetcher
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.distributed import init_distributed
 from hp_deepspeed.model.builder import resolve_t5_config
@@ -68,6 +69,8 @@ class WindowStats:
         self.sums = torch.zeros(2 * self.num_tasks + 1, dtype=torch.float64, device=self.device)
         self.samples = 0
         self.flops = 0.0
+        self.steps = 0
+        self.data_wait_s = 0.0  # host time the steps spent waiting for their batches
         self.started = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, out) -> None:
@@ -159,7 +162,10 @@ class Trainer:
         self.resume()
         cfg = self.cfg.training
         window = WindowStats(len(self.tasks), self.device)
-        batches = iter(self.stream)
+        depth = self.cfg.data.prefetch_batches
+        # A checkpoint holds the position of the model's next batch, not the producer's.
+        self.batches = Prefetcher(self.stream, self.device, depth) if depth else iter(self.stream)
+        batches = self.batches
         progress = self._progress_bar()
         try:
             while self.step < cfg.steps:
@@ -182,6 +188,8 @@ class Trainer:
                     return EXIT_PREEMPTED
             return 0
         finally:
+            if isinstance(batches, Prefetcher):
+                batches.close()
             self.preemption.restore()
             progress.close()
             self.metrics.close()
@@ -197,7 +205,10 @@ class Trainer:
         on a different number of ranks would follow a different trajectory.
         """
         accumulation = self.cfg.training.gradient_accumulation
+        waited = time.perf_counter()
         micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(accumulation)]
+        window.data_wait_s += time.perf_counter() - waited
+        window.steps += 1
         # Counted on the device: an int() or .item() here would wait for the previous step.
         tokens = collectives.all_reduce(
             torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum().reshape(1).double())
@@ -237,6 +248,8 @@ class Trainer:
             count = totals["task_tokens"][task.task_id].item()
             if count:
                 values[f"loss/{task.name}"] = totals["task_loss"][task.task_id].item() / count
+        # Per step, on rank 0: the data time the host still adds to the step.
+        values["data_wait_ms"] = 1e3 * window.data_wait_s / max(window.steps, 1)
         values.update(memory_stats())
         self.metrics.write("train", self.step, values)
         if self.is_main:
@@ -266,7 +279,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict()}
+        batches = getattr(self, "batches", None)
+        position = batches if isinstance(batches, Prefetcher) else self.stream
+        return {"step": self.step, "data": position.state_dict()}
 
     def save(self) -> None:
         self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg))

@@ -1,0 +1,156 @@
+"""Batches built ahead of the training step: a background producer and a bounded queue.
+
+``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
+in the same order, already on ``device``. A daemon thread draws the next batches from the stream
+(pool construction, collation), pins them in page-locked memory and starts their host-to-device
+copies on a side CUDA stream with ``non_blocking=True``, while the main thread runs the current
+step; at most ``depth`` batches wait in the queue. The consumer's ``next`` then only takes a ready
+batch; the time it still blocks is ``last_wait_s`` (the data time left on the critical path).
+
+Exact resume: the stream itself runs ahead of the model by up to ``depth + 1`` batches, so its
+own ``state_dict`` is the *producer's* position. ``Prefetcher.state_dict`` is the consumer's: the
+stream state the producer recorded right after drawing the last batch handed out, i.e. the
+position of the next batch the model will see. Loading it into a fresh stream replays exactly
+the batches that were prefetched but never consumed.
+
+Errors: an exception raised while producing (a corrupt cache, a bug in collation) is re-raised
+in the consumer at the ``next`` that would have returned that batch, with its traceback.
+``close`` stops and joins the thread (a preemption or an exception in the step); it is
+idempotent and also runs on garbage collection.
+
+Not owned here: what the batches are (``data.stream``), when the trainer saves.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Iterator, Mapping
+
+import torch
+
+_POLL_S = 0.1  # how often a producer blocked on a full queue checks for close()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device, copy_stream) -> dict[str, torch.Tensor]:
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    with torch.cuda.stream(copy_stream):
+        # Pinned source memory lets the copy run asynchronously to this thread and to the step.
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Iterator over ``stream``'s batches on ``device``, ``depth`` batches built ahead (see the
+    module docstring). ``stream`` must have ``state_dict()`` and must not be used elsewhere while
+    the prefetcher runs."""
+
+    def __init__(self, stream, device: torch.device | str = "cpu", depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be at least 1, got {depth}")
+        self.stream = stream
+        self.device = torch.device(device)
+        self.depth = depth
+        self.last_wait_s = 0.0
+        self.consumed = 0
+        self._state = stream.state_dict()  # nothing consumed yet: the stream's own position
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._produce, name="hp-deepspeed-prefetch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ producer (background thread)
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = next(self.stream)
+                except StopIteration:
+                    self._put(_END)
+                    return
+                state = self.stream.state_dict()  # the position after this batch
+                batch = _to_device(batch, self.device, self._copy_stream)
+                ready = None
+                if self._copy_stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(self._copy_stream)
+                if not self._put((batch, state, ready)):
+                    return
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(_Failure(error))
+
+    # ------------------------------------------------------------------ consumer (training thread)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._done:
+            raise StopIteration
+        started = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._done = True
+                    raise RuntimeError("the batch prefetch thread stopped without a batch or an error") from None
+        if item is _END or isinstance(item, _Failure):
+            self._done = True
+            self.close()
+            if item is _END:
+                raise StopIteration
+            raise item.error
+        batch, state, ready = item
+        if ready is not None:
+            # The step's kernels are queued after the copy, without blocking the host.
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for tensor in batch.values():
+                # The copy stream allocated this memory; the step stream now uses it.
+                tensor.record_stream(current)
+        self.last_wait_s = time.perf_counter() - started
+        self._state = state
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position of the next batch ``next`` returns (not the producer's)."""
+        return self._state
+
+    def close(self) -> None:
+        """Stop the producer and join it; batches still queued are dropped (their position is
+        not in ``state_dict``, so a resume replays them)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=_POLL_S)
+        self._done = True
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:
+            self._stop.set()

@@ -1,0 +1,125 @@
+"""The background batch producer: same batches, the consumer's position in checkpoints, errors
+surfaced, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from hp_deepspeed.data import TrainStream, build_tasks
+from hp_deepspeed.data.prefetch import Prefetcher
+
+TASKS = ["synthetic/copy", "synthetic/reverse", "glue/rte"]
+
+
+def stream(make_cfg, tokenizer, **kwargs):
+    config = make_cfg(tasks=TASKS, bucket_pool_batches=5)
+    return TrainStream(config, build_tasks(config), tokenizer, micro_batch_size=4, rank=1, world_size=2, **kwargs)
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_state_after_n_consumed_batches_is_the_plain_streams_state_after_n(make_cfg, tokenizer):
+    plain = stream(make_cfg, tokenizer)
+    prefetched = Prefetcher(stream(make_cfg, tokenizer), depth=3)
+    try:
+        assert prefetched.state_dict() == plain.state_dict()  # nothing consumed yet
+        for n in range(1, 13):  # crosses pool boundaries (5 batches per pool)
+            assert same(next(prefetched), next(plain))
+            # the producer is up to depth + 1 batches ahead; the state is the consumer's
+            assert prefetched.state_dict() == plain.state_dict(), n
+        assert prefetched.consumed == 12 and prefetched.stream.state_dict() != plain.state_dict()
+    finally:
+        prefetched.close()
+
+
+def test_resuming_from_a_prefetchers_state_replays_the_prefetched_but_unconsumed_batches(make_cfg, tokenizer):
+    interrupted = Prefetcher(stream(make_cfg, tokenizer), depth=4)
+    for _ in range(7):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # as a checkpoint holds it
+    expected = [next(interrupted) for _ in range(9)]
+    interrupted.close()
+    resumed_stream = stream(make_cfg, tokenizer)
+    resumed_stream.load_state_dict(state)
+    resumed = Prefetcher(resumed_stream, depth=2)
+    try:
+        assert all(same(next(resumed), want) for want in expected)
+    finally:
+        resumed.close()
+
+
+class Failing:
+    """A stream whose third batch raises."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __next__(self):
+        self.n += 1
+        if self.n == 3:
+            raise KeyError("example 17 of task x is not in the cache")
+        return {"input_ids": torch.full((2, 3), self.n)}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+
+def test_an_exception_in_the_producer_is_raised_in_the_consumer_at_its_batch():
+    prefetched = Prefetcher(Failing(), depth=2)
+    assert [int(next(prefetched)["input_ids"][0, 0]) for _ in range(2)] == [1, 2]
+    assert prefetched.state_dict() == {"n": 2}
+    with pytest.raises(KeyError, match="example 17 of task x is not in the cache"):
+        next(prefetched)
+    assert not prefetched._thread.is_alive()
+    with pytest.raises(StopIteration):  # a failed prefetcher hands out nothing more
+        next(prefetched)
+
+
+class Counting:
+    """An endless stream counting the batches drawn, optionally ending after ``last``."""
+
+    def __init__(self, last=None):
+        self.n, self.last = 0, last
+
+    def __next__(self):
+        if self.n == self.last:
+            raise StopIteration
+        self.n += 1
+        return {"x": torch.tensor([self.n])}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+
+def test_close_stops_a_producer_blocked_on_a_full_queue_and_the_queue_is_bounded():
+    source = Counting()
+    prefetched = Prefetcher(source, depth=3)
+    next(prefetched)
+    for _ in range(100):  # let the producer fill the queue
+        if prefetched._queue.full():
+            break
+        threading.Event().wait(0.01)
+    assert prefetched._queue.full()
+    assert source.n <= 1 + 3 + 1  # consumed + queued + the one waiting to be queued
+    prefetched.close()
+    assert not prefetched._thread.is_alive()
+    prefetched.close()  # idempotent
+    with pytest.raises(StopIteration):
+        next(prefetched)
+
+
+def test_a_finite_stream_ends_the_iteration_after_its_last_batch():
+    assert [int(b["x"]) for b in Prefetcher(Counting(last=5), depth=2)] == [1, 2, 3, 4, 5]
+
+
+def test_the_prefetch_depth_is_checked(make_cfg):
+    with pytest.raises(ValueError, match="prefetch depth must be at least 1, got 0"):
+        Prefetcher(Counting(), depth=0)
+    with pytest.raises(ValueError, match="data.prefetch_batches must be >= 0, got -1"):
+        make_cfg(prefetch_batches=-1)
