@@ -91,38 +91,100 @@ def mixing_rates(cfg: DataConfig, names: Sequence[str], sizes: Sequence[int]) ->
     return raw / raw.sum()
 
 
+def _gather(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of a ragged array, right-padded with ``fill`` into one int64 matrix, and
+    the matrix's mask of real entries."""
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    width = int(lengths.max()) if len(rows) else 0
+    columns = np.arange(width)
+    real = columns < lengths[:, None]
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    out[real] = ids[(starts[:, None] + columns)[real]]
+    return out, real
+
+
 def collate(
-    splits: Sequence[TokenizedSplit], items: Sequence[tuple[int, int]], task_ids: Sequence[int], pad_id: int
+    splits: Sequence[TokenizedSplit], items, task_ids: Sequence[int], pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Dynamically padded batch of ``(split index, example index)`` items: ``input_ids`` and
-    ``attention_mask`` [B, S], ``labels`` [B, T] (-100 on padding), ``task_ids`` [B]."""
-    inputs = [splits[k].inputs(i) for k, i in items]
-    targets = [splits[k].targets(i) for k, i in items]
-    seq = max(len(x) for x in inputs)
-    tgt = max(len(x) for x in targets)
-    input_ids = torch.full((len(items), seq), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), seq), dtype=torch.long)
-    labels = torch.full((len(items), tgt), LABEL_PAD, dtype=torch.long)
-    for row, (x, y) in enumerate(zip(inputs, targets)):
-        input_ids[row, : len(x)] = torch.from_numpy(x.astype(np.int64))
-        attention_mask[row, : len(x)] = 1
-        labels[row, : len(y)] = torch.from_numpy(y.astype(np.int64))
+    """Dynamically padded batch of ``(split index, example index)`` items (a sequence of pairs
+    or an [N, 2] array): ``input_ids`` and ``attention_mask`` [B, S], ``labels`` [B, T] (-100 on
+    padding), ``task_ids`` [B]. Vectorised per split: one gather per split, no per-row copies."""
+    items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
+    n = len(items)
+    in_lengths = np.empty(n, dtype=np.int64)
+    tgt_lengths = np.empty(n, dtype=np.int64)
+    present = np.unique(items[:, 0])
+    for k in present:
+        at = items[:, 0] == k
+        in_lengths[at] = np.diff(splits[k].input_offsets)[items[at, 1]]
+        tgt_lengths[at] = np.diff(splits[k].target_offsets)[items[at, 1]]
+    input_ids = np.full((n, int(in_lengths.max())), pad_id, dtype=np.int64)
+    attention_mask = np.zeros(input_ids.shape, dtype=np.int64)
+    labels = np.full((n, int(tgt_lengths.max())), LABEL_PAD, dtype=np.int64)
+    for k in present:
+        at = np.flatnonzero(items[:, 0] == k)
+        split = splits[k]
+        x, real = _gather(split.input_ids, split.input_offsets, items[at, 1], pad_id)
+        input_ids[at, : x.shape[1]] = x
+        attention_mask[at, : x.shape[1]] = real
+        y, _ = _gather(split.target_ids, split.target_offsets, items[at, 1], LABEL_PAD)
+        labels[at, : y.shape[1]] = y
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "task_ids": torch.tensor([task_ids[k] for k, _ in items], dtype=torch.long),
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+        "labels": torch.from_numpy(labels),
+        "task_ids": torch.from_numpy(np.asarray(task_ids, dtype=np.int64)[items[:, 0]]),
     }
 
 
-def _quantile_in_task(draws: np.ndarray, in_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
-    """Per draw, the midpoint quantile of its length among the draws of its own task."""
-    quantile = np.empty(len(draws))
-    for k in np.unique(draws):
-        where = np.flatnonzero(draws == k)
-        ranked = where[np.lexsort((where, tgt_len[where], in_len[where]))]
-        quantile[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
-    return quantile
+def _length_rank(in_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
+    """Per pool position, its rank in (input length, target length, position) order."""
+    size = len(in_len)
+    bits = [int(in_len.max()).bit_length(), int(tgt_len.max()).bit_length(), size.bit_length()]
+    if sum(bits) <= 62:  # one int64 key: a single argsort instead of a three-key lexsort
+        key = (in_len << (bits[1] + bits[2])) | (tgt_len << bits[2]) | np.arange(size)
+        order = np.argsort(key)
+    else:
+        order = np.lexsort((np.arange(size), tgt_len, in_len))
+    rank = np.empty(size, dtype=np.int64)
+    rank[order] = np.arange(size)
+    return rank
+
+
+def _by_value_then_task(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
+    """``np.lexsort((tasks, values))`` for (value, task) pairs that are all distinct, at the cost
+    of one float and one int64 argsort: equal values get one dense rank, the task breaks ties."""
+    by_value = np.argsort(values)
+    sorted_values = values[by_value]
+    dense = np.empty(len(values), dtype=np.int64)
+    dense[by_value] = np.concatenate([[0], np.cumsum(sorted_values[1:] != sorted_values[:-1])])
+    return np.argsort(dense * num_tasks + tasks)
+
+
+class _Pool:
+    """One pool: its draws, how many examples it took of each task, and its cut into global
+    batches (in consumption order). A batch's length order, or only one rank's slice of it, is
+    computed when asked for, so a rank sorts nothing of the batches it does not take part in."""
+
+    def __init__(self, draws, examples, counts, parts, length_rank, global_batch):
+        self.draws, self.examples, self.counts = draws, examples, counts
+        self.parts, self.length_rank, self.global_batch = parts, length_rank, global_batch
+
+    def batch(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of the ``i``-th batch in (input, target length) order, as a
+        [rows, 2] array of (task index, example index)."""
+        part = self.parts[i]
+        stop = len(part) if stop is None else stop
+        key = self.length_rank[part]
+        if 0 < start or stop < len(part):
+            # Only the slice: partition it out (linear), then sort just its rows.
+            kth = [k for k in (start, stop - 1) if 0 <= k < len(part)]
+            chosen = np.argpartition(key, kth)[start:stop]
+            chosen = chosen[np.argsort(key[chosen])]
+        else:
+            chosen = np.argsort(key)
+        rows = part[chosen]
+        return np.stack([self.draws[rows], self.examples[rows]], axis=1)
 
 
 class TrainStream:
@@ -166,7 +228,7 @@ class TrainStream:
         self._pool_index = 0
         self._batch_in_pool = 0
         self._offsets = [0] * len(self.tasks)
-        self._pool: tuple[list[np.ndarray], list[int]] | None = None
+        self._pool: _Pool | None = None
 
     # ------------------------------------------------------------------ the global stream
 
@@ -189,47 +251,65 @@ class TrainStream:
             out[at] = self._permutation(k, int(epoch))[positions[at] % self.sizes[k]]
         return out
 
-    def _make_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int, pool_batches: int):
-        """Global batches of pool ``pool_index`` (arrays of (task, example) rows, sorted by
-        length) and the number of examples drawn from each task."""
+    def _make_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int, pool_batches: int) -> _Pool:
+        """Pool ``pool_index`` cut into global batches of ``global_batch`` (module docstring)."""
         size = global_batch * pool_batches
         draws = np.random.default_rng([self.seed, pool_index, 0]).choice(len(self.tasks), size=size, p=self.rates)
         examples = np.empty(size, dtype=np.int64)
-        counts = []
-        for k in range(len(self.tasks)):
-            where = np.flatnonzero(draws == k)
-            examples[where] = self._examples(k, offsets[k], len(where))
-            counts.append(len(where))
         in_len = np.empty(size, dtype=np.int64)
         tgt_len = np.empty(size, dtype=np.int64)
+        counts = []
         for k, split in enumerate(self.splits):
-            where = draws == k
+            where = np.flatnonzero(draws == k)
+            examples[where] = self._examples(k, offsets[k], len(where))
             in_len[where] = split.input_lengths[examples[where]]
             tgt_len[where] = split.target_lengths[examples[where]]
+            counts.append(len(where))
+        length_rank = _length_rank(in_len, tgt_len)
         if self.batch_mixing == "stratified":
-            order = np.lexsort((draws, _quantile_in_task(draws, in_len, tgt_len)))
+            # Each draw's midpoint length quantile among its task's draws (ties by position);
+            # the pool is ordered by quantile, then task.
+            by_task = np.empty(size, dtype=np.int64)
+            by_task[length_rank] = np.arange(size)  # positions in length order
+            # (task, length rank); a stable sort of small ints is a radix sort in numpy
+            by_task = by_task[np.argsort(draws[by_task].astype(np.int16), kind="stable")]
+            task_counts = np.bincount(draws, minlength=len(self.tasks))
+            task_start = np.concatenate([[0], np.cumsum(task_counts)[:-1]])
+            rank_in_task = np.arange(size) - task_start[draws[by_task]]
+            quantile = np.empty(size)
+            quantile[by_task] = (rank_in_task + 0.5) / task_counts[draws[by_task]]
+            order = _by_value_then_task(quantile, draws, len(self.tasks))
         else:
-            order = np.lexsort((np.arange(size), tgt_len, in_len))
-        batches = []
-        for part in np.split(order, pool_batches):
-            part = part[np.lexsort((part, tgt_len[part], in_len[part]))]  # by length inside the batch
-            batches.append(np.stack([draws[part], examples[part]], axis=1))
+            order = np.empty(size, dtype=np.int64)
+            order[length_rank] = np.arange(size)
+        parts = np.split(order, pool_batches)
         shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
-        return [batches[i] for i in shuffle], counts
+        return _Pool(draws, examples, counts, [parts[i] for i in shuffle], length_rank, global_batch)
 
-    def next_global_batch(self) -> np.ndarray:
-        """The next global batch as a [G, 2] array of (task index, example index); advances."""
+    def _advance(self) -> tuple[_Pool, int]:
+        """The pool and index of the next global batch; moves the position past it."""
         if self._pool is None:
             self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
-        batches, counts = self._pool
-        batch = batches[self._batch_in_pool]
+        pool, index = self._pool, self._batch_in_pool
         self._batch_in_pool += 1
         if self._batch_in_pool == self.pool_batches:
-            self._offsets = [o + c for o, c in zip(self._offsets, counts)]
+            self._offsets = [o + c for o, c in zip(self._offsets, pool.counts)]
             self._pool_index += 1
             self._batch_in_pool = 0
             self._pool = None
-        return batch
+        return pool, index
+
+    def next_global_batch(self) -> np.ndarray:
+        """The next global batch as a [G, 2] array of (task index, example index); advances."""
+        pool, index = self._advance()
+        return pool.batch(index)
+
+    def next_share(self) -> np.ndarray:
+        """This rank's [micro_batch_size, 2] slice of the next global batch; advances. Only the
+        rank's own rows are sorted and gathered."""
+        pool, index = self._advance()
+        start = self.rank * self.micro_batch_size
+        return pool.batch(index, start, start + self.micro_batch_size)
 
     # ------------------------------------------------------------------ this rank's batches
 
@@ -242,8 +322,7 @@ class TrainStream:
         return global_batch[rank * self.micro_batch_size : (rank + 1) * self.micro_batch_size]
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        share = self.rank_share(self.next_global_batch())
-        return collate(self.splits, [(int(k), int(i)) for k, i in share], self._task_ids, self.pad_id)
+        return collate(self.splits, self.next_share(), self._task_ids, self.pad_id)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -280,7 +359,7 @@ class TrainStream:
         saved_shape = (state["global_batch_size"], state["pool_batches"], state.get("batch_mixing", "length"))
         same_shape = saved_shape == (self.global_batch_size, self.pool_batches, self.batch_mixing)
         if not same_shape and self._batch_in_pool > 0:
-            _, counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"])
+            counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"]).counts
             logger.warning(
                 "data stream: global batch %d -> %d, pool %d -> %d batches, batch mixing %s -> %s: resuming "
                 "at the next pool; %d batches of the interrupted pool are skipped",

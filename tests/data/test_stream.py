@@ -150,7 +150,7 @@ def test_resume_with_other_global_batch_moves_to_next_pool(make_cfg, tokenizer):
     for _ in range(3):
         s.next_global_batch()
     state = s.state_dict()
-    pool_counts = s._make_pool(0, [0, 0], 8, 10)[1]
+    pool_counts = s._make_pool(0, [0, 0], 8, 10).counts
     other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
     other.load_state_dict(state)
     new = other.state_dict()
@@ -163,7 +163,7 @@ def test_resume_with_other_global_batch_at_a_pool_boundary_skips_nothing(make_cf
         s.next_global_batch()
     one_in = s.state_dict()
     assert (one_in["pool"], one_in["batch_in_pool"]) == (2, 1)
-    pool_counts = s._make_pool(2, one_in["offsets"], 8, 10)[1]
+    pool_counts = s._make_pool(2, one_in["offsets"], 8, 10).counts
     other = stream(make_cfg, tokenizer, SYNTH, micro_batch_size=6)
     other.load_state_dict(one_in)
     new = other.state_dict()
@@ -252,3 +252,80 @@ def test_stratified_batches_hold_every_task_at_its_rate(make_cfg, tokenizer):
     for _ in range(25):
         counts = np.bincount(s.next_global_batch()[:, 0], minlength=3)
         assert np.abs(counts - np.array([12, 6, 6])).max() <= 2, counts
+
+
+def reference_global_batches(s: TrainStream, count: int) -> list[np.ndarray]:
+    """The global batches as the stream defined them before ranks took only their share: the
+    whole pool sorted with per-task and per-batch lexsorts, every batch materialised. Kept as an
+    independent oracle of the stream's definition (module docstring of data/stream.py)."""
+    out, pool_index, offsets = [], 0, [0] * len(s.tasks)
+    size = s.global_batch_size * s.pool_batches
+    while len(out) < count:
+        draws = np.random.default_rng([s.seed, pool_index, 0]).choice(len(s.tasks), size=size, p=s.rates)
+        examples = np.empty(size, dtype=np.int64)
+        for k in range(len(s.tasks)):
+            where = np.flatnonzero(draws == k)
+            examples[where] = s._examples(k, offsets[k], len(where))
+            offsets[k] += len(where)
+        in_len = np.array([s.splits[k].input_lengths[i] for k, i in zip(draws, examples)])
+        tgt_len = np.array([s.splits[k].target_lengths[i] for k, i in zip(draws, examples)])
+        if s.batch_mixing == "stratified":
+            quantile = np.empty(size)
+            for k in np.unique(draws):
+                where = np.flatnonzero(draws == k)
+                ranked = where[np.lexsort((where, tgt_len[where], in_len[where]))]
+                quantile[ranked] = (np.arange(len(ranked)) + 0.5) / len(ranked)
+            order = np.lexsort((draws, quantile))
+        else:
+            order = np.lexsort((np.arange(size), tgt_len, in_len))
+        batches = []
+        for part in np.split(order, s.pool_batches):
+            part = part[np.lexsort((part, tgt_len[part], in_len[part]))]
+            batches.append(np.stack([draws[part], examples[part]], axis=1))
+        shuffle = np.random.default_rng([s.seed, pool_index, 1]).permutation(s.pool_batches)
+        out += [batches[i] for i in shuffle]
+        pool_index += 1
+    return out[:count]
+
+
+@pytest.mark.parametrize("mixing", ["stratified", "length"])
+@pytest.mark.parametrize("world_size", [1, 3, 8, 32])
+def test_each_rank_gets_its_slice_of_the_reference_global_batches_bit_for_bit(make_cfg, tokenizer, mixing, world_size):
+    """A rank sorts and gathers only its own share; the shares are the ranks' slices of the
+    global batches as defined by the whole-pool oracle above, across pool boundaries."""
+    tasks = ["synthetic/copy", "synthetic/reverse", "glue/rte", "superglue/cb"]
+    micro, batches = 3, 14  # pools of 5 batches: crosses two boundaries
+    ranks = [stream(make_cfg, tokenizer, tasks, micro_batch_size=micro, rank=r, world_size=world_size,
+                    bucket_pool_batches=5, batch_mixing=mixing) for r in range(world_size)]
+    expected = reference_global_batches(ranks[0], batches)
+    from hp_deepspeed.data.stream import collate
+    for want in expected:
+        assert np.array_equal(ranks[0].next_global_batch(), want)
+    for r, s in enumerate(ranks[1:], start=1) if world_size > 1 else []:
+        for want in expected:
+            share = want[r * micro:(r + 1) * micro]
+            got = next(s)
+            reference = collate(s.splits, [(int(k), int(i)) for k, i in share], s._task_ids, s.pad_id)
+            assert all(torch.equal(got[k], reference[k]) for k in reference)
+    assert [s.state_dict() for s in ranks[1:]] == [ranks[0].state_dict()] * (world_size - 1)
+
+
+def test_vectorised_collation_equals_padding_row_by_row(make_cfg, tokenizer):
+    from hp_deepspeed.data.stream import LABEL_PAD, collate
+
+    s = stream(make_cfg, tokenizer, ["glue/rte", "synthetic/sort", "synthetic/copy"], micro_batch_size=24)
+    for _ in range(5):
+        items = s.next_global_batch()
+        inputs = [s.splits[k].inputs(i) for k, i in items]
+        targets = [s.splits[k].targets(i) for k, i in items]
+        want_ids = torch.full((len(items), max(map(len, inputs))), s.pad_id)
+        want_mask = torch.zeros_like(want_ids)
+        want_labels = torch.full((len(items), max(map(len, targets))), LABEL_PAD)
+        for row, (x, y) in enumerate(zip(inputs, targets)):
+            want_ids[row, :len(x)], want_mask[row, :len(x)] = torch.tensor(x.tolist()), 1
+            want_labels[row, :len(y)] = torch.tensor(y.tolist())
+        got = collate(s.splits, items, s._task_ids, s.pad_id)
+        assert torch.equal(got["input_ids"], want_ids) and torch.equal(got["attention_mask"], want_mask)
+        assert torch.equal(got["labels"], want_labels)
+        assert got["task_ids"].tolist() == [s._task_ids[k] for k in items[:, 0]]
+        assert all(v.dtype == torch.long for v in got.values())
