@@ -2,7 +2,7 @@
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
-(pool construction, collation), pins them in page-locked memory and starts their host-to-device
+(pool construction, collation; the next pool is built while the queue is full), pins them in page-locked memory and starts their host-to-device
 copies on a side CUDA stream with ``non_blocking=True``, while the main thread runs the current
 step; at most ``depth`` batches wait in the queue. The consumer's ``next`` then only takes a ready
 batch; the time it still blocks is ``last_wait_s`` (the data time left on the critical path).
@@ -71,13 +71,18 @@ class Prefetcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ producer (background thread)
-    def _put(self, item) -> bool:
+    def _put(self, item, idle_work: bool = False) -> bool:
+        build_ahead = getattr(self.stream, "build_next_pool", None) if idle_work else None
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
-                continue
+                if build_ahead is not None:
+                    # Idle while the step runs: build the stream's next pool now, so crossing
+                    # into it does not stall the consumer for a whole pool's construction.
+                    build_ahead()
+                    build_ahead = None
         return False
 
     def _produce(self) -> None:
@@ -94,7 +99,7 @@ class Prefetcher:
                 if self._copy_stream is not None:
                     ready = torch.cuda.Event()
                     ready.record(self._copy_stream)
-                if not self._put((batch, state, ready)):
+                if not self._put((batch, state, ready), idle_work=True):
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(_Failure(error))

@@ -229,6 +229,7 @@ class TrainStream:
         self._batch_in_pool = 0
         self._offsets = [0] * len(self.tasks)
         self._pool: _Pool | None = None
+        self._next_pool: _Pool | None = None  # pool _pool_index + 1, when built ahead
 
     # ------------------------------------------------------------------ the global stream
 
@@ -296,8 +297,18 @@ class TrainStream:
             self._offsets = [o + c for o, c in zip(self._offsets, pool.counts)]
             self._pool_index += 1
             self._batch_in_pool = 0
-            self._pool = None
+            self._pool, self._next_pool = self._next_pool, None
         return pool, index
+
+    def build_next_pool(self) -> None:
+        """Build the pool after the current one now (a pure function of the position), so that
+        crossing into it costs nothing; the prefetch thread calls this while its queue is full.
+        Changes no position: the batches are the same whether or not it is called."""
+        if self._pool is None:
+            self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
+        if self._next_pool is None:
+            offsets = [o + c for o, c in zip(self._offsets, self._pool.counts)]
+            self._next_pool = self._make_pool(self._pool_index + 1, offsets, self.global_batch_size, self.pool_batches)
 
     def next_global_batch(self) -> np.ndarray:
         """The next global batch as a [G, 2] array of (task index, example index); advances."""
@@ -351,7 +362,7 @@ class TrainStream:
                 raise ValueError(f"cannot resume the data stream: {key} was {state[key]}, is now {mine[key]}")
         if not np.allclose(state["rates"], mine["rates"], rtol=0, atol=1e-12):
             raise ValueError(f"cannot resume the data stream: mixing rates were {state['rates']}, are {mine['rates']}")
-        self._pool = None
+        self._pool = self._next_pool = None
         self._offsets = [int(o) for o in state["offsets"]]
         self._pool_index = int(state["pool"])
         self._batch_in_pool = int(state["batch_in_pool"])

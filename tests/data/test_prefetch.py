@@ -123,3 +123,16 @@ def test_the_prefetch_depth_is_checked(make_cfg):
         Prefetcher(Counting(), depth=0)
     with pytest.raises(ValueError, match="data.prefetch_batches must be >= 0, got -1"):
         make_cfg(prefetch_batches=-1)
+
+
+def test_building_the_next_pool_ahead_changes_neither_the_batches_nor_the_position(make_cfg, tokenizer):
+    plain, ahead = stream(make_cfg, tokenizer), stream(make_cfg, tokenizer)
+    for n in range(23):  # pools of 5 batches
+        if n % 3 == 0:
+            ahead.build_next_pool()
+        assert same(next(ahead), next(plain)) and ahead.state_dict() == plain.state_dict()
+    state = ahead.state_dict()
+    ahead.build_next_pool()
+    resumed = stream(make_cfg, tokenizer)
+    resumed.load_state_dict(state)
+    assert same(next(resumed), next(ahead))
