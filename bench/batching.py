@@ -1,21 +1,31 @@
-"""Padding against mixing: real-token fraction and per-batch task share of the batching modes.
+"""Padding against mixing: real-token fraction and per-batch task share of the batching modes;
+the per-rank cost of drawing a rank's batches at 1 to 512 simulated ranks.
 
-    python -m bench.batching [--examples 4000] [--micro-batch-size 16] [--ranks 8] [--batches 200] [--out bench_batching.json]
+    python -m bench.batching [--examples 4000] [--micro-batch-size 16] [--ranks 8] [--accumulation 1]
+                             [--batches 200] [--pool-cost-ranks 1,8,64,512] [--out bench_batching.json]
 
 Builds eight custom tasks whose input lengths follow the GLUE/SuperGLUE training sets (mean
 words per input, log-normal spread: CoLA ~9, SST-2 ~10, QQP ~23, MNLI ~33, QNLI ~37,
 MRPC ~43, RTE ~55, BoolQ ~110) and their label words as targets, all of the same size (equal
 mixing rates), writes them as JSON lines, and draws global batches of ``micro-batch-size x
-ranks`` (default 16 x 8 = 128) from the real ``TrainStream`` (bundled tokenizer) in three modes:
+ranks x accumulation`` (default 16 x 8 x 1 = 128) from the real ``TrainStream`` (bundled
+tokenizer) in three modes:
 
 * ``random``: ``bucket_pool_batches=1`` with ``batch_mixing=length`` (no bucketing at all);
 * ``length``: the pool sorted by length and cut (``batch_mixing=length``);
 * ``stratified``: the default (``batch_mixing=stratified``).
 
-For each it reports the fraction of real tokens in the micro-batches the ranks actually get,
+For each it reports the fraction of real tokens in the micro-batches the ranks actually get
+(every rank, every micro-step),
 ``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, and the share of
 the largest task in each global batch, as a mean over batches and as a multiple of that task's
-mixing rate (1.0 = the batch follows the mixture exactly). Prints a table, writes JSON.
+mixing rate (1.0 = the batch follows the mixture exactly). At one rank with accumulation 1 the
+global batch is one micro-batch that must hold every task at its rate, so it pads to the
+longest task's lengths; with accumulation the micro-steps are cut as ranks are.
+
+``--pool-cost-ranks``: per simulated world size W (rank W-1 of W, default mixing), the CPU time
+(``time.thread_time``) per step that ``next(stream)`` costs that rank, over one whole pool
+(``bucket_pool_batches`` steps, pool construction included). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import argparse
 import json
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +82,18 @@ def write_tasks(folder: Path, examples: int, seed: int) -> list[CustomTaskConfig
     return tasks
 
 
-def batch_stats(stream: TrainStream, ranks: int, batches: int) -> dict:
+def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int = 1) -> dict:
     """Real-token fraction over the ranks' micro-batches; largest task share per global batch."""
     real = total = 0
     shares, ratios = [], []
     for _ in range(batches):
         global_batch = stream.next_global_batch()
-        for rank in range(ranks):
-            items = [(int(k), int(i)) for k, i in stream.rank_share(global_batch, rank)]
-            batch = collate(stream.splits, items, stream._task_ids, stream.pad_id)
-            real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
-            total += batch["input_ids"].numel() + batch["labels"].numel()
+        for micro_step in range(accumulation):
+            for rank in range(ranks):
+                items = stream.rank_share(global_batch, rank, micro_step)
+                batch = collate(stream.splits, items, stream._task_ids, stream.pad_id)
+                real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+                total += batch["input_ids"].numel() + batch["labels"].numel()
         share = np.bincount(global_batch[:, 0], minlength=len(stream.rates)) / len(global_batch)
         shares.append(share.max())
         ratios.append((share / stream.rates).max())
@@ -90,18 +102,21 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int) -> dict:
 
 
 def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, batches: int = 200,
-            pool_batches: int = DataConfig.bucket_pool_batches, seed: int = 0, cache_dir: str | None = None) -> dict:
+            pool_batches: int = DataConfig.bucket_pool_batches, seed: int = 0, cache_dir: str | None = None,
+            accumulation: int = 1) -> dict:
     """Per mode (see the module docstring): real-token fraction and largest task share."""
     tokenizer = load_tokenizer(None)
     result = {"examples_per_task": examples, "micro_batch_size": micro_batch_size, "ranks": ranks,
-              "global_batch": micro_batch_size * ranks, "batches": batches, "bucket_pool_batches": pool_batches}
+              "accumulation": accumulation, "global_batch": micro_batch_size * ranks * accumulation,
+              "batches": batches, "bucket_pool_batches": pool_batches}
     with tempfile.TemporaryDirectory() as tmp:
         custom = write_tasks(Path(tmp) / "data", examples, seed)
         for mode, (pool, mixing) in MODES.items():
             cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool or pool_batches, batch_mixing=mixing,
                              seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
-            stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size, rank=0, world_size=ranks)
-            result[mode] = batch_stats(stream, ranks, batches)
+            stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size, rank=0, world_size=ranks,
+                                 accumulation=accumulation)
+            result[mode] = batch_stats(stream, ranks, batches, accumulation)
     default = result[DataConfig.batch_mixing]
     result["default"] = DataConfig.batch_mixing
     result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
@@ -109,9 +124,35 @@ def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, ba
     return result
 
 
+def pool_cost(ranks: int, examples: int = 4000, micro_batch_size: int = 16, pool_batches: int = 200, seed: int = 0,
+              cache_dir: str | None = None, stream_class=TrainStream, folder: Path | None = None) -> float:
+    """CPU milliseconds per step that rank ``ranks - 1`` of ``ranks`` spends in ``next(stream)``,
+    over one whole pool (see the module docstring). ``stream_class``: another implementation
+    with TrainStream's constructor, for side-by-side runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = folder or Path(tmp) / "data"
+        custom = write_tasks(folder, examples, seed) if not folder.exists() else tasks_in(folder)
+        cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool_batches, seed=seed,
+                         cache_dir=cache_dir or str(Path(tmp) / "cache"))
+        stream = stream_class(cfg, build_tasks(cfg), load_tokenizer(None), micro_batch_size, rank=ranks - 1,
+                              world_size=ranks)
+        started = time.thread_time()
+        for _ in range(pool_batches):
+            next(stream)
+        return (time.thread_time() - started) / pool_batches * 1e3
+
+
+def tasks_in(folder: Path) -> list[CustomTaskConfig]:
+    """The task configs of a folder written by ``write_tasks``."""
+    return [CustomTaskConfig(name=f"bench/{name}", input_template=f"{name} sentence: {{text}}",
+                             path=str(folder / name), label_words=label_words, eval_splits=[])
+            for name, (_, label_words) in GLUE_LIKE.items()]
+
+
 def format_table(result: dict) -> str:
-    lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks, "
-             f"{len(GLUE_LIKE)} GLUE-like tasks at equal rates, {result['batches']} batches",
+    lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks x "
+             f"{result['accumulation']} micro-steps, {len(GLUE_LIKE)} GLUE-like tasks at equal rates, "
+             f"{result['batches']} batches",
              f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10}"]
     for mode in MODES:
         r = result[mode]
@@ -127,12 +168,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--examples", type=int, default=4000, help="examples per task")
     parser.add_argument("--micro-batch-size", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=8, help="ranks sharing a global batch")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-steps per global batch")
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--pool-cost-ranks", default="", help="comma-separated world sizes, e.g. 1,8,64,512")
     parser.add_argument("--pool-batches", type=int, default=DataConfig.bucket_pool_batches)
     parser.add_argument("--out", type=Path, default=Path("bench_batching.json"))
     args = parser.parse_args(argv)
-    result = measure(args.examples, args.micro_batch_size, args.ranks, args.batches, args.pool_batches)
+    result = measure(args.examples, args.micro_batch_size, args.ranks, args.batches, args.pool_batches,
+                     accumulation=args.accumulation)
     print(format_table(result))
+    if args.pool_cost_ranks:
+        costs = {int(w): pool_cost(int(w), args.examples, args.micro_batch_size, args.pool_batches)
+                 for w in args.pool_cost_ranks.split(",")}
+        result["pool_cost_ms_per_step"] = costs
+        print("CPU ms per step of next(stream) on one rank: " + ", ".join(f"{w} ranks {c:.3f}" for w, c in costs.items()))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

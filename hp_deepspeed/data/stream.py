@@ -1,8 +1,12 @@
 """The training stream: mixture sampling, length bucketing, rank sharding, resumable state.
 
 Design: there is one global, rank-independent stream of global batches of
-``G = micro_batch_size * world_size`` examples; rank ``r`` takes the ``r``-th contiguous slice
-of ``micro_batch_size`` examples of each global batch. The stream is built pool by pool; pool
+``G = micro_batch_size * world_size * accumulation`` examples, one per optimizer step; at
+micro-step ``a`` of a step, rank ``r`` takes the ``(a * world_size + r)``-th contiguous slice
+of ``micro_batch_size`` examples of the step's global batch (so the ranks of one micro-step hold
+neighbouring lengths and finish it at about the same time). Gradient accumulation therefore cuts
+the global batch as more ranks would: one GPU with 8 micro-steps gets the micro-batches 8 GPUs
+would get. The stream is built pool by pool; pool
 ``p`` is a pure function of ``(seed, p, G, bucket_pool_batches, batch_mixing, per-task offsets
 at the start of pool p)``:
 
@@ -31,12 +35,13 @@ at the start of pool p)``:
    lengths and dynamic padding wastes few tokens (bench/batching.py measures both modes; the
    trade-off is in data/config.py's ``batch_mixing``).
 
-The state is ``(pool, batch within pool, per-task offsets at the pool start)``, plain JSON.
+The state is ``(pool, batch within pool, micro-step within the batch, per-task offsets at the
+pool start)``, plain JSON.
 Guarantees on ``load_state_dict``:
 
-* same tasks, seed, sizes, global batch size and pool size (any world size whose
-  ``micro_batch_size * world_size`` equals the saved ``G``): the identical global sequence
-  of batches continues; each rank's share is its slice of it;
+* same tasks, seed, sizes, global batch size and pool size (any world size and accumulation
+  whose ``micro_batch_size * world_size * accumulation`` equals the saved ``G``): the identical
+  global sequence of batches continues; each rank's share is its slice of it;
 * a different global batch size or pool size: the stream continues at the start of the
   next pool with the per-task offsets consumed so far, so no example of the current epoch is
   repeated; the rest of the interrupted pool (fewer than ``bucket_pool_batches`` batches) is
@@ -202,9 +207,11 @@ class TrainStream:
         rank: int = 0,
         world_size: int = 1,
         seed: int | None = None,
+        accumulation: int = 1,
     ):
-        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size} rank={rank} world_size={world_size}")
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or accumulation < 1:
+            raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size} rank={rank} world_size={world_size} "
+                             f"accumulation={accumulation}")
         if cfg.bucket_pool_batches < 1:
             raise ValueError(f"data.bucket_pool_batches must be at least 1, got {cfg.bucket_pool_batches}")
         self.tasks = [t for t in tasks if t.train_split is not None]
@@ -217,7 +224,8 @@ class TrainStream:
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
-        self.global_batch_size = micro_batch_size * world_size
+        self.accumulation = accumulation
+        self.global_batch_size = micro_batch_size * world_size * accumulation
         self.pool_batches = cfg.bucket_pool_batches
         self.batch_mixing = cfg.batch_mixing
         self.seed = cfg.seed if seed is None else seed
@@ -227,6 +235,7 @@ class TrainStream:
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._pool_index = 0
         self._batch_in_pool = 0
+        self._micro_step = 0
         self._offsets = [0] * len(self.tasks)
         self._pool: _Pool | None = None
         self._next_pool: _Pool | None = None  # pool _pool_index + 1, when built ahead
@@ -287,11 +296,15 @@ class TrainStream:
         shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
         return _Pool(draws, examples, counts, [parts[i] for i in shuffle], length_rank, global_batch)
 
-    def _advance(self) -> tuple[_Pool, int]:
-        """The pool and index of the next global batch; moves the position past it."""
+    def _current(self) -> tuple[_Pool, int]:
+        """The pool and index of the global batch at the position."""
         if self._pool is None:
             self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
-        pool, index = self._pool, self._batch_in_pool
+        return self._pool, self._batch_in_pool
+
+    def _advance(self) -> tuple[_Pool, int]:
+        """The pool and index of the global batch at the position; moves the position past it."""
+        pool, index = self._current()
         self._batch_in_pool += 1
         if self._batch_in_pool == self.pool_batches:
             self._offsets = [o + c for o, c in zip(self._offsets, pool.counts)]
@@ -312,25 +325,34 @@ class TrainStream:
 
     def next_global_batch(self) -> np.ndarray:
         """The next global batch as a [G, 2] array of (task index, example index); advances."""
+        if self._micro_step:
+            raise RuntimeError(f"the stream is at micro-step {self._micro_step} of a global batch, not at its start")
         pool, index = self._advance()
         return pool.batch(index)
 
     def next_share(self) -> np.ndarray:
-        """This rank's [micro_batch_size, 2] slice of the next global batch; advances. Only the
+        """This rank's [micro_batch_size, 2] slice for the next micro-step; advances. Only the
         rank's own rows are sorted and gathered."""
-        pool, index = self._advance()
-        start = self.rank * self.micro_batch_size
-        return pool.batch(index, start, start + self.micro_batch_size)
+        pool, index = self._current()
+        start = (self._micro_step * self.world_size + self.rank) * self.micro_batch_size
+        rows = pool.batch(index, start, start + self.micro_batch_size)
+        self._micro_step += 1
+        if self._micro_step == self.accumulation:
+            self._micro_step = 0
+            self._advance()
+        return rows
 
     # ------------------------------------------------------------------ this rank's batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def rank_share(self, global_batch: np.ndarray, rank: int | None = None) -> np.ndarray:
-        """Rank ``rank``'s (default: this rank's) contiguous slice of a length-ordered global batch."""
+    def rank_share(self, global_batch: np.ndarray, rank: int | None = None, micro_step: int = 0) -> np.ndarray:
+        """Rank ``rank``'s (default: this rank's) contiguous slice of a length-ordered global
+        batch at micro-step ``micro_step``."""
         rank = self.rank if rank is None else rank
-        return global_batch[rank * self.micro_batch_size : (rank + 1) * self.micro_batch_size]
+        start = (micro_step * self.world_size + rank) * self.micro_batch_size
+        return global_batch[start : start + self.micro_batch_size]
 
     def __next__(self) -> dict[str, torch.Tensor]:
         return collate(self.splits, self.next_share(), self._task_ids, self.pad_id)
@@ -350,6 +372,10 @@ class TrainStream:
             "batch_mixing": self.batch_mixing,
             "pool": self._pool_index,
             "batch_in_pool": self._batch_in_pool,
+            "micro_step": self._micro_step,
+            # what a micro-step means: slices of this size already taken by all ranks
+            "micro_batch_size": self.micro_batch_size,
+            "slices_done": self._micro_step * self.world_size,
             "offsets": list(self._offsets),
         }
 
@@ -366,10 +392,18 @@ class TrainStream:
         self._offsets = [int(o) for o in state["offsets"]]
         self._pool_index = int(state["pool"])
         self._batch_in_pool = int(state["batch_in_pool"])
+        self._micro_step = 0
+        slices_done = int(state.get("slices_done", 0))  # 0 in states saved at a step boundary
         # States saved before batch_mixing existed were cut by length.
         saved_shape = (state["global_batch_size"], state["pool_batches"], state.get("batch_mixing", "length"))
         same_shape = saved_shape == (self.global_batch_size, self.pool_batches, self.batch_mixing)
-        if not same_shape and self._batch_in_pool > 0:
+        if slices_done:
+            # Mid-step: continuable only if the slices taken are whole micro-steps of this job.
+            if same_shape and state.get("micro_batch_size") == self.micro_batch_size and slices_done % self.world_size == 0:
+                self._micro_step = slices_done // self.world_size
+            else:
+                same_shape = False
+        if not same_shape and (self._batch_in_pool > 0 or slices_done > 0):
             counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"]).counts
             logger.warning(
                 "data stream: global batch %d -> %d, pool %d -> %d batches, batch mixing %s -> %s: resuming "

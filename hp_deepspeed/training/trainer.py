@@ -132,6 +132,7 @@ class Trainer:
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
+            accumulation=cfg.training.gradient_accumulation,  # the stream's batch is the step's
         )
 
         # The expensive part: build (and stream in) the sharded model, then the engine.

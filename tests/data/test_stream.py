@@ -16,10 +16,10 @@ from hp_deepspeed.data import DataError, TrainStream, build_tasks, mixing_rates
 SYNTH = ["synthetic/copy", "synthetic/reverse"]
 
 
-def stream(make_cfg, tokenizer, tasks, micro_batch_size=4, rank=0, world_size=1, **cfg):
+def stream(make_cfg, tokenizer, tasks, micro_batch_size=4, rank=0, world_size=1, accumulation=1, **cfg):
     cfg.setdefault("bucket_pool_batches", 10)
     config = make_cfg(tasks=tasks, **cfg)
-    return TrainStream(config, build_tasks(config), tokenizer, micro_batch_size, rank, world_size)
+    return TrainStream(config, build_tasks(config), tokenizer, micro_batch_size, rank, world_size, accumulation=accumulation)
 
 
 def rows(batch):
@@ -189,8 +189,9 @@ def test_resume_refuses_another_version_or_other_rates(make_cfg, tokenizer):
 
 
 def test_sharding_arguments_are_checked(make_cfg, tokenizer):
-    for bad in (dict(micro_batch_size=0), dict(world_size=0, rank=0), dict(rank=2, world_size=2), dict(rank=-1)):
-        with pytest.raises(ValueError, match="bad sharding: micro_batch_size=.* rank=.* world_size="):
+    for bad in (dict(micro_batch_size=0), dict(world_size=0, rank=0), dict(rank=2, world_size=2), dict(rank=-1),
+                dict(accumulation=0)):
+        with pytest.raises(ValueError, match="bad sharding: micro_batch_size=.* rank=.* world_size=.* accumulation="):
             stream(make_cfg, tokenizer, SYNTH, **bad)
     with pytest.raises(ValueError, match="data.bucket_pool_batches must be >= 1, got 0"):
         stream(make_cfg, tokenizer, SYNTH, bucket_pool_batches=0)
@@ -329,3 +330,62 @@ def test_vectorised_collation_equals_padding_row_by_row(make_cfg, tokenizer):
         assert torch.equal(got["labels"], want_labels)
         assert got["task_ids"].tolist() == [s._task_ids[k] for k in items[:, 0]]
         assert all(v.dtype == torch.long for v in got.values())
+
+
+def test_accumulation_micro_steps_get_the_slices_more_ranks_would_get(make_cfg, tokenizer):
+    """G = 3 x 4: one rank with 4 micro-steps, 2 ranks with 2, 4 ranks with 1 see the same
+    micro-batches; micro-step a of rank r is the slice (a * world_size + r) of the global batch."""
+    tasks = SYNTH + ["glue/rte"]
+    one = stream(make_cfg, tokenizer, tasks, micro_batch_size=3, accumulation=4, bucket_pool_batches=4)
+    two = [stream(make_cfg, tokenizer, tasks, micro_batch_size=3, rank=r, world_size=2, accumulation=2,
+                  bucket_pool_batches=4) for r in range(2)]
+    four = [stream(make_cfg, tokenizer, tasks, micro_batch_size=3, rank=r, world_size=4, bucket_pool_batches=4)
+            for r in range(4)]
+    for _ in range(9):  # crosses two pool boundaries
+        by_four = [next(s) for s in four]
+        by_two = [next(s) for a in range(2) for s in two]  # micro-step a: rank 0, then rank 1
+        by_one = [next(one) for _ in range(4)]
+        for a, b, c in zip(by_four, by_two, by_one):
+            assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert one.state_dict()["global_batch_size"] == 12 and one.state_dict()["micro_step"] == 0
+
+
+def test_a_state_saved_mid_step_resumes_where_its_slices_allow(make_cfg, tokenizer):
+    def make(**kw):
+        return stream(make_cfg, tokenizer, SYNTH, micro_batch_size=2, bucket_pool_batches=3, **kw)
+
+    one = make(accumulation=4)
+    for _ in range(6):  # one global batch and two micro-steps into the second
+        next(one)
+    two_in = json.loads(json.dumps(one.state_dict()))
+    assert (two_in["batch_in_pool"], two_in["micro_step"], two_in["slices_done"]) == (1, 2, 2)
+    expected = [next(one) for _ in range(10)]
+    same = make(accumulation=4)
+    same.load_state_dict(two_in)
+    for want in expected:
+        got = next(same)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    # two slices taken = one micro-step of 2 ranks: rank 0's next micro-batch is slice 2
+    rank0 = make(world_size=2, rank=0, accumulation=2)
+    rank0.load_state_dict(two_in)
+    got = next(rank0)
+    assert all(torch.equal(got[k], expected[0][k]) for k in expected[0])
+    # one slice taken cannot be continued by 2 ranks: the rest of the pool is skipped
+    one.load_state_dict(two_in)
+    next(one)
+    odd = one.state_dict()
+    assert odd["slices_done"] == 3
+    rank1 = make(world_size=2, rank=1, accumulation=2)
+    rank1.load_state_dict(odd)
+    assert (rank1.state_dict()["pool"], rank1.state_dict()["batch_in_pool"], rank1.state_dict()["micro_step"]) == (1, 0, 0)
+    with pytest.raises(RuntimeError, match="at micro-step 3 of a global batch"):
+        one.next_global_batch()
+
+
+def test_one_rank_with_accumulation_pads_as_little_as_as_many_ranks_and_follows_the_mixture(session_cache):
+    """8 GLUE-like tasks at equal rates, 16 per micro-batch, one rank with 8 micro-steps
+    (bench/batching.py): the global batch of 128 is cut as 8 ranks would cut it."""
+    result = measure(examples=600, micro_batch_size=16, ranks=1, accumulation=8, batches=20, pool_batches=30,
+                     cache_dir=session_cache)
+    assert result["stratified"]["real_token_fraction"] >= 0.9
+    assert result["stratified"]["largest_share_over_rate"] <= 1.25
