@@ -2,7 +2,7 @@
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
-(pool construction, collation; the next pool is built while the queue is full), pins them in page-locked memory and starts their host-to-device
+(collation; the next pool is built by a helper thread meanwhile), pins them in page-locked memory and starts their host-to-device
 copies on a side CUDA stream with ``non_blocking=True``, while the main thread runs the current
 step; at most ``depth`` batches wait in the queue. The consumer's ``next`` then only takes a ready
 batch; the time it still blocks is ``last_wait_s`` (the data time left on the critical path).
@@ -31,6 +31,21 @@ from typing import Any, Iterator, Mapping
 import torch
 
 _POLL_S = 0.1  # how often a producer blocked on a full queue checks for close()
+
+
+class _Job(threading.Thread):
+    """One function run in a daemon thread; its result or exception kept for the joiner."""
+
+    def __init__(self, fn):
+        super().__init__(name="hp-deepspeed-pool", daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised by the producer
+            self.error = error
 
 
 class _Failure:
@@ -66,28 +81,44 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
+        self._pool_job: _Job | None = None
         self._copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self._thread = threading.Thread(target=self._produce, name="hp-deepspeed-prefetch", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ producer (background thread)
-    def _put(self, item, idle_work: bool = False) -> bool:
-        build_ahead = getattr(self.stream, "build_next_pool", None) if idle_work else None
+    def _put(self, item) -> bool:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL_S)
                 return True
             except queue.Full:
-                if build_ahead is not None:
-                    # Idle while the step runs: build the stream's next pool now, so crossing
-                    # into it does not stall the consumer for a whole pool's construction.
-                    build_ahead()
-                    build_ahead = None
+                continue
         return False
 
+    def _build_pools_ahead(self) -> None:
+        """Keep one build of the stream's next pool running in a helper thread (numpy's sorts
+        release the GIL), so crossing into a pool does not stall the queue for a whole pool's
+        construction; at the boundary, wait for that build rather than start another."""
+        job = self._pool_job
+        # A failed build is reported when its pool is needed, at the batch that would use it.
+        if job is not None and (self.stream.needs_pool() or (not job.is_alive() and job.error is None)):
+            job.join()
+            self._pool_job = None
+            if job.error is not None:
+                raise job.error
+            self.stream.install_pool(job.result)
+        if self._pool_job is None:
+            builder = self.stream.next_pool_builder()
+            if builder is not None:
+                self._pool_job = _Job(builder)
+
     def _produce(self) -> None:
+        ahead = all(hasattr(self.stream, name) for name in ("next_pool_builder", "install_pool", "needs_pool"))
         try:
             while not self._stop.is_set():
+                if ahead:
+                    self._build_pools_ahead()
                 try:
                     batch = next(self.stream)
                 except StopIteration:
@@ -99,7 +130,7 @@ class Prefetcher:
                 if self._copy_stream is not None:
                     ready = torch.cuda.Event()
                     ready.record(self._copy_stream)
-                if not self._put((batch, state, ready), idle_work=True):
+                if not self._put((batch, state, ready)):
                     return
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(_Failure(error))
@@ -154,6 +185,8 @@ class Prefetcher:
             except queue.Empty:
                 pass
             self._thread.join(timeout=_POLL_S)
+        if self._pool_job is not None:
+            self._pool_job.join()
         self._done = True
 
     def __del__(self):

@@ -243,13 +243,16 @@ class TrainStream:
     # ------------------------------------------------------------------ the global stream
 
     def _permutation(self, k: int, epoch: int) -> np.ndarray:
+        # Read once into a local: a pool built in another thread (next_pool_builder) may clear
+        # the cache between a membership test and a lookup.
         key = (k, epoch)
-        if key not in self._perm_cache:
+        permutation = self._perm_cache.get(key)
+        if permutation is None:
             if len(self._perm_cache) > 4 * len(self.tasks):
                 self._perm_cache.clear()
             rng = np.random.default_rng([self.seed, self._name_keys[k], epoch])
-            self._perm_cache[key] = rng.permutation(self.sizes[k])
-        return self._perm_cache[key]
+            permutation = self._perm_cache[key] = rng.permutation(self.sizes[k])
+        return permutation
 
     def _examples(self, k: int, start: int, count: int) -> np.ndarray:
         """Example indices at positions ``start .. start+count-1`` of task k's sequence."""
@@ -313,15 +316,35 @@ class TrainStream:
             self._pool, self._next_pool = self._next_pool, None
         return pool, index
 
+    def needs_pool(self) -> bool:
+        """Whether the next batch would build its pool first."""
+        return self._pool is None
+
+    def next_pool_builder(self):
+        """A function building the pool after the current one, to run in another thread while
+        this stream hands out the current pool's batches, or None when that pool is already
+        built; ``install_pool`` takes its result. Pools are pure functions of the position, so
+        the batches are the same whether or not this is used."""
+        if self._next_pool is not None:
+            return None
+        pool, _ = self._current()
+        index, global_batch, pool_batches = self._pool_index + 1, self.global_batch_size, self.pool_batches
+        offsets = [o + c for o, c in zip(self._offsets, pool.counts)]
+        return lambda: (index, self._make_pool(index, offsets, global_batch, pool_batches))
+
+    def install_pool(self, built: tuple[int, _Pool]) -> None:
+        """Take a pool built by ``next_pool_builder``'s function if the stream still needs it."""
+        index, pool = built
+        if index == self._pool_index and self._pool is None:
+            self._pool = pool
+        elif index == self._pool_index + 1 and self._next_pool is None:
+            self._next_pool = pool
+
     def build_next_pool(self) -> None:
-        """Build the pool after the current one now (a pure function of the position), so that
-        crossing into it costs nothing; the prefetch thread calls this while its queue is full.
-        Changes no position: the batches are the same whether or not it is called."""
-        if self._pool is None:
-            self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
-        if self._next_pool is None:
-            offsets = [o + c for o, c in zip(self._offsets, self._pool.counts)]
-            self._next_pool = self._make_pool(self._pool_index + 1, offsets, self.global_batch_size, self.pool_batches)
+        """Build the pool after the current one now, in this thread."""
+        builder = self.next_pool_builder()
+        if builder is not None:
+            self.install_pool(builder())
 
     def next_global_batch(self) -> np.ndarray:
         """The next global batch as a [G, 2] array of (task index, example index); advances."""

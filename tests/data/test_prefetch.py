@@ -136,3 +136,22 @@ def test_building_the_next_pool_ahead_changes_neither_the_batches_nor_the_positi
     resumed = stream(make_cfg, tokenizer)
     resumed.load_state_dict(state)
     assert same(next(resumed), next(ahead))
+
+
+def test_a_pool_built_ahead_in_a_helper_thread_that_fails_surfaces_at_the_first_batch_of_that_pool(
+        make_cfg, tokenizer, monkeypatch):
+    source = stream(make_cfg, tokenizer)
+    real = source._make_pool
+
+    def failing(pool_index, *args):
+        if pool_index == 1:
+            raise MemoryError("pool 1 does not fit")
+        return real(pool_index, *args)
+
+    monkeypatch.setattr(source, "_make_pool", failing)
+    prefetched = Prefetcher(source, depth=2)
+    for _ in range(5):  # pool 0 (5 batches) is handed out whole
+        next(prefetched)
+    with pytest.raises(MemoryError, match="pool 1 does not fit"):
+        next(prefetched)
+    assert not prefetched._thread.is_alive() and prefetched.state_dict()["pool"] == 1
