@@ -35,6 +35,12 @@ at the start of pool p)``:
    lengths and dynamic padding wastes few tokens (bench/batching.py measures both modes; the
    trade-off is in data/config.py's ``batch_mixing``).
 
+What a rank computes: every rank builds each pool's draws and their length order itself (no
+communication), since where a batch is cut depends on every draw's length; that part costs
+O(G) per step, in a few vectorised numpy sorts. Of each global batch a rank then partitions out,
+sorts and collates only its own slice. ``next_pool_builder`` lets data/prefetch.py build the
+next pool in a helper thread while the current one is handed out.
+
 The state is ``(pool, batch within pool, micro-step within the batch, per-task offsets at the
 pool start)``, plain JSON.
 Guarantees on ``load_state_dict``:
@@ -166,6 +172,29 @@ def _by_value_then_task(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -
     return np.argsort(dense * num_tasks + tasks)
 
 
+class _FlatIds:
+    """The ids of every training split in one array per column, so a micro-batch spanning
+    several tasks is gathered with a few array operations instead of a few per task. The
+    splits' own id arrays become views of it (no second copy)."""
+
+    def __init__(self, splits: Sequence[TokenizedSplit], ids: str, offsets: str):
+        self.ids = np.concatenate([getattr(s, ids) for s in splits])
+        id_base = np.cumsum([0] + [len(getattr(s, ids)) for s in splits])
+        for split, lo, hi in zip(splits, id_base[:-1], id_base[1:]):
+            setattr(split, ids, self.ids[lo:hi])
+        self.starts = np.concatenate([getattr(s, offsets)[:-1] + b for s, b in zip(splits, id_base)])
+        self.lengths = np.concatenate([np.diff(getattr(s, offsets)) for s in splits])
+
+    def gather(self, examples: np.ndarray, fill: int) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded int64 rows of the given (global) examples and their mask of real ids."""
+        starts, lengths = self.starts[examples], self.lengths[examples]
+        columns = np.arange(int(lengths.max()))
+        real = columns < lengths[:, None]
+        out = np.full(real.shape, fill, dtype=np.int64)
+        out[real] = self.ids[(starts[:, None] + columns)[real]]
+        return out, real
+
+
 class _Pool:
     """One pool: its draws, how many examples it took of each task, and its cut into global
     batches (in consumption order). A batch's length order, or only one rank's slice of it, is
@@ -231,6 +260,10 @@ class TrainStream:
         self.seed = cfg.seed if seed is None else seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._task_ids = [t.task_id for t in self.tasks]
+        self._task_id_array = np.asarray(self._task_ids, dtype=np.int64)
+        self._example_base = np.cumsum([0] + self.sizes[:-1]).astype(np.int64)
+        self._flat_inputs = _FlatIds(self.splits, "input_ids", "input_offsets")
+        self._flat_targets = _FlatIds(self.splits, "target_ids", "target_offsets")
         self._name_keys = [zlib.crc32(t.name.encode()) for t in self.tasks]
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._pool_index = 0
@@ -256,12 +289,14 @@ class TrainStream:
 
     def _examples(self, k: int, start: int, count: int) -> np.ndarray:
         """Example indices at positions ``start .. start+count-1`` of task k's sequence."""
-        positions = np.arange(start, start + count)
-        epochs = positions // self.sizes[k]
+        size = self.sizes[k]
         out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(epochs):
-            at = epochs == epoch
-            out[at] = self._permutation(k, int(epoch))[positions[at] % self.sizes[k]]
+        position = start
+        while position < start + count:  # the positions are contiguous: one slice per epoch
+            epoch, within = divmod(position, size)
+            take = min(size - within, start + count - position)
+            out[position - start : position - start + take] = self._permutation(k, epoch)[within : within + take]
+            position += take
         return out
 
     def _make_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int, pool_batches: int) -> _Pool:
@@ -377,8 +412,20 @@ class TrainStream:
         start = (micro_step * self.world_size + rank) * self.micro_batch_size
         return global_batch[start : start + self.micro_batch_size]
 
+    def collate(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """``collate(self.splits, rows, ...)``, gathered from the flat arrays of all tasks."""
+        examples = self._example_base[rows[:, 0]] + rows[:, 1]
+        input_ids, real = self._flat_inputs.gather(examples, self.pad_id)
+        labels, _ = self._flat_targets.gather(examples, LABEL_PAD)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(real.astype(np.int64)),
+            "labels": torch.from_numpy(labels),
+            "task_ids": torch.from_numpy(self._task_id_array[rows[:, 0]]),
+        }
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        return collate(self.splits, self.next_share(), self._task_ids, self.pad_id)
+        return self.collate(self.next_share())
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -266,7 +267,11 @@ def reference_global_batches(s: TrainStream, count: int) -> list[np.ndarray]:
         examples = np.empty(size, dtype=np.int64)
         for k in range(len(s.tasks)):
             where = np.flatnonzero(draws == k)
-            examples[where] = s._examples(k, offsets[k], len(where))
+            positions = np.arange(offsets[k], offsets[k] + len(where))
+            for at, position in zip(where, positions):  # epoch after epoch of a fresh permutation
+                epoch, within = divmod(int(position), s.sizes[k])
+                rng = np.random.default_rng([s.seed, zlib.crc32(s.tasks[k].name.encode()), epoch])
+                examples[at] = rng.permutation(s.sizes[k])[within]
             offsets[k] += len(where)
         in_len = np.array([s.splits[k].input_lengths[i] for k, i in zip(draws, examples)])
         tgt_len = np.array([s.splits[k].target_lengths[i] for k, i in zip(draws, examples)])
@@ -325,11 +330,11 @@ def test_vectorised_collation_equals_padding_row_by_row(make_cfg, tokenizer):
         for row, (x, y) in enumerate(zip(inputs, targets)):
             want_ids[row, :len(x)], want_mask[row, :len(x)] = torch.tensor(x.tolist()), 1
             want_labels[row, :len(y)] = torch.tensor(y.tolist())
-        got = collate(s.splits, items, s._task_ids, s.pad_id)
-        assert torch.equal(got["input_ids"], want_ids) and torch.equal(got["attention_mask"], want_mask)
-        assert torch.equal(got["labels"], want_labels)
-        assert got["task_ids"].tolist() == [s._task_ids[k] for k in items[:, 0]]
-        assert all(v.dtype == torch.long for v in got.values())
+        for got in (collate(s.splits, items, s._task_ids, s.pad_id), s.collate(items)):  # generic, the stream's
+            assert torch.equal(got["input_ids"], want_ids) and torch.equal(got["attention_mask"], want_mask)
+            assert torch.equal(got["labels"], want_labels)
+            assert got["task_ids"].tolist() == [s._task_ids[k] for k in items[:, 0]]
+            assert all(v.dtype == torch.long for v in got.values())
 
 
 def test_accumulation_micro_steps_get_the_slices_more_ranks_would_get(make_cfg, tokenizer):
