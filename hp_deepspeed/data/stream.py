@@ -151,6 +151,17 @@ def collate(
 def _length_rank(in_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
     """Per pool position, its rank in (input length, target length, position) order."""
     size = len(in_len)
+    code = in_len * (int(tgt_len.max()) + 1) + tgt_len  # increasing in (input, target) length
+    if int(code.max()) < 2**24:
+        present = np.zeros(int(code.max()) + 1, dtype=np.int64)
+        present[code] = 1
+        dense = np.cumsum(present) - 1  # the length pairs that occur, numbered in order
+        if dense[-1] < 2**16:
+            # A stable sort keeps positions in order; numpy sorts 16-bit keys stably by radix.
+            order = np.argsort(dense[code].astype(np.uint16), kind="stable")
+            rank = np.empty(size, dtype=np.int64)
+            rank[order] = np.arange(size)
+            return rank
     bits = [int(in_len.max()).bit_length(), int(tgt_len.max()).bit_length(), size.bit_length()]
     if sum(bits) <= 62:  # one int64 key: a single argsort instead of a three-key lexsort
         key = (in_len << (bits[1] + bits[2])) | (tgt_len << bits[2]) | np.arange(size)
