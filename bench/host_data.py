@@ -18,9 +18,10 @@ bench/batching.py's eight GLUE-like tasks (equal rates, 16 per micro-batch, defa
 * ``pool cost``: CPU time per step of ``next(stream)`` on rank W-1 of W over one whole pool,
   W = 1, 8, 64, 512 (bench.batching.pool_cost), this tree against ``--baseline-rev``'s stream.
 * ``real tokens``: bench.batching.measure at 1 rank, 1 rank with 8 accumulation micro-steps, 8 ranks.
-* ``tokenisation``: token ids of every input and target text, in tokens per CPU-second of the
-  whole process (the Rust tokenizer uses several threads): the Rust ``encode_batch`` alone, this
-  tree's ``_ragged`` (encode_batch and the flat arrays), and the ``transformers`` call.
+* ``tokenisation``: token ids of GLUE-like texts, in tokens per CPU-second of the process with
+  ``TOKENIZERS_PARALLELISM=false`` (one tokenizer thread): the Rust ``encode_batch`` alone, this
+  tree's ``_ragged`` (encode_batch and the flat arrays), and the ``transformers`` call with the
+  flattening the code before did.
 * ``collate``: one micro-batch, the vectorised ``collate`` against the baseline's row by row.
 * ``fingerprint``: ``tokenizer_fingerprint`` memoised against computed afresh.
 
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline-rev", default="f981c88")
     parser.add_argument("--out", default="host_data")
     args = parser.parse_args(argv)
+    # One tokenizer thread: CPU-seconds of Rust's thread pool on a shared machine include its
+    # threads' spinning, which varies with the load more than the tokenisation does.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     baseline = baseline_stream_module(args.baseline_rev) if args.baseline_rev else None
     before = machine()
     result = {"benchmark": "host_data", "baseline_rev": args.baseline_rev if baseline else None,
