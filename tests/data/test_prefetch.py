@@ -155,3 +155,38 @@ def test_a_pool_built_ahead_in_a_helper_thread_that_fails_surfaces_at_the_first_
     with pytest.raises(MemoryError, match="pool 1 does not fit"):
         next(prefetched)
     assert not prefetched._thread.is_alive() and prefetched.state_dict()["pool"] == 1
+
+
+class Recorded:
+    """Fixed micro-batches as a stream with a position."""
+
+    def __init__(self, batches):
+        self.batches, self.n = batches, 0
+
+    def __next__(self):
+        if self.n == len(self.batches):
+            raise StopIteration
+        self.n += 1
+        return self.batches[self.n - 1]
+
+    def state_dict(self):
+        return {"n": self.n}
+
+
+def test_the_trainer_step_counts_its_data_wait_and_checkpoints_the_consumers_position():
+    from tests.conditioning.common import random_batch, tiny_model
+    from tests.training.test_trainer_units import step_only_trainer
+
+    from hp_deepspeed.training.trainer import WindowStats
+
+    micro = [random_batch(3, seed=s, max_src=9, max_tgt=6) for s in range(6)]
+    trainer = step_only_trainer(tiny_model("none"), "none", accumulation=2)
+    trainer.step, trainer.batches = 1, Prefetcher(Recorded(micro), depth=3)
+    window = WindowStats(num_tasks=4)
+    try:
+        trainer.train_step(trainer.batches, window)
+        assert window.steps == 1 and window.data_wait_s > 0
+        # two micro-batches consumed; the producer has drawn more, the checkpoint says 2
+        assert trainer.trainer_state() == {"step": 1, "data": {"n": 2}}
+    finally:
+        trainer.batches.close()
