@@ -41,8 +41,9 @@ O(G) per step, in a few vectorised numpy sorts. Of each global batch a rank then
 sorts and collates only its own slice. ``next_pool_builder`` lets data/prefetch.py build the
 next pool in a helper thread while the current one is handed out.
 
-The state is ``(pool, batch within pool, micro-step within the batch, per-task offsets at the
-pool start)``, plain JSON.
+The state is ``(pool, batch within pool, examples of that batch already taken by all ranks,
+per-task offsets at the pool start)``, plain JSON; at a step boundary it is the same whatever
+the world size and accumulation.
 Guarantees on ``load_state_dict``:
 
 * same tasks, seed, sizes, global batch size and pool size (any world size and accumulation
@@ -453,10 +454,9 @@ class TrainStream:
             "batch_mixing": self.batch_mixing,
             "pool": self._pool_index,
             "batch_in_pool": self._batch_in_pool,
-            "micro_step": self._micro_step,
-            # what a micro-step means: slices of this size already taken by all ranks
-            "micro_batch_size": self.micro_batch_size,
-            "slices_done": self._micro_step * self.world_size,
+            # examples of the current global batch already taken by all ranks (0 at a step
+            # boundary): a position in the global stream, whatever the world size
+            "examples_in_batch": self._micro_step * self.world_size * self.micro_batch_size,
             "offsets": list(self._offsets),
         }
 
@@ -474,17 +474,18 @@ class TrainStream:
         self._pool_index = int(state["pool"])
         self._batch_in_pool = int(state["batch_in_pool"])
         self._micro_step = 0
-        slices_done = int(state.get("slices_done", 0))  # 0 in states saved at a step boundary
+        taken = int(state.get("examples_in_batch", 0))
         # States saved before batch_mixing existed were cut by length.
         saved_shape = (state["global_batch_size"], state["pool_batches"], state.get("batch_mixing", "length"))
         same_shape = saved_shape == (self.global_batch_size, self.pool_batches, self.batch_mixing)
-        if slices_done:
-            # Mid-step: continuable only if the slices taken are whole micro-steps of this job.
-            if same_shape and state.get("micro_batch_size") == self.micro_batch_size and slices_done % self.world_size == 0:
-                self._micro_step = slices_done // self.world_size
+        if taken:
+            # Mid-step: continuable only if what was taken is whole micro-steps of this job.
+            per_micro_step = self.world_size * self.micro_batch_size
+            if same_shape and taken % per_micro_step == 0:
+                self._micro_step = taken // per_micro_step
             else:
                 same_shape = False
-        if not same_shape and (self._batch_in_pool > 0 or slices_done > 0):
+        if not same_shape and (self._batch_in_pool > 0 or taken > 0):
             counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"]).counts
             logger.warning(
                 "data stream: global batch %d -> %d, pool %d -> %d batches, batch mixing %s -> %s: resuming "

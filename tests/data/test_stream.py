@@ -352,7 +352,7 @@ def test_accumulation_micro_steps_get_the_slices_more_ranks_would_get(make_cfg, 
         by_one = [next(one) for _ in range(4)]
         for a, b, c in zip(by_four, by_two, by_one):
             assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
-    assert one.state_dict()["global_batch_size"] == 12 and one.state_dict()["micro_step"] == 0
+    assert one.state_dict()["global_batch_size"] == 12 and one.state_dict()["examples_in_batch"] == 0
 
 
 def test_a_state_saved_mid_step_resumes_where_its_slices_allow(make_cfg, tokenizer):
@@ -363,26 +363,26 @@ def test_a_state_saved_mid_step_resumes_where_its_slices_allow(make_cfg, tokeniz
     for _ in range(6):  # one global batch and two micro-steps into the second
         next(one)
     two_in = json.loads(json.dumps(one.state_dict()))
-    assert (two_in["batch_in_pool"], two_in["micro_step"], two_in["slices_done"]) == (1, 2, 2)
+    assert (two_in["batch_in_pool"], two_in["examples_in_batch"]) == (1, 4)
     expected = [next(one) for _ in range(10)]
     same = make(accumulation=4)
     same.load_state_dict(two_in)
     for want in expected:
         got = next(same)
         assert all(torch.equal(got[k], want[k]) for k in want)
-    # two slices taken = one micro-step of 2 ranks: rank 0's next micro-batch is slice 2
+    # four examples taken = one micro-step of 2 ranks x 2: rank 0's next micro-batch is slice 2
     rank0 = make(world_size=2, rank=0, accumulation=2)
     rank0.load_state_dict(two_in)
     got = next(rank0)
     assert all(torch.equal(got[k], expected[0][k]) for k in expected[0])
-    # one slice taken cannot be continued by 2 ranks: the rest of the pool is skipped
+    # three slices (6 examples) cannot be continued by 2 ranks: the rest of the pool is skipped
     one.load_state_dict(two_in)
     next(one)
     odd = one.state_dict()
-    assert odd["slices_done"] == 3
+    assert odd["examples_in_batch"] == 6
     rank1 = make(world_size=2, rank=1, accumulation=2)
     rank1.load_state_dict(odd)
-    assert (rank1.state_dict()["pool"], rank1.state_dict()["batch_in_pool"], rank1.state_dict()["micro_step"]) == (1, 0, 0)
+    assert (rank1.state_dict()["pool"], rank1.state_dict()["batch_in_pool"], rank1.state_dict()["examples_in_batch"]) == (1, 0, 0)
     with pytest.raises(RuntimeError, match="at micro-step 3 of a global batch"):
         one.next_global_batch()
 
