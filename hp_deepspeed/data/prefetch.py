@@ -2,9 +2,10 @@
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
-(collation; the next pool is built by a helper thread meanwhile), pins them in page-locked memory and starts their host-to-device
-copies on a side CUDA stream with ``non_blocking=True``, while the main thread runs the current
-step; at most ``depth`` batches wait in the queue. The consumer's ``next`` then only takes a ready
+and collates them (while a helper thread builds the stream's next pool), pins them in
+page-locked memory and starts their host-to-device copies on a side CUDA stream with
+``non_blocking=True``, while the main thread runs the current step; at most ``depth`` batches
+wait in the queue. The consumer's ``next`` then only takes a ready
 batch; the time it still blocks is ``last_wait_s`` (the data time left on the critical path).
 
 Exact resume: the stream itself runs ahead of the model by up to ``depth + 1`` batches, so its
@@ -15,8 +16,8 @@ the batches that were prefetched but never consumed.
 
 Errors: an exception raised while producing (a corrupt cache, a bug in collation) is re-raised
 in the consumer at the ``next`` that would have returned that batch, with its traceback.
-``close`` stops and joins the thread (a preemption or an exception in the step); it is
-idempotent and also runs on garbage collection.
+``close`` stops and joins the thread (the trainer calls it on a preemption or an exception in
+the step); it is idempotent, and a prefetcher that is garbage-collected also stops its thread.
 
 Not owned here: what the batches are (``data.stream``), when the trainer saves.
 """
@@ -74,6 +75,8 @@ class Prefetcher:
             raise ValueError(f"prefetch depth must be at least 1, got {depth}")
         self.stream = stream
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the caller's current GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.depth = depth
         self.last_wait_s = 0.0
         self.consumed = 0
@@ -114,6 +117,9 @@ class Prefetcher:
                 self._pool_job = _Job(builder)
 
     def _produce(self) -> None:
+        if self.device.type == "cuda":
+            # Per thread: without it this thread's pinned allocations would open a context on GPU 0.
+            torch.cuda.set_device(self.device)
         ahead = all(hasattr(self.stream, name) for name in ("next_pool_builder", "install_pool", "needs_pool"))
         try:
             while not self._stop.is_set():
