@@ -2,7 +2,8 @@
 
 Modules in dependency order: ``config`` (DataConfig), ``metrics``, ``tasks`` (registry,
 build_tasks, benchmark_average), ``sources`` (files / hub), ``tokenization`` (load_tokenizer,
-cached tokenised splits), ``stream`` (TrainStream), ``evaluation`` (EvalSet).
+cached tokenised splits), ``stream`` (TrainStream), ``prefetch`` (Prefetcher: batches built in a
+background thread), ``evaluation`` (EvalSet).
 """
 
 from hp_deepspeed.data.config import BUNDLED_DATA_DIR, BUNDLED_TOKENIZER_DIR, CustomTaskConfig, DataConfig

@@ -132,7 +132,9 @@ class DataConfig:
     ranks, ~93% real tokens, largest task share 1.0x its rate). ``length``: the pool is sorted
     by length and cut, the least padding when micro-batches are large, but batches cluster by
     task (largest share 3.5x its rate on the same mix): the mixture then holds only over many
-    steps."""
+    steps. Gradient accumulation micro-steps are cut as ranks are: one GPU with 8 micro-steps of
+    16 pads as little as 8 GPUs; one GPU with one micro-step per optimizer step cannot, since
+    that micro-batch must hold every task."""
 
     prefetch_batches: int = 4
     """Micro-batches built, collated and copied to the device in a background thread while the
