@@ -260,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     except _input_errors() as err:
         print(input_error_line(args.command, err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the trainer's handlers are in place (imports, start-up) or in a command
+        # without them: nothing was being trained, so there is nothing to save.
+        from hp_deepspeed.training.preemption import EXIT_INTERRUPTED, first_rank_by_environment
+
+        if first_rank_by_environment():
+            print(f"hp-deepspeed {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
         from hp_deepspeed.launching.distributed import describe_lost_peer
 

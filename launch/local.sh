@@ -14,4 +14,4 @@ source "$(dirname "$0")/preflight.sh" "$@"
 args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank --module)
 [ -n "${HP_NUM_GPUS:-}" ] && args=(--num_gpus "$HP_NUM_GPUS" "${args[@]}")
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options
-exec deepspeed ${HP_LAUNCHER_ARGS:-} "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"
+exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- deepspeed ${HP_LAUNCHER_ARGS:-} "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"

@@ -107,6 +107,7 @@ class Trainer:
         self.dist_env = init_distributed()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
+        self.preemption.speaks = self.is_main
         if not self.is_main:
             # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
             # Warnings and errors still come from every rank.
@@ -178,7 +179,9 @@ class Trainer:
                 if save or stop:
                     self.save()
                 if stop:
-                    log.warning("preemption: checkpoint of step %d written, exiting with %d", self.step, EXIT_PREEMPTED)
+                    if self.is_main:
+                        log.warning("checkpoint of step %d written; stopping with exit code %d (resume with "
+                                    "--resume auto)", self.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
             return 0
         finally:
