@@ -75,18 +75,20 @@ def _checkpoint_to_load(cfg, required: bool):
     return checkpoint_to_load(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume, required=required)
 
 
-def _preflight(cfg) -> None:
-    """The checks train and eval make before any rank starts (tokenizer, tasks, model source,
-    DeepSpeed config file), made by ``validate`` too: the launch scripts' preflight then reports
-    them before any rank or node is started."""
+def _preflight(cfg, training: bool) -> None:
+    """What ``validate`` checks so that the launch scripts' preflight reports it before any rank
+    or node is started: the tokenizer, the tasks, the model source, the DeepSpeed config file,
+    then every data split the job reads (found, decoded, parsed, counted; data/preflight.py)."""
     from hp_deepspeed.data import build_tasks, load_tokenizer
+    from hp_deepspeed.data.preflight import check_splits
     from hp_deepspeed.model.builder import check_model_source
     from hp_deepspeed.training.ds_config import read_ds_config
 
-    load_tokenizer(cfg.data.tokenizer)
-    build_tasks(cfg.data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tasks = build_tasks(cfg.data)
     check_model_source(cfg.model)
     read_ds_config(cfg.training.ds_config)
+    check_splits(cfg.data, tasks, tokenizer, training=training)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -99,8 +101,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     evaluating = args.checkpoint is not None or args.as_command == "eval"
     spec = (args.checkpoint or "auto") if evaluating else args.resume
     cfg = _job_config(args, [f"checkpoint.resume={spec}"] if spec else [])
-    _preflight(cfg)
     _checkpoint_to_load(cfg, required=evaluating)
+    _preflight(cfg, training=not evaluating)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
