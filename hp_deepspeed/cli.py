@@ -16,8 +16,12 @@ wrong types are rejected here, before any distributed start-up or model construc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
 import sys
+import tempfile
+import time
 import warnings
 
 from hp_deepspeed.config import ConfigError, load_config, one_line
@@ -251,6 +255,35 @@ def input_error_line(command: str, err: BaseException) -> str:
     return f"hp-deepspeed {command}: error: {one_line(str(err))}"
 
 
+def _several_ranks() -> bool:
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) > 1
+    return False
+
+
+def print_once(line: str) -> None:
+    """Print an error line to stderr once per job and node, not once per rank: every rank of a job
+    usually meets the same bad input, and eight copies of one line read as eight problems. The
+    first rank to claim a marker file (keyed by the launcher's pid, which the ranks of one node
+    share, and the line) prints; a line only one rank meets is printed by that rank."""
+    if _several_ranks():
+        key = hashlib.sha256(f"{os.getppid()}\0{line}".encode()).hexdigest()[:20]
+        marker = os.path.join(tempfile.gettempdir(), f"hp-deepspeed-{os.getuid()}-{key}.printed")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(marker).st_mtime < 600:  # older: a reused pid, print anew
+                    return
+                os.utime(marker)
+            except OSError:
+                pass
+        except OSError:
+            pass  # no writable temp dir: every rank prints
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -260,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_process()  # before the subcommand imports deepspeed, which picks its device once
         status = args.func(args)
     except _input_errors() as err:
-        print(input_error_line(args.command, err), file=sys.stderr)
+        print_once(input_error_line(args.command, err))
         return 2
     except KeyboardInterrupt:
         # Ctrl-C before the trainer's handlers are in place (imports, start-up) or in a command
@@ -276,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
         lost = describe_lost_peer(err)
         if lost is None:
             raise
-        print(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})",
-              file=sys.stderr, flush=True)
+        print_once(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})")
         return 1
     if args.command in DEVICE_COMMANDS:
         from hp_deepspeed.launching.distributed import shutdown_distributed
+        from hp_deepspeed.launching.supervise import record_preempted
 
         shutdown_distributed()
+        status = record_preempted(status)
     return status
 
 

@@ -24,8 +24,12 @@ What this process does:
  * when the launcher has exited, or ``HP_STOP_TIMEOUT`` seconds (default 300) after a stop was
    requested, whatever is left of the run gets SIGTERM, then SIGKILL after a few seconds.
 
-It exits with the launcher's status (75 after a save-and-stop, see ``EXIT_PREEMPTED``), or
-128 + N when the launcher was killed by signal N. What it does not do: restart anything, reach
+Launchers report a rank's non-zero exit as a crash (torchrun raises ``ChildFailedError`` with a
+traceback and exits 1, DeepSpeed logs ``[ERROR] ... exits with return code = 75``), so a rank
+started under this process (``HP_SUPERVISOR_DIR`` set) that stopped after its save records 75 in
+that folder and exits 0; this process then exits 75. It exits with the launcher's status when
+that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the launcher was killed by
+signal N. What it does not do: restart anything, reach
 ranks on other nodes (each node's own launcher or scheduler forwards there), or survive its own
 SIGKILL (then the run is left as the launcher leaves it).
 """
@@ -35,13 +39,21 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 """Signals that mean "save and stop" and are passed on to the ranks."""
+
+EXIT_PREEMPTED = 75
+"""training.preemption.EXIT_PREEMPTED, repeated so that this process does not import torch."""
+
+STATUS_DIR_ENV = "HP_SUPERVISOR_DIR"
+"""Folder where a supervised rank records that it stopped after a save (see ``record_preempted``)."""
 
 KILL_GRACE_S = 5.0
 """How long stray processes get between SIGTERM and SIGKILL once the run is over."""
@@ -112,6 +124,17 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def record_preempted(exit_code: int) -> int:
+    """In a rank: the exit code to give the launcher. Under a supervisor a save-and-stop is
+    recorded for it and reported to the launcher as success; otherwise ``exit_code`` unchanged."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if exit_code != EXIT_PREEMPTED or not folder or not os.path.isdir(folder):
+        return exit_code
+    with open(os.path.join(folder, f"rank-{os.getpid()}"), "w") as f:
+        f.write(str(exit_code))
+    return 0
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -171,10 +194,18 @@ class Supervisor:
         _become_subreaper()
         for signum in FORWARDED:
             signal.signal(signum, self._on_signal)
+        self.status_dir = tempfile.mkdtemp(prefix="hp-deepspeed-supervisor-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.status_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         # A new session: the terminal's Ctrl-C reaches this process only, which decides what the
         # ranks get. Launchers started by a script in the background have SIGINT ignored; the
         # ranks must not inherit that, or a forwarded SIGINT would do nothing.
-        self.child = subprocess.Popen(self.command, start_new_session=True,
+        env = dict(os.environ, **{STATUS_DIR_ENV: self.status_dir})
+        self.child = subprocess.Popen(self.command, start_new_session=True, env=env,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         launcher_status = None
         while launcher_status is None:
@@ -190,7 +221,11 @@ class Supervisor:
         self._clean_up()
         if self.killed_by is not None:
             return 128 + self.killed_by
-        return launcher_status if launcher_status >= 0 else 128 - launcher_status
+        if launcher_status < 0:
+            return 128 - launcher_status
+        if launcher_status == 0 and os.listdir(self.status_dir):
+            return EXIT_PREEMPTED
+        return launcher_status
 
     def _clean_up(self) -> None:
         """Nothing of the run outlives this process: strays get SIGTERM, then SIGKILL."""
