@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _checkpoint_to_load(cfg, required=True)  # before the model, the engine and metrics.jsonl exist
     from hp_deepspeed.training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, evaluating=True)
     if trainer.resume_from is None:
         raise CheckpointError(f"{cfg.run.dir}/checkpoints: no complete checkpoint to evaluate")
     trainer.resume()

@@ -92,7 +92,8 @@ class PreemptionHandler:
         # The first signal wins so the log names the real cause.
         if self.received is None:
             self.received = signum
-            if signum == signal.SIGINT:
+            # Under the launch scripts' supervisor, which forwards the signal, it has said this already.
+            if signum == signal.SIGINT and not os.environ.get("HP_SUPERVISOR_DIR"):
                 self._say("interrupted: saving a checkpoint at the next step, then stopping "
                           "(Ctrl-C again stops at once without saving)")
         elif signum == signal.SIGINT:

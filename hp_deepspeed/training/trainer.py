@@ -90,7 +90,8 @@ class WindowStats:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, evaluating: bool = False):
+        """``evaluating``: built by the ``eval`` command (its metrics are a series of their own)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         # Handlers first: a preemption signal that arrives while an 11B model is being loaded
@@ -126,7 +127,7 @@ class Trainer:
             model_size=ModelSize.of(cfg.model, cfg.conditioning, len(self.tasks)),
         )
         if self.is_main:
-            log.info("ZeRO stage %s (%s)", self.ds_config["zero_optimization"].get("stage", 0), cfg.training.ds_config)
+            log.info("%s", self.start_line())
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
@@ -142,9 +143,22 @@ class Trainer:
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
         )
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
-        self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
+        self.metrics = MetricsLog(
+            self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard, evaluating=evaluating,
+            start_step=self.resume_from.step if self.resume_from is not None else 0)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
+
+    def start_line(self) -> str:
+        """What runs, in one line: ranks, devices, ZeRO stage, precision, where checkpoints go."""
+        ds = self.ds_config
+        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        if self.on_cpu:
+            devices = f"CPU, {torch.get_num_threads()} threads per rank"
+        else:
+            devices = f"{self.device.type} ({torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else self.device})"
+        return (f"training on {self.world_size} rank(s), {devices}; ZeRO stage {ds['zero_optimization'].get('stage', 0)} "
+                f"({self.cfg.training.ds_config}); {precision}; checkpoints in {self.run_dir / 'checkpoints'}")
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""

@@ -129,6 +129,7 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     proc = start("local.sh", tmp_path, tag, HP_NUM_GPUS="2")
     wait_for_step(proc, tmp_path, 1, timeout=300)
     os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)  # two signals sent back to back arrive as one (standard signals do not queue)
     os.kill(proc.pid, signal.SIGINT)
     output = finish(proc, tmp_path, tag, timeout=30)
     assert proc.returncode == 130, output[-3000:]
