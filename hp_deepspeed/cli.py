@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 -m hp_deepspeed.cli train --config run.yaml --resume auto
     hp-deepspeed eval    --config run.yaml --checkpoint auto
     hp-deepspeed export  --run-dir runs/x --out exports/x [--checkpoint step-2000]
-    hp-deepspeed predict --export exports/x --task glue_rte --input rows.jsonl
+    hp-deepspeed predict --export exports/x --task glue/rte --input rows.jsonl
     hp-deepspeed plan    --preset google/t5-v1_1-xxl --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80
     hp-deepspeed report  runs/x
     hp-deepspeed convert-universal runs/x/checkpoints/step-2000
@@ -53,7 +53,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file; repeat to merge several, later ones win")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue_rte,super_cb]")
+                        help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue/rte,superglue/cb]")
     _add_local_rank(parser)
 
 
@@ -149,14 +149,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_universal(args: argparse.Namespace) -> int:
+    # The conversion reads and rewrites every shard in one call that reports nothing until it is
+    # done (tens of seconds for a small model): say what is happening before and what it took after.
+    print(f"converting {args.checkpoint} to a universal checkpoint (every parameter's shards are "
+          "merged; this takes a while for a large model) ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
     from hp_deepspeed.checkpointing import convert_to_universal
 
-    print(convert_to_universal(args.checkpoint))
+    out = convert_to_universal(args.checkpoint)
+    print(f"converted in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    print(out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="hp-deepspeed", description=(
+        "Train T5 with HyperPrompt task conditioning under DeepSpeed ZeRO, evaluate, export and predict. "
+        "A train or eval run is started through a launcher: launch/local.sh, launch/torchrun.sh, "
+        "launch/mpirun.sh, launch/multinode.sh or slurm/train.sbatch."))
     parser.add_argument("--log-level", default="INFO")
     _add_local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,14 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="auto", help="'auto' or a checkpoint folder")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into Hugging Face format + prompts")
+    p = sub.add_parser("export", help="consolidate a checkpoint into a folder that predict and transformers (trust_remote_code) load")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default="auto", help="'auto', 'best:<task>' or a step-N folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="answer a task's inputs from an export, without DeepSpeed")
-    p.add_argument("--export", required=True, help="folder written by `hp-deepspeed export`")
+    p.add_argument("--export", required=True, help="folder written by hp-deepspeed export")
     p.add_argument("--task", required=True)
     p.add_argument("--input", help="jsonl/json/csv file of raw task rows; default: stdin jsonl")
     p.add_argument("--device", default="auto")

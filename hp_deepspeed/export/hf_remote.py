@@ -187,4 +187,8 @@ def write_remote_code(out_dir: Path, manifest: dict, task: str | None = None) ->
                                                       tasks=", ".join(tasks), backbone_note=note))
     (out_dir / "backbone" / "README.md").write_text(
         f"# T5 backbone only\n\nThese are the T5 weights of the export in `..`; {note}\n"
-        "Load the export folder itself (see ../README.md).\n")
+        "Load the export folder itself (see ../README.md).\n\n"
+        "transformers 5 warns, when it loads this folder as T5, that its mapping ties `shared.weight` to "
+        "`lm_head.weight` and asks for `tie_word_embeddings=False`, which config.json already says. The "
+        "warning is about T5's class defaults, not this checkpoint: as it says, the two matrices are loaded "
+        "separately, untied, as trained.\n")

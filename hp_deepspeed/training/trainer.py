@@ -7,15 +7,18 @@ model, so a typo fails in seconds rather than after an 11B model has been loaded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hp_deepspeed.checkpointing import CheckpointManager
 from hp_deepspeed.config import ConfigError, save_config, to_dict
@@ -176,6 +179,11 @@ class Trainer:
         window = WindowStats(len(self.tasks), self.device)
         batches = iter(self.stream)
         progress = self._progress_bar()
+        # One owner of the terminal: while the bar is drawn, log lines go through tqdm.write,
+        # which clears the bar, prints the line whole and redraws the bar below it.
+        terminal = contextlib.ExitStack()
+        if not progress.disable:
+            terminal.enter_context(logging_redirect_tqdm())
         try:
             while self.step < cfg.steps:
                 self.train_step(batches, window)
@@ -199,6 +207,7 @@ class Trainer:
                     return EXIT_PREEMPTED
             return 0
         finally:
+            terminal.close()
             self.preemption.restore()
             progress.close()
             self.metrics.close()
@@ -263,10 +272,10 @@ class Trainer:
     def _progress_bar(self):
         from tqdm import tqdm
 
-        return tqdm(
-            total=self.cfg.training.steps, initial=self.step, disable=not (self.is_main and self.cfg.training.progress_bar),
-            desc="train", dynamic_ncols=True,
-        )
+        # No bar when stderr is a file or a pipe (a batch log, a launcher relaying lines): there
+        # its carriage returns only interleave with the log lines.
+        shown = self.is_main and self.cfg.training.progress_bar and sys.stderr.isatty()
+        return tqdm(total=self.cfg.training.steps, initial=self.step, disable=not shown, desc="train", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[str]:
@@ -278,7 +287,9 @@ class Trainer:
             self.engine.train()
         self.metrics.write("eval", self.step, scores)
         if self.is_main:
-            print(self.evaluator.format_table(scores, self.step), flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(self.evaluator.format_table(scores, self.step))  # a plain print when no bar is drawn
         return self.checkpoints.record_eval(self.step, self.evaluator.primary_scores(scores))
 
     # ------------------------------------------------------------------ checkpoints
