@@ -305,4 +305,6 @@ class Trainer:
         point, self.resume_from = self.resume_from, None  # a ZeRO-3 engine loads only once, pristine
         state = self.checkpoints.load(self.engine, point)
         self.step = state["step"]
-        self.stream.load_state_dict(state["data"])  # the checkpoint manager logs the resume
+        self.stream.load_state_dict(state["data"])
+        if self.is_main:
+            log.info("resumed from %s at step %d", point.path, self.step)
