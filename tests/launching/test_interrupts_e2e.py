@@ -23,7 +23,6 @@ from hp_deepspeed.testing.distributed import free_port
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import REPO, clean_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
 LAUNCH = REPO / "launch"
 JOB = REPO / "tests" / "training" / "tiny_job.yaml"
 MARKER = "HP_INTERRUPT_TEST_RUN"
@@ -94,6 +93,8 @@ def last_logged_step(run_dir: Path) -> int:
     return max(r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 @pytest.mark.parametrize("script,signum,extra", [
     ("local.sh", signal.SIGINT, {"HP_NUM_GPUS": "2"}),
     ("local.sh", signal.SIGTERM, {"HP_NUM_GPUS": "2"}),
@@ -124,6 +125,8 @@ def test_a_signal_to_the_launch_script_saves_at_the_interrupted_step_and_leaves_
     assert took < 60, f"{took:.0f}s from the signal to the exit"
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
 def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     tag = uuid.uuid4().hex
     proc = start("local.sh", tmp_path, tag, HP_NUM_GPUS="2")
@@ -136,3 +139,25 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     assert "again: stopping every process now, without saving" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["/venv/bin/python", "-u", "-m", "hp_deepspeed.cli", "train"], True),  # deepspeed's, torchrun's, mpirun's rank
+    (["python3.11", "-X", "faulthandler", "-m", "hp_deepspeed.cli"], True),
+    (["/venv/bin/python", "/venv/bin/torchrun", "--nnodes", "1", "-m", "hp_deepspeed.cli", "train"], False),
+    (["/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--module", "hp_deepspeed.cli"], False),
+    (["/venv/bin/python", "/venv/bin/deepspeed", "--module", "hp_deepspeed.cli", "train"], False),
+    (["/venv/bin/hydra_pmi_proxy", "-m", "hp_deepspeed.cli"], False),
+    (["python", "-c", "-m hp_deepspeed.cli"], False),
+])
+def test_the_supervisor_signals_ranks_and_not_the_launchers_that_name_the_module(argv, expected):
+    from hp_deepspeed.launching.supervise import is_rank
+
+    assert is_rank(argv, "hp_deepspeed.cli") is expected
+
+
+def test_the_supervisor_and_the_trainer_agree_on_the_preemption_exit_code():
+    from hp_deepspeed.launching import supervise
+    from hp_deepspeed.training import preemption
+
+    assert supervise.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
