@@ -114,3 +114,18 @@ def test_the_launch_script_refuses_a_missing_task_folder_before_any_rank_starts(
     assert proc.returncode == 2, output
     assert "fix the path of custom task my/sentiment" in output, output
     assert len([line for line in output.splitlines() if line.strip()]) == 1, output  # nothing else started
+
+
+def test_an_error_every_rank_meets_is_printed_once_per_node(monkeypatch, capsys, tmp_path):
+    from hp_deepspeed import cli
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    line = f"hp-deepspeed train: error: {tmp_path}/x.jsonl:3: not UTF-8 text"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli.print_once(line)  # rank 0
+    cli.print_once(line)  # rank 1, same launcher (parent process), same line
+    cli.print_once(line.replace(":3:", ":4:"))  # another problem is printed
+    assert capsys.readouterr().err.splitlines() == [line, line.replace(":3:", ":4:")]
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process always prints
+    cli.print_once(line)
+    assert capsys.readouterr().err.splitlines() == [line]
