@@ -131,11 +131,16 @@ class Trainer:
         )
         if self.is_main:
             log.info("%s", self.start_line())
+        phase = time.perf_counter()
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
         )
 
+        if self.is_main:  # each start-up phase that can take seconds says what it did
+            log.info("data: %d training examples in %d task(s), ready in %.1fs",
+                     sum(self.stream.sizes), len(self.stream.tasks), time.perf_counter() - phase)
+        phase = time.perf_counter()
         # The expensive part: build (and stream in) the sharded model, then the engine.
         self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
         self.model_shape = shape_of(self.t5_config)
@@ -145,6 +150,8 @@ class Trainer:
             model=self.model, model_parameters=trainable, config=self.ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
         )
+        if self.is_main:
+            log.info("model and DeepSpeed engine ready in %.1fs", time.perf_counter() - phase)
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
         self.metrics = MetricsLog(
             self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard, evaluating=evaluating,
