@@ -21,6 +21,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hp_deepspeed.checkpointing import CheckpointManager
+from hp_deepspeed.compat.deepspeed_shm_message import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.launching import collectives
@@ -108,6 +109,7 @@ class Trainer:
         check_vocabulary(self.tokenizer, self.t5_config, cfg.model.name_or_path)
         base_ds_config = read_ds_config(cfg.training.ds_config)
 
+        quiet_shm_op_message()
         self.dist_env = init_distributed()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
