@@ -9,12 +9,13 @@ build (written by the build tools, not by this print) still shows.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 
 
 def quiet_shm_op_message() -> None:
-    try:
-        from deepspeed.comm import torch as ds_comm_torch
+    try:  # by module path: the package's attribute ``torch`` is the torch module itself
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     original = getattr(ds_comm_torch, "build_shm_op", None)
