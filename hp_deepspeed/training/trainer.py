@@ -114,6 +114,11 @@ class Trainer:
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
         self.preemption.speaks = self.is_main
+        if self.is_main:
+            import psutil
+
+            log.info("process group of %d rank(s) up, %.1fs after this rank started (imports, data checks, rendezvous)",
+                     self.world_size, time.time() - psutil.Process().create_time())
         if not self.is_main:
             # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
             # Warnings and errors still come from every rank.
