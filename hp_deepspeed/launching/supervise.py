@@ -151,7 +151,10 @@ class Supervisor:
         self.killed_by: int | None = None
         """The signal of a second interrupt, after which everything was killed without a save."""
         self.signalled: set[int] = set()
+        """Ranks the stop signal was sent to (each gets it once)."""
         self.child: subprocess.Popen | None = None
+        self.status_dir = ""
+        """Where supervised ranks record a save-and-stop (``record_preempted``); made by ``run``."""
 
     def _on_signal(self, signum, frame) -> None:
         if self.requested is None:
