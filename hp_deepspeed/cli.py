@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 -m hp_deepspeed.cli train --config run.yaml --resume auto
     hp-deepspeed eval    --config run.yaml --checkpoint auto
     hp-deepspeed export  --run-dir runs/x --out exports/x [--checkpoint step-2000]
-    hp-deepspeed predict --export exports/x --task glue_rte --input rows.jsonl
+    hp-deepspeed predict --export exports/x --task glue/rte --input rows.jsonl
     hp-deepspeed plan    --preset google/t5-v1_1-xxl --nodes 4 --gpus-per-node 8 --gpu-mem-gb 80
     hp-deepspeed report  runs/x
     hp-deepspeed convert-universal runs/x/checkpoints/step-2000
@@ -16,8 +16,12 @@ wrong types are rejected here, before any distributed start-up or model construc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
+import os
 import sys
+import tempfile
+import time
 import warnings
 
 from hp_deepspeed.config import ConfigError, load_config, one_line
@@ -49,7 +53,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file; repeat to merge several, later ones win")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue_rte,super_cb]")
+                        help="dotted overrides, e.g. optim.lr=1e-4 data.tasks=[glue/rte,superglue/cb]")
     _add_local_rank(parser)
 
 
@@ -75,18 +79,20 @@ def _checkpoint_to_load(cfg, required: bool):
     return checkpoint_to_load(Path(cfg.run.dir) / "checkpoints", cfg.checkpoint.resume, required=required)
 
 
-def _preflight(cfg) -> None:
-    """The checks train and eval make before any rank starts (tokenizer, tasks, model source,
-    DeepSpeed config file), made by ``validate`` too: the launch scripts' preflight then reports
-    them before any rank or node is started."""
+def _preflight(cfg, training: bool) -> None:
+    """What ``validate`` checks so that the launch scripts' preflight reports it before any rank
+    or node is started: the tokenizer, the tasks, the model source, the DeepSpeed config file,
+    then every data split the job reads (found, decoded, parsed, counted; data/preflight.py)."""
     from hp_deepspeed.data import build_tasks, load_tokenizer
+    from hp_deepspeed.data.preflight import check_splits
     from hp_deepspeed.model.builder import check_model_source
     from hp_deepspeed.training.ds_config import read_ds_config
 
-    load_tokenizer(cfg.data.tokenizer)
-    build_tasks(cfg.data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tasks = build_tasks(cfg.data)
     check_model_source(cfg.model)
     read_ds_config(cfg.training.ds_config)
+    check_splits(cfg.data, tasks, tokenizer, training=training)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -99,8 +105,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     evaluating = args.checkpoint is not None or args.as_command == "eval"
     spec = (args.checkpoint or "auto") if evaluating else args.resume
     cfg = _job_config(args, [f"checkpoint.resume={spec}"] if spec else [])
-    _preflight(cfg)
     _checkpoint_to_load(cfg, required=evaluating)
+    _preflight(cfg, training=not evaluating)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -121,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _checkpoint_to_load(cfg, required=True)  # before the model, the engine and metrics.jsonl exist
     from hp_deepspeed.training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, evaluating=True)
     if trainer.resume_from is None:
         raise CheckpointError(f"{cfg.run.dir}/checkpoints: no complete checkpoint to evaluate")
     trainer.resume()
@@ -143,14 +149,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_universal(args: argparse.Namespace) -> int:
+    # The conversion reads and rewrites every shard in one call that reports nothing until it is
+    # done (tens of seconds for a small model): say what is happening before and what it took after.
+    print(f"converting {args.checkpoint} to a universal checkpoint (every parameter's shards are "
+          "merged; this takes a while for a large model) ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
     from hp_deepspeed.checkpointing import convert_to_universal
 
-    print(convert_to_universal(args.checkpoint))
+    out = convert_to_universal(args.checkpoint)
+    print(f"converted in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    print(out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hp-deepspeed", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="hp-deepspeed", description=(
+        "Train T5 with HyperPrompt task conditioning under DeepSpeed ZeRO, evaluate, export and predict. "
+        "A train or eval run is started through a launcher: launch/local.sh, launch/torchrun.sh, "
+        "launch/mpirun.sh, launch/multinode.sh or slurm/train.sbatch."))
     parser.add_argument("--log-level", default="INFO")
     _add_local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,14 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="auto", help="'auto' or a checkpoint folder")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="consolidate a checkpoint into Hugging Face format + prompts")
+    p = sub.add_parser("export", help="consolidate a checkpoint into a folder that predict and transformers (trust_remote_code) load")
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default="auto", help="'auto', 'best:<task>' or a step-N folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="answer a task's inputs from an export, without DeepSpeed")
-    p.add_argument("--export", required=True, help="folder written by `hp-deepspeed export`")
+    p.add_argument("--export", required=True, help="folder written by hp-deepspeed export")
     p.add_argument("--task", required=True)
     p.add_argument("--input", help="jsonl/json/csv file of raw task rows; default: stdin jsonl")
     p.add_argument("--device", default="auto")
@@ -249,6 +265,35 @@ def input_error_line(command: str, err: BaseException) -> str:
     return f"hp-deepspeed {command}: error: {one_line(str(err))}"
 
 
+def _several_ranks() -> bool:
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) > 1
+    return False
+
+
+def print_once(line: str) -> None:
+    """Print an error line to stderr once per job and node, not once per rank: every rank of a job
+    usually meets the same bad input, and eight copies of one line read as eight problems. The
+    first rank to claim a marker file (keyed by the launcher's pid, which the ranks of one node
+    share, and the line) prints; a line only one rank meets is printed by that rank."""
+    if _several_ranks():
+        key = hashlib.sha256(f"{os.getppid()}\0{line}".encode()).hexdigest()[:20]
+        marker = os.path.join(tempfile.gettempdir(), f"hp-deepspeed-{os.getuid()}-{key}.printed")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(marker).st_mtime < 600:  # older: a reused pid, print anew
+                    return
+                os.utime(marker)
+            except OSError:
+                pass
+        except OSError:
+            pass  # no writable temp dir: every rank prints
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -258,21 +303,30 @@ def main(argv: list[str] | None = None) -> int:
             prepare_process()  # before the subcommand imports deepspeed, which picks its device once
         status = args.func(args)
     except _input_errors() as err:
-        print(input_error_line(args.command, err), file=sys.stderr)
+        print_once(input_error_line(args.command, err))
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C before the trainer's handlers are in place (imports, start-up) or in a command
+        # without them: nothing was being trained, so there is nothing to save.
+        from hp_deepspeed.training.preemption import EXIT_INTERRUPTED, first_rank_by_environment
+
+        if first_rank_by_environment():
+            print(f"hp-deepspeed {args.command}: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except RuntimeError as err:  # torch.distributed's errors are RuntimeErrors
         from hp_deepspeed.launching.distributed import describe_lost_peer
 
         lost = describe_lost_peer(err)
         if lost is None:
             raise
-        print(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})",
-              file=sys.stderr, flush=True)
+        print_once(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})")
         return 1
     if args.command in DEVICE_COMMANDS:
         from hp_deepspeed.launching.distributed import shutdown_distributed
+        from hp_deepspeed.launching.supervise import record_preempted
 
         shutdown_distributed()
+        status = record_preempted(status)
     return status
 
 

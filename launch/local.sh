@@ -6,12 +6,25 @@
 # Every argument goes to `python -m $HP_MODULE`; ranks get LOCAL_RANK from the environment, not
 # a --local_rank argument (--no_local_rank). Environment:
 #   HP_MODULE          module each rank runs (default hp_deepspeed.cli)
-#   HP_NUM_GPUS        ranks to start (default: every visible GPU; set it on a CPU-only machine)
+#   HP_NUM_GPUS        ranks to start: one per GPU on a GPU machine, CPU processes on a machine
+#                      without one (or with HP_DEVICE=cpu). Default: every visible GPU; without a
+#                      GPU, 1 rank, and a line says so
+#   HP_STOP_TIMEOUT    seconds a save-and-stop may take after SIGINT/SIGTERM (default 300)
 #   MASTER_PORT        rendezvous port (default 29500)
 #   HP_LAUNCHER_ARGS   extra deepspeed launcher options, e.g. "--include localhost:0,1"
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank --module)
-[ -n "${HP_NUM_GPUS:-}" ] && args=(--num_gpus "$HP_NUM_GPUS" "${args[@]}")
+if [ -n "${HP_NUM_GPUS:-}" ]; then
+  args=(--num_gpus "$HP_NUM_GPUS" "${args[@]}")
+else
+  gpus=0
+  if [ "${DS_ACCELERATOR:-}" != cpu ] && command -v nvidia-smi > /dev/null; then
+    gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+  fi
+  if [ "$gpus" = 0 ]; then
+    echo "local.sh: no GPU in use and HP_NUM_GPUS unset: starting 1 rank on the CPU (HP_NUM_GPUS=N starts N)" >&2
+  fi
+fi
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options
-exec deepspeed ${HP_LAUNCHER_ARGS:-} "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"
+exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- deepspeed ${HP_LAUNCHER_ARGS:-} "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"

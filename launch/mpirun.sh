@@ -21,5 +21,5 @@ if "$mpirun" --version 2>&1 | grep -q "Open MPI"; then
   mpirun_args="$(openmpi_binding "$mpirun_args") $mpirun_args"
 fi
 # shellcheck disable=SC2086  # mpirun_args is a list of options
-exec "$mpirun" -n "$nprocs" $mpirun_args \
+exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- "$mpirun" -n "$nprocs" $mpirun_args \
   "${PYTHON:-python}" -u -m "${HP_MODULE:-hp_deepspeed.cli}" "$@"

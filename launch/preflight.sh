@@ -26,3 +26,9 @@ openmpi_binding() {
     *) echo "--bind-to none" ;;
   esac
 }
+
+# Signals: the launch scripts run their launcher under hp_deepspeed.launching.supervise, so that
+# SIGINT (Ctrl-C), SIGTERM or SIGUSR1 to the script reaches every rank of this node as "save a
+# checkpoint at the next step and stop" (exit 75, resume with --resume auto); a second SIGINT or
+# SIGTERM stops everything at once without saving (130 / 143). HP_STOP_TIMEOUT (seconds,
+# default 300) bounds the wait for the save before the ranks are killed.

@@ -15,7 +15,7 @@
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options
-exec torchrun ${HP_LAUNCHER_ARGS:-} --nnodes "${HP_NNODES:-1}" \
+exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- torchrun ${HP_LAUNCHER_ARGS:-} --nnodes "${HP_NNODES:-1}" \
   --nproc_per_node "${HP_NPROC_PER_NODE:-gpu}" --node_rank "${HP_NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m "${HP_MODULE:-hp_deepspeed.cli}" "$@"

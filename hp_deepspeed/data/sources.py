@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from hp_deepspeed.data.tasks import DataError, Task
+from hp_deepspeed.data.tasks import REGISTRY, DataError, Task
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,15 @@ def locate(task: Task, split: str) -> tuple[Path | None, str]:
         return None, f"hub:{task.source.hub}:{split}"
     where = task.source.folder or "(no folder)"
     hint = "" if task.source.hub is None else " (the hub is disabled: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set)"
-    raise DataError(
-        f"task {task.name}: no file for split {split!r}: looked for {where}/{split}.{{{','.join(e[1:] for e in FORMATS)}}}"
-        f"{hint}; set data.data_dir, or data.hub: true to download it"
-    )
+    if task.source.folder is not None and not Path(task.source.folder).is_dir():
+        hint = f" (folder {where} does not exist){hint}"
+    looked = f"looked for {where}/{split}.{{{','.join(e[1:] for e in FORMATS)}}}{hint}"
+    if task.name in REGISTRY:
+        fix = "set data.data_dir, or data.hub: true to download it"
+    else:  # a custom task's files are where its own fields say, not under data.data_dir
+        fix = (f"fix the path of custom task {task.name} (data.custom_tasks[].path), or name the file "
+               f"in its data_files: {{{split}: FILE}}")
+    raise DataError(f"task {task.name}: no file for split {split!r}: {looked}; {fix}")
 
 
 def read_split(task: Task, split: str, path: Path | None, fingerprint: str, on_bad_row: str, cache_dir: Path) -> RawSplit:
@@ -138,6 +143,7 @@ def read_file(path: Path, fingerprint: str, on_bad_row: str, cache_dir: Path, ow
         if path.suffix == ".jsonl":
             return _read_jsonl(path, fingerprint, on_bad_row)
         if path.suffix == ".csv":
+            check_utf8(path)  # no row of a CSV file can be read past a bad byte: not skippable
             return _read_csv(path, fingerprint, on_bad_row)
         if path.suffix == ".json":
             _diagnose_json(path)
@@ -165,6 +171,16 @@ def _diagnose_json(path: Path) -> None:
         raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+
+
+def check_utf8(path: Path) -> None:
+    """``DataError`` naming the first line of ``path`` that is not UTF-8 text."""
+    with path.open("rb") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{n}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") from None
 
 
 def _nonblank_lines(path: Path) -> list[int]:

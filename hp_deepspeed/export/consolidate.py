@@ -1,7 +1,9 @@
 """``hp-deepspeed export``: a sharded ZeRO checkpoint -> a folder anyone can serve from.
 
     EXPORT/
-      backbone/            config.json + model*.safetensors: transformers' T5ForConditionalGeneration loads it
+      backbone/            config.json + model*.safetensors: the T5 weights only, without the conditioning
+      config.json, modeling_hyperprompt.py   AutoModelForSeq2SeqLM.from_pretrained(EXPORT, trust_remote_code=True)
+                           serves a task as predict does (export/hf_remote.py)
       conditioning.safetensors   the hypernetworks / prompt tables (to continue training elsewhere)
       prompts.safetensors  each task's conditioning precomputed (serving needs no hypernetwork)
       tokenizer/           the run's tokenizer
@@ -27,6 +29,7 @@ from hp_deepspeed.checkpointing import CheckpointError, find_latest
 from hp_deepspeed.checkpointing.layout import BEST, CONFIG, read_json, read_marker, step_tag
 from hp_deepspeed.config import from_dict, read_yaml, to_dict
 from hp_deepspeed.data import build_tasks, load_tokenizer
+from hp_deepspeed.export.hf_remote import write_remote_code
 from hp_deepspeed.model.hf_checkpoint import save_hf_checkpoint
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5, build_model
 from hp_deepspeed.training.train_config import JobConfig
@@ -107,6 +110,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto
         "model": to_dict(cfg.model),
     }
     (out_dir / "export.json").write_text(json.dumps(manifest, indent=2))
+    write_remote_code(out_dir, manifest)  # config.json + modeling file: transformers loads the export
     log.info("exported %s to %s", step_dir, out_dir)
     print(out_dir)
     return out_dir

@@ -3,7 +3,8 @@
 The backbone comes from ``EXPORT/backbone`` (our T5, which transformers also loads), the task
 conditioning from ``EXPORT/prompts.safetensors`` (constants: no hypernetwork runs), and the
 task's own preprocessing turns raw rows into model inputs, so rows look like the training files.
-Rows without a label (test sets) are accepted: the label is not used for prediction.
+Rows without a label or target (test sets, a person's own inputs) are accepted for every task
+kind: the answer fields are not used for prediction (``target_placeholders``).
 
 Prints one JSON object per input row: ``{"row": i, "prediction": ..., "text": ...}``.
 """
@@ -20,7 +21,7 @@ from hp_deepspeed.checkpointing import CheckpointError
 from hp_deepspeed.config import ConfigError, from_dict, read_yaml
 from hp_deepspeed.data import DataConfig, DataError, build_tasks, load_tokenizer
 from hp_deepspeed.data.sources import RawSplit, parse_json_lines, read_file
-from hp_deepspeed.data.tasks import MalformedRow
+from hp_deepspeed.data.tasks import MalformedRow, float_postprocess
 from hp_deepspeed.export.consolidate import EXPORT_FORMAT
 from hp_deepspeed.model.hf_checkpoint import load_hf_weights
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
@@ -64,11 +65,34 @@ def read_rows(path: str | None) -> RawSplit:
     return read_file(Path(path), "", "error", DataConfig().resolved_cache_dir(), owner="--input ")
 
 
-def model_inputs(task, rows: RawSplit) -> list[str]:
+def target_placeholders(task, custom_tasks=()) -> dict[str, object]:
+    """Field -> a valid stand-in for the fields that hold a task's answer (label or target text).
+
+    Prediction reads only the input fields, but the task's preprocessor also builds the target
+    and refuses a row without one; a row a person asks to predict has no answer. The stand-in is
+    used where the field is absent, null, or -1 (the hub's unlabeled test rows)."""
+    custom = {c.name: c for c in custom_tasks}
+    if task.name in custom:
+        cfg = custom[task.name]
+        if cfg.label_words is not None:
+            return {cfg.label_field: 0}
+        return {cfg.target_field: 0.0 if task.postprocess is float_postprocess else ""}
+    if task.name == "superglue/record":
+        return {"answers": ["-"]}
+    if task.name == "glue/stsb":
+        return {"label": 0.0}
+    if task.label_words is not None:
+        return {"label": 0}
+    return {"targets": ""}  # the text-to-text (synthetic) tasks
+
+
+def model_inputs(task, rows: RawSplit, custom_tasks=()) -> list[str]:
+    placeholders = target_placeholders(task, custom_tasks)
     inputs = []
     for row, where in zip(rows.rows, rows.locations):
-        if task.label_words is not None and row.get("label", -1) in (-1, None):
-            row = {**row, "label": 0}  # unlabeled (test) row: any valid label; it is not used
+        missing = {k: v for k, v in placeholders.items() if row.get(k, -1) in (-1, None)}
+        if missing:
+            row = {**row, **missing}  # unlabeled row: a valid answer that is not used
         try:
             examples = task.preprocess(row, False)
         except MalformedRow as err:
@@ -94,7 +118,7 @@ def export_task(export_dir: Path, task_name: str):
     tasks = {t.name: t for t in build_tasks(cfg.data)}
     if task_name not in tasks:
         raise DataError(f"--task {task_name}: not a task of this export; it has: {', '.join(tasks)}")
-    return tasks[task_name]
+    return tasks[task_name], cfg
 
 
 def predict(export_dir: str | Path, task_name: str, rows: RawSplit | list[dict], device: str = "auto",
@@ -102,8 +126,8 @@ def predict(export_dir: str | Path, task_name: str, rows: RawSplit | list[dict],
     if not isinstance(rows, RawSplit):
         rows = RawSplit(list(rows), [f"row {i}" for i in range(len(rows))], 0, "", "rows")
     # Every check that needs no model first: the task, then each row.
-    task = export_task(Path(export_dir), task_name)
-    texts = model_inputs(task, rows)
+    task, job = export_task(Path(export_dir), task_name)
+    texts = model_inputs(task, rows, job.data.custom_tasks)
     if not texts:
         raise DataError(f"{rows.description}: no rows to predict")
     dev = _device(device)

@@ -1,7 +1,9 @@
-"""Preemption: turn SIGTERM / SIGUSR1 into "every rank saves at the same step, then exit 75".
+"""Preemption: turn SIGTERM / SIGUSR1 / SIGINT into "every rank saves at the same step, then exit 75".
 
 Schedulers warn before killing a job: Slurm sends SIGTERM at the time limit or on preemption
-(and SIGUSR1 ahead of time with ``--signal=USR1@120``), Kubernetes sends SIGTERM. The signal may
+(and SIGUSR1 ahead of time with ``--signal=USR1@120``), Kubernetes sends SIGTERM, and a person
+presses Ctrl-C (SIGINT). All three keep the work: the run saves and stops. A second SIGINT is a
+person who does not want to wait: the rank exits at once with 130 and saves nothing. The signal may
 reach only some ranks, at different moments, so acting on it locally would make one rank enter
 ``save_checkpoint`` (a collective) while the others keep training: a deadlock. Instead:
 
@@ -26,6 +28,7 @@ reach only some ranks, at different moments, so acting on it locally would make 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 
@@ -36,12 +39,15 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75
 """Exit code of a run that stopped on a preemption signal after writing its checkpoint (EX_TEMPFAIL)."""
 
+EXIT_INTERRUPTED = 130
+"""Exit code of a rank stopped by a second Ctrl-C, without a save (128 + SIGINT, as a shell reports it)."""
+
 
 @dataclass
 class PreemptionConfig:
     """Which signals mean "save and stop", and how often the ranks agree on it."""
 
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
     """Signal names that request a save-and-exit; their previous handlers are restored by ``restore()``."""
 
     check_every: int = 1
@@ -56,6 +62,13 @@ class PreemptionConfig:
                 raise ValueError(f"preemption.signals: {name!r} is not a signal name on this platform")
 
 
+def first_rank_by_environment() -> bool:
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return os.environ[name] == "0"
+    return True
+
+
 class PreemptionHandler:
     """Records preemption signals and turns them into a stop decision every rank shares."""
 
@@ -65,12 +78,27 @@ class PreemptionHandler:
         """Number of the first signal received on this rank, None while none has arrived."""
         self.stop_step: int | None = None
         """Step at which the ranks agreed to stop, None until they did."""
+        self.speaks = first_rank_by_environment()
+        """Whether this rank prints the lines a person reads: rank 0 (the trainer sets it once the
+        process group is up; until then the launcher's environment says)."""
         self._previous: dict[int, object] = {}
 
+    def _say(self, text: str) -> None:
+        # os.write, not logging: a handler may run while the interrupted code holds logging's lock.
+        if self.speaks:
+            os.write(2, f"hp-deepspeed: {text}\n".encode())
+
     def _on_signal(self, signum, frame) -> None:
-        # Signal context: assignment only. The first signal wins so the log names the real cause.
+        # The first signal wins so the log names the real cause.
         if self.received is None:
             self.received = signum
+            # Under the launch scripts' supervisor, which forwards the signal, it has said this already.
+            if signum == signal.SIGINT and not os.environ.get("HP_SUPERVISOR_DIR"):
+                self._say("interrupted: saving a checkpoint at the next step, then stopping "
+                          "(Ctrl-C again stops at once without saving)")
+        elif signum == signal.SIGINT:
+            self._say("interrupted again: stopping now without saving")
+            os._exit(EXIT_INTERRUPTED)
 
     def install(self) -> "PreemptionHandler":
         """Install the handlers (main thread only: a Python restriction on ``signal.signal``)."""
@@ -106,5 +134,6 @@ class PreemptionHandler:
         if stop:
             self.stop_step = step
             cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
-            log.warning("preemption requested (%s): all ranks stop after step %d", cause, step)
+            if self.speaks:
+                log.warning("preemption requested (%s): all ranks save at step %d and stop", cause, step)
         return stop

@@ -7,17 +7,21 @@ model, so a typo fails in seconds rather than after an 11B model has been loaded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
 import deepspeed
 import numpy as np
 import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hp_deepspeed.checkpointing import CheckpointManager
+from hp_deepspeed.compat.deepspeed_shm_message import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.data.prefetch import Prefetcher
@@ -93,7 +97,8 @@ class WindowStats:
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, evaluating: bool = False):
+        """``evaluating``: built by the ``eval`` command (its metrics are a series of their own)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         # Handlers first: a preemption signal that arrives while an 11B model is being loaded
@@ -107,9 +112,16 @@ class Trainer:
         check_vocabulary(self.tokenizer, self.t5_config, cfg.model.name_or_path)
         base_ds_config = read_ds_config(cfg.training.ds_config)
 
+        quiet_shm_op_message()
         self.dist_env = init_distributed()
         self.rank, self.world_size = self.dist_env.rank, self.dist_env.world_size
         self.is_main = self.rank == 0
+        self.preemption.speaks = self.is_main
+        if self.is_main:
+            import psutil
+
+            log.info("process group of %d rank(s) up, %.1fs after this rank started (imports, data checks, rendezvous)",
+                     self.world_size, time.time() - psutil.Process().create_time())
         if not self.is_main:
             # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
             # Warnings and errors still come from every rank.
@@ -128,13 +140,18 @@ class Trainer:
             model_size=ModelSize.of(cfg.model, cfg.conditioning, len(self.tasks)),
         )
         if self.is_main:
-            log.info("ZeRO stage %s (%s)", self.ds_config["zero_optimization"].get("stage", 0), cfg.training.ds_config)
+            log.info("%s", self.start_line())
+        phase = time.perf_counter()
         self.stream = TrainStream(
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
             accumulation=cfg.training.gradient_accumulation,  # the stream's batch is the step's
         )
 
+        if self.is_main:  # each start-up phase that can take seconds says what it did
+            log.info("data: %d training examples in %d task(s), ready in %.1fs",
+                     sum(self.stream.sizes), len(self.stream.tasks), time.perf_counter() - phase)
+        phase = time.perf_counter()
         # The expensive part: build (and stream in) the sharded model, then the engine.
         self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)
         self.model_shape = shape_of(self.t5_config)
@@ -144,10 +161,25 @@ class Trainer:
             model=self.model, model_parameters=trainable, config=self.ds_config,
             lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim, cfg.training.steps),
         )
+        if self.is_main:
+            log.info("model and DeepSpeed engine ready in %.1fs", time.perf_counter() - phase)
         self.evaluator = Evaluator(cfg.eval, cfg.data, self.tasks, self.tokenizer, self.rank, self.world_size)
-        self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
+        self.metrics = MetricsLog(
+            self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard, evaluating=evaluating,
+            start_step=self.resume_from.step if self.resume_from is not None else 0)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
+
+    def start_line(self) -> str:
+        """What runs, in one line: ranks, devices, ZeRO stage, precision, where checkpoints go."""
+        ds = self.ds_config
+        precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        if self.on_cpu:
+            devices = f"CPU, {torch.get_num_threads()} threads per rank"
+        else:
+            devices = f"{self.device.type} ({torch.cuda.get_device_name(self.device) if self.device.type == 'cuda' else self.device})"
+        return (f"training on {self.world_size} rank(s), {devices}; ZeRO stage {ds['zero_optimization'].get('stage', 0)} "
+                f"({self.cfg.training.ds_config}); {precision}; checkpoints in {self.run_dir / 'checkpoints'}")
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""
@@ -168,6 +200,11 @@ class Trainer:
         self.batches = Prefetcher(self.stream, self.device, depth) if depth else iter(self.stream)
         batches = self.batches
         progress = self._progress_bar()
+        # One owner of the terminal: while the bar is drawn, log lines go through tqdm.write,
+        # which clears the bar, prints the line whole and redraws the bar below it.
+        terminal = contextlib.ExitStack()
+        if not progress.disable:
+            terminal.enter_context(logging_redirect_tqdm())
         try:
             while self.step < cfg.steps:
                 self.train_step(batches, window)
@@ -185,12 +222,15 @@ class Trainer:
                 if save or stop:
                     self.save()
                 if stop:
-                    log.warning("preemption: checkpoint of step %d written, exiting with %d", self.step, EXIT_PREEMPTED)
+                    if self.is_main:
+                        log.warning("checkpoint of step %d written; stopping with exit code %d (resume with "
+                                    "--resume auto)", self.step, EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
             return 0
         finally:
             if isinstance(batches, Prefetcher):
                 batches.close()
+            terminal.close()
             self.preemption.restore()
             progress.close()
             self.metrics.close()
@@ -260,10 +300,10 @@ class Trainer:
     def _progress_bar(self):
         from tqdm import tqdm
 
-        return tqdm(
-            total=self.cfg.training.steps, initial=self.step, disable=not (self.is_main and self.cfg.training.progress_bar),
-            desc="train", dynamic_ncols=True,
-        )
+        # No bar when stderr is a file or a pipe (a batch log, a launcher relaying lines): there
+        # its carriage returns only interleave with the log lines.
+        shown = self.is_main and self.cfg.training.progress_bar and sys.stderr.isatty()
+        return tqdm(total=self.cfg.training.steps, initial=self.step, disable=not shown, desc="train", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[str]:
@@ -275,7 +315,9 @@ class Trainer:
             self.engine.train()
         self.metrics.write("eval", self.step, scores)
         if self.is_main:
-            print(self.evaluator.format_table(scores, self.step), flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(self.evaluator.format_table(scores, self.step))  # a plain print when no bar is drawn
         return self.checkpoints.record_eval(self.step, self.evaluator.primary_scores(scores))
 
     # ------------------------------------------------------------------ checkpoints

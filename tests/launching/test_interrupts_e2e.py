@@ -1,0 +1,163 @@
+"""A signal to the command a person launched keeps the work and leaves nothing behind.
+
+Each test starts a launch script as a terminal or a scheduler would (its own session, SIGINT at
+its default disposition: a process started in the background by a shell script has SIGINT
+ignored, and would hide what Ctrl-C does), waits until the 2-rank trainer has logged a few
+steps, signals the top process only, and then checks: the exit status, one line for the event
+and no traceback, no process of the run left anywhere (found by a marker in the environment
+every process of the run inherits), and a complete checkpoint at the step the ranks stopped on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hp_deepspeed.testing.distributed import free_port
+from hp_deepspeed.training.metrics_log import read_metrics
+from tests.launching.conftest import REPO, clean_env
+
+LAUNCH = REPO / "launch"
+JOB = REPO / "tests" / "training" / "tiny_job.yaml"
+MARKER = "HP_INTERRUPT_TEST_RUN"
+
+
+def run_processes(tag: str) -> list[int]:
+    """Every process on this machine whose environment carries this run's marker."""
+    found, needle = [], f"{MARKER}={tag}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+                state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in environ.split(b"\0") and state != b"Z":
+                found.append(int(entry))
+    return found
+
+
+def start(script: str, run_dir: Path, tag: str, **extra: str) -> subprocess.Popen:
+    env = clean_env(HP_MODULE="hp_deepspeed.cli", MASTER_PORT=str(free_port()), **{MARKER: tag}, **extra)
+    cmd = [str(LAUNCH / script), "train", "--config", str(JOB), "--resume", "auto", f"run.dir={run_dir}",
+           "training.steps=2000", "checkpoint.interval=1000", "training.log_every=1"]
+    # A file, not a pipe: nobody reads a pipe while the run trains, and a full one would stall it.
+    with open(run_dir / "launch.log", "w") as log:
+        return subprocess.Popen(
+            cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def output_of(run_dir: Path) -> str:
+    return (run_dir / "launch.log").read_text(errors="replace")
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}: {output_of(run_dir)[-3000:]}")
+        if metrics.exists() and any(r["kind"] == "train" and r["step"] >= step for r in read_metrics(metrics)):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no step {step} within {timeout:.0f}s")
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, tag: str, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in run_processes(tag):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the run did not stop within {timeout:.0f}s of the signal: {output_of(run_dir)[-3000:]}")
+    output = output_of(run_dir)
+    deadline = time.monotonic() + 10  # a zombie being reaped by its parent may show for a moment
+    while run_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = run_processes(tag)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of the run left behind: {left}\n{output[-3000:]}"
+    return output
+
+
+def last_logged_step(run_dir: Path) -> int:
+    return max(r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.parametrize("script,signum,extra", [
+    ("local.sh", signal.SIGINT, {"HP_NUM_GPUS": "2"}),
+    ("local.sh", signal.SIGTERM, {"HP_NUM_GPUS": "2"}),
+    ("torchrun.sh", signal.SIGTERM, {"HP_NPROC_PER_NODE": "2"}),
+    ("mpirun.sh", signal.SIGINT, {"HP_NPROCS": "2"}),
+], ids=["local-ctrl-c", "local-sigterm", "torchrun-sigterm", "mpirun-ctrl-c"])
+def test_a_signal_to_the_launch_script_saves_at_the_interrupted_step_and_leaves_no_process(
+        tmp_path, script, signum, extra):
+    if script == "mpirun.sh":
+        pytest.importorskip("mpi4py")
+    tag = uuid.uuid4().hex
+    proc = start(script, tmp_path, tag, **extra)
+    wait_for_step(proc, tmp_path, 2, timeout=300)
+    os.kill(proc.pid, signum)
+    sent = time.monotonic()
+    output = finish(proc, tmp_path, tag, timeout=120)
+    took = time.monotonic() - sent
+    assert proc.returncode == 75, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    # One line from the supervisor for the signal, one from rank 0 for the agreed step.
+    assert output.count("received: every rank saves a checkpoint") == 1, output[-3000:]
+    assert output.count("all ranks save at step") == 1, output[-3000:]
+    step = last_logged_step(tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
+    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
+    assert took < 60, f"{took:.0f}s from the signal to the exit"
+
+
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
+    tag = uuid.uuid4().hex
+    proc = start("local.sh", tmp_path, tag, HP_NUM_GPUS="2")
+    wait_for_step(proc, tmp_path, 1, timeout=300)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)  # two signals sent back to back arrive as one (standard signals do not queue)
+    os.kill(proc.pid, signal.SIGINT)
+    output = finish(proc, tmp_path, tag, timeout=30)
+    assert proc.returncode == 130, output[-3000:]
+    assert "again: stopping every process now, without saving" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["/venv/bin/python", "-u", "-m", "hp_deepspeed.cli", "train"], True),  # deepspeed's, torchrun's, mpirun's rank
+    (["python3.11", "-X", "faulthandler", "-m", "hp_deepspeed.cli"], True),
+    (["/venv/bin/python", "/venv/bin/torchrun", "--nnodes", "1", "-m", "hp_deepspeed.cli", "train"], False),
+    (["/venv/bin/python", "-u", "-m", "deepspeed.launcher.launch", "--module", "hp_deepspeed.cli"], False),
+    (["/venv/bin/python", "/venv/bin/deepspeed", "--module", "hp_deepspeed.cli", "train"], False),
+    (["/venv/bin/hydra_pmi_proxy", "-m", "hp_deepspeed.cli"], False),
+    (["python", "-c", "-m hp_deepspeed.cli"], False),
+])
+def test_the_supervisor_signals_ranks_and_not_the_launchers_that_name_the_module(argv, expected):
+    from hp_deepspeed.launching.supervise import is_rank
+
+    assert is_rank(argv, "hp_deepspeed.cli") is expected
+
+
+def test_the_supervisor_and_the_trainer_agree_on_the_preemption_exit_code():
+    from hp_deepspeed.launching import supervise
+    from hp_deepspeed.training import preemption
+
+    assert supervise.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
