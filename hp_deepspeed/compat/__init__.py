@@ -13,8 +13,8 @@ Modules:
     bf16 + fp32-accumulation stage, and the clean-up at exit (engines, module stack, group
     caches, memoised methods, the CPU all-reduce file).
 ``compat.torch``
-    torch 2.13: default arguments bound to a process group at import, and the ``ninja`` that
-    JIT extension builds pick from PATH.
+    torch 2.13: default arguments bound to a process group at import, the ``ninja`` that JIT
+    extension builds pick from PATH, and the private ``TorchDispatchMode`` the planner needs.
 
 Not here: the checkpoint save/load workarounds (``compat.checkpoint``, owned by the checkpoint
 code), and choices that use a library's documented options as intended (for example

@@ -1,7 +1,8 @@
 """torch behaviours the project works around, each with the version it was written against.
 
-Owns: rebinding default arguments that captured a process group, and which ``ninja`` torch's
-JIT extension builds use. Does not own: the device and collective rules (``launching/``).
+Owns: rebinding default arguments that captured a process group, which ``ninja`` torch's JIT
+extension builds use, and the one private torch class the project subclasses (the dispatch
+mode of the memory planner). Does not own: the device and collective rules (``launching/``).
 """
 
 from __future__ import annotations
@@ -44,3 +45,37 @@ def environment_ninja_first(env: MutableMapping[str, str], executable: str | Non
     ninja = os.path.join(tools, "ninja")
     if os.access(ninja, os.X_OK) and shutil.which("ninja", path=env.get("PATH", "")) != ninja:
         env["PATH"] = os.pathsep.join([tools, env["PATH"]]) if env.get("PATH") else tools
+
+
+def dispatch_mode_base() -> type:
+    """torch's ``TorchDispatchMode``, the base of a mode that sees every op, backward included.
+
+    torch 2.13 has it only in the private ``torch.utils._python_dispatch`` (the public
+    ``torch.overrides.TorchFunctionMode`` does not see the ops autograd runs in a backward);
+    the planner's measurement of the conditioning's backward (``tools/plan_model.py``) needs it.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+def torch_function_mode() -> type:
+    """``torch.overrides.TorchFunctionMode``: the public way to see ``torch.nn.functional`` calls
+    (a benchmark records each attention call with it instead of replacing the function)."""
+    from torch.overrides import TorchFunctionMode
+
+    return TorchFunctionMode
+
+
+def sdpa_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None) -> str:
+    """The name of the kernel ``F.scaled_dot_product_attention`` picks for these arguments
+    (``FLASH_ATTENTION``, ``EFFICIENT_ATTENTION``, ``MATH`` ...).
+
+    torch 2.13 exposes the choice only as the private ``torch._fused_sdp_choice``; the public
+    ``torch.backends.cuda.can_use_*`` say what could run, not what does. Used by a benchmark.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    choice = torch._fused_sdp_choice(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+    return SDPBackend(choice).name

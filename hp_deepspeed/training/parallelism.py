@@ -124,7 +124,7 @@ class Hardware:
 
     def budget_bytes(self) -> float:
         """What the plan tool allows model states and activations on one GPU (its margins)."""
-        from hp_deepspeed.tools.plan import Cluster, Margins, gpu_budget_bytes
+        from hp_deepspeed.tools.plan_memory import Cluster, Margins, gpu_budget_bytes
 
         cluster = Cluster(nodes=1, gpus_per_node=self.world_size, gpu_mem_gib=self.gpu_mem_gib, cpu_mem_gib=0.0)
         return gpu_budget_bytes(cluster, Margins())
