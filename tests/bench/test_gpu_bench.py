@@ -51,7 +51,7 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
     assert calls and all(c["bias_dtype"] == "torch.bfloat16" and c["scale"] == 1.0 for c in calls)
     assert {c["gpus"] for c in results["default_config"]["choices"]} == {1, 8, 64}
     assert (tmp_path / "large_zero3.json").is_file()
-    # The targets, read from side-by-side runners: the stages run here give the three
+    # The speed targets, read from side-by-side runners: the stages run here give the three
     # ratios of large_default and large_zero3; the CPU has no MFU peak; the rest were not run.
     targets = {t["target"].split(",")[0]: t for t in summary["targets"]}
     hf = next(t for t in summary["targets"] if t["target"].startswith("transformers"))
