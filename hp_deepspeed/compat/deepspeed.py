@@ -146,12 +146,15 @@ def release_group_holders() -> None:
         for name, value in list(vars(groups).items()):
             if name.startswith("_") and name.endswith("_GROUP") and value is not None:
                 setattr(groups, name, {} if isinstance(value, dict) else None)
+    functions = []
     for obj in gc.get_objects():
         if type(obj) is functools._lru_cache_wrapper:
             if str(getattr(obj, "__module__", "")).startswith("deepspeed."):
                 obj.cache_clear()
-        elif type(obj) is types.FunctionType:
-            unbind_default_process_groups(obj)
+        elif type(obj) is types.FunctionType and (obj.__defaults__ or obj.__kwdefaults__):
+            functions.append(obj)
+    unbind_default_process_groups(functions)
+    del functions
     gc.collect()
 
 

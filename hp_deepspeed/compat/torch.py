@@ -13,24 +13,24 @@ import sys
 from typing import MutableMapping
 
 
-def _is_group(value) -> bool:
-    import torch.distributed as dist
-
-    return issubclass(type(value), dist.ProcessGroup)
-
-
-def unbind_default_process_groups(fn) -> None:
-    """Replace default arguments of ``fn`` that hold a process group by ``None``.
+def unbind_default_process_groups(functions) -> None:
+    """Replace default arguments of ``functions`` that hold a process group by ``None``.
 
     torch 2.13 (``torch.distributed.nn.functional``, and DeepSpeed 0.19.8's
     ``TorchBackend.barrier``): ``group=GroupMember.WORLD`` is bound when the module is imported;
     imported after the group exists, the function holds it for the life of the process. ``None``
     means the same there: the default group, whichever exists when the function is called.
     """
-    if fn.__defaults__ and any(map(_is_group, fn.__defaults__)):
-        fn.__defaults__ = tuple(None if _is_group(d) else d for d in fn.__defaults__)
-    if fn.__kwdefaults__ and any(map(_is_group, fn.__kwdefaults__.values())):
-        fn.__kwdefaults__ = {k: None if _is_group(d) else d for k, d in fn.__kwdefaults__.items()}
+    import torch.distributed as dist
+
+    def group(value) -> bool:  # by type: isinstance would read attributes of arbitrary objects
+        return issubclass(type(value), dist.ProcessGroup)
+
+    for fn in functions:
+        if fn.__defaults__ and any(map(group, fn.__defaults__)):
+            fn.__defaults__ = tuple(None if group(d) else d for d in fn.__defaults__)
+        if fn.__kwdefaults__ and any(map(group, fn.__kwdefaults__.values())):
+            fn.__kwdefaults__ = {k: None if group(d) else d for k, d in fn.__kwdefaults__.items()}
 
 
 def environment_ninja_first(env: MutableMapping[str, str], executable: str | None = None) -> None:
