@@ -27,7 +27,7 @@ $(STAMP): setup.cfg pyproject.toml
 # here once, ranks only load it instead of all waiting on one build's lock file under test
 # timeouts; and a build killed midway leaves that lock behind, which would hang every later start,
 # so a lock no build holds is removed first (nothing else builds while make runs this). The venv's
-# ninja builds it, as in every rank (launching/device.py: another ninja version would rebuild it).
+# ninja builds it, as in every rank (compat/torch.py: another ninja version would rebuild it).
 SHM_LOCK = $(HOME)/.cache/torch_extensions/py*_cpu/deepspeed_shm_comm/lock
 shm-op:
 	rm -f $(SHM_LOCK)

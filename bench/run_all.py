@@ -3,7 +3,7 @@
     python -m bench.run_all [--only step_time conditioning_cost hf_throughput memory batching checkpoint_io]
 
 (``make bench`` runs this.) Each benchmark writes ``bench/results/<name>.json``; this script
-then prints the headline numbers against the targets of issue 8. Larger sizes: run the
+then prints the headline numbers against their targets (docs/benchmarks.md, "Headline"). Larger sizes: run the
 benchmark modules directly (their ``--help`` lists the knobs; docs/benchmarks.md gives the
 commands used for the documented numbers).
 """

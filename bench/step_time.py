@@ -26,7 +26,7 @@ import torch
 
 from bench.common import interleave, machine, matmul_peak_gflops, median, ratios, table, write_json
 from hp_deepspeed.model.builder import ModelConfig
-from hp_deepspeed.model.builder import build_model as build_backbone
+from hp_deepspeed.model.builder import build_backbone
 from hp_deepspeed.model.conditioning import BackboneDims, ConditioningConfig, build_conditioning
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5
 from hp_deepspeed.training.flops import shape_of, train_step_flops

@@ -24,7 +24,8 @@ import tempfile
 import time
 import warnings
 
-from hp_deepspeed.config import ConfigError, load_config, one_line
+from hp_deepspeed.config import load_config, one_line
+from hp_deepspeed.errors import UserError
 from hp_deepspeed.launching.device import prepare_process
 
 # Subcommands that put a model on a device (and may import deepspeed).
@@ -235,12 +236,7 @@ def _quiet_dependencies() -> None:
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input (a file, key or value named in the message), not a bug: they are
     reported in one line instead of a traceback from every rank."""
-    from hp_deepspeed.checkpointing import CheckpointError
-    from hp_deepspeed.data import DataError
-    from hp_deepspeed.launching.distributed import LaunchEnvironmentError
-    from hp_deepspeed.model.hf_checkpoint import CheckpointError as WeightsError
-
-    return (ConfigError, DataError, CheckpointError, WeightsError, LaunchEnvironmentError, FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,12 +19,10 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from hp_deepspeed.errors import ConfigError
+
 T = TypeVar("T")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config value or key is wrong; the message names the dotted key and what was expected."""
 
 
 def one_line(message: str) -> str:
@@ -57,14 +55,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:  # the union's own message below names every choice
+                pass
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:

@@ -2,7 +2,7 @@
 # The GPU checks, as one command for a lent GPU machine (DEVELOPERS.md, "GPU checks").
 #
 #   scripts/gpu_check.sh smoke [ARGS]   # the main job's user paths (bench.gpu_smoke), ~5 min on one H100/H200
-#   scripts/gpu_check.sh speed [ARGS]   # the speed stages of issue 13 (bench.gpu --full), ~8 min
+#   scripts/gpu_check.sh speed [ARGS]   # the GPU speed stages (bench.gpu --full), ~8 min
 #
 # ARGS go to the Python command (e.g. `smoke --suites zero3_bf16`, `speed --budget-s 300`).
 # Wheels the GPU image lacks are taken from .whl when it holds any (../shared/device/prepare_wheels.sh

@@ -37,7 +37,7 @@ hp_setup() {
     exit 1
   fi
   # Rank 0 runs on the first node of the allocation; the port follows from the job id so
-  # concurrent jobs on shared nodes do not collide (same rule as launching/distributed.py).
+  # concurrent jobs on shared nodes do not collide (same rule as launching/environment.py).
   MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
   MASTER_PORT=${MASTER_PORT:-$(( 15000 + SLURM_JOB_ID % 20000 ))}
   export MASTER_ADDR MASTER_PORT HP_MODULE

@@ -57,7 +57,7 @@ def pytest_make_collect_report(collector):
 def _remove_leaked_cpu_allreduce_buffers():
     """Ranks the tests kill (SIGKILL, a crash mid-save, a node lost) never reach the CLI's clean
     exit, which removes DeepSpeed's 69 MB /dev/shm all-reduce buffer of each rank
-    (launching/distributed.shutdown_distributed); remove those this session left."""
+    (launching/shutdown.shutdown_distributed); remove those this session left."""
     import time
     from pathlib import Path
 

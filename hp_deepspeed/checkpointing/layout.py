@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from hp_deepspeed.errors import CheckpointError
+
 MARKER = "COMPLETE"
 LATEST = "latest"
 BEST = "best.json"
@@ -44,10 +46,6 @@ UNIVERSAL = "universal"
 STAGING_SUFFIX = ".staging"
 TRASH_SUFFIX = ".trash"
 STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the folder and what is wrong."""
 
 
 def step_tag(step: int) -> str:

@@ -7,7 +7,7 @@ background thread), ``evaluation`` (EvalSet).
 """
 
 from hp_deepspeed.data.config import BUNDLED_DATA_DIR, BUNDLED_TOKENIZER_DIR, CustomTaskConfig, DataConfig
-from hp_deepspeed.data.evaluation import EvalSet, build_eval_batches
+from hp_deepspeed.data.eval_sets import EvalSet, build_eval_batches
 from hp_deepspeed.data.metrics import METRICS
 from hp_deepspeed.data.stream import TrainStream, mixing_rates
 from hp_deepspeed.data.tasks import REGISTRY, DataError, Task, benchmark_average, build_tasks

@@ -39,15 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from hp_deepspeed.config import ConfigError, to_dict
+from hp_deepspeed.errors import DataError
 from hp_deepspeed.data.config import CustomTaskConfig, DataConfig
 from hp_deepspeed.data.metrics import METRICS, REGRESSION_METRICS, compute_metrics
 
 # Bump when any preprocessor's output changes: it is part of every tokenisation cache key.
 PREPROCESSING_VERSION = 1
-
-
-class DataError(ValueError):
-    """Bad data or data configuration; the message names the task, file and line concerned."""
 
 
 class MalformedRow(Exception):

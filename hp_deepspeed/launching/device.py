@@ -15,53 +15,30 @@ Which GPU (:func:`cuda_device_index`)
     per rank) uses that GPU, index 0. Anything else would put two ranks on one GPU and is
     refused. DeepSpeed indexes the GPU by ``LOCAL_RANK`` itself (``init_process_group(device_id)``,
     ``zero.Init``, the engine), so ``init_distributed`` exports the chosen index as LOCAL_RANK.
-CUDA architectures (:func:`sanitize_arch_list`)
-    DeepSpeed 0.19.8's op builder parses each ``TORCH_CUDA_ARCH_LIST`` entry with ``int()`` and
-    crashes on the arch-specific ``9.0a`` that Hopper images set; the suffix only enables
-    sm_90a-only instructions that DeepSpeed's kernels do not use, so it is dropped.
-Which ninja builds DeepSpeed's ops (:func:`environment_ninja_first`)
-    DeepSpeed JIT-builds its ops (the CPU all-reduce, FusedAdam, CPUAdam) with the ``ninja`` it
-    finds on PATH, into one cache per user (``~/.cache/torch_extensions``). A rank started over
-    ssh (the pdsh runner) gets sshd's PATH: the system's ninja, or none, instead of the one pip
-    installed beside DeepSpeed. Two ninja versions hash build commands differently (1.11 and
-    1.13 here), so each sees the other's build as stale and rebuilds it: 28 s per switch on this
-    machine, every time an ssh-started run followed a local one. The interpreter's own ``bin``
-    goes first on PATH when it holds a ninja, so every rank builds with the same one.
+Which ninja builds DeepSpeed's ops, and the CUDA architectures it is given
+    :func:`prepare_process` applies the two workarounds of ``hp_deepspeed/compat/``
+    (``compat.torch.environment_ninja_first``, ``compat.deepspeed.sanitize_arch_list``): every
+    rank JIT-builds with the interpreter's own ninja, and a ``TORCH_CUDA_ARCH_LIST`` entry such
+    as ``9.0a``, which DeepSpeed's op builder cannot parse, loses its suffix.
+
+Not here: what DeepSpeed does with the choice (``compat.deepspeed``), the process group
+(``startup.py``).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import sys
 from typing import Mapping, MutableMapping
 
-from hp_deepspeed.launching.errors import LaunchEnvironmentError
-
-_ARCH = re.compile(r"^(\d+)\.(\d+)([a-z]*)(\+PTX)?$")
+from hp_deepspeed.compat.deepspeed import accelerator_already_chosen, sanitize_arch_list
+from hp_deepspeed.compat.torch import environment_ninja_first
+from hp_deepspeed.errors import LaunchEnvironmentError
 
 
 def cpu_requested(env: Mapping[str, str]) -> bool:
     """Whether the user asked for a CPU run (HP_DEVICE=cpu or HP_DIST_BACKEND=gloo), GPUs or not."""
     return env.get("HP_DEVICE", "").lower() == "cpu" or env.get("HP_DIST_BACKEND", "").lower() == "gloo"
-
-
-def sanitize_arch_list(value: str) -> tuple[str, str | None]:
-    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed's op builder can parse it, and a note when changed."""
-    entries = [e for e in re.split(r"[;\s]+", value.strip()) if e]
-    kept = []
-    for entry in entries:
-        match = _ARCH.match(entry)
-        if match is None:
-            raise LaunchEnvironmentError(
-                f"TORCH_CUDA_ARCH_LIST={value!r}: entry {entry!r} is not MAJOR.MINOR[+PTX] (e.g. 9.0 or 8.0;9.0+PTX)")
-        kept.append(f"{match[1]}.{match[2]}{match[4] or ''}")
-    fixed = ";".join(dict.fromkeys(kept))
-    if fixed == ";".join(entries):
-        return value, None
-    return fixed, (f"TORCH_CUDA_ARCH_LIST={value!r} -> {fixed!r}: DeepSpeed's op builder cannot parse "
-                   "arch-specific suffixes such as 9.0a, and its kernels do not need them")
 
 
 def prepare_process(env: MutableMapping[str, str] | None = None) -> None:
@@ -88,14 +65,6 @@ def prepare_process(env: MutableMapping[str, str] | None = None) -> None:
             env["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
-def environment_ninja_first(env: MutableMapping[str, str], executable: str | None = None) -> None:
-    """Put the interpreter's ``bin`` first on PATH when it holds a ``ninja`` that PATH would not pick."""
-    tools = os.path.dirname(executable or sys.executable)
-    ninja = os.path.join(tools, "ninja")
-    if os.access(ninja, os.X_OK) and shutil.which("ninja", path=env.get("PATH", "")) != ninja:
-        env["PATH"] = os.pathsep.join([tools, env["PATH"]]) if env.get("PATH") else tools
-
-
 def _cuda_device_count() -> int:
     import torch
 
@@ -103,11 +72,10 @@ def _cuda_device_count() -> int:
 
 
 def _check_deepspeed_accelerator(expected: str) -> None:
-    module = sys.modules.get("deepspeed.accelerator.real_accelerator")
-    chosen = getattr(module, "ds_accelerator", None)
-    if chosen is not None and chosen.device_name() != expected:
+    chosen = accelerator_already_chosen()
+    if chosen is not None and chosen != expected:
         raise LaunchEnvironmentError(
-            f"DeepSpeed was imported with the {chosen.device_name()!r} accelerator before the device "
+            f"DeepSpeed was imported with the {chosen!r} accelerator before the device "
             f"was chosen ({expected!r}); set DS_ACCELERATOR={expected} in the environment")
 
 

@@ -1,14 +1,14 @@
 """The T5 backbone: architecture config, model, HF checkpoint I/O, greedy generation, builder."""
 
-from hp_deepspeed.model.builder import ModelConfig, build_model, resolve_t5_config
+from hp_deepspeed.model.builder import ModelConfig, build_backbone, resolve_t5_config
 from hp_deepspeed.model.generation import greedy_generate
-from hp_deepspeed.model.hf_checkpoint import CheckpointError, CheckpointReader, load_hf_weights, save_hf_checkpoint
+from hp_deepspeed.model.hf_checkpoint import WeightsError, CheckpointReader, load_hf_weights, save_hf_checkpoint
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning, apply_adapter
 from hp_deepspeed.model.t5 import DecoderCache, T5Model, T5Output
 from hp_deepspeed.model.t5_config import PRESETS, T5Config
 
 __all__ = [
-    "CheckpointError",
+    "WeightsError",
     "CheckpointReader",
     "ConditioningOutput",
     "DecoderCache",
@@ -19,7 +19,7 @@ __all__ = [
     "T5Model",
     "T5Output",
     "apply_adapter",
-    "build_model",
+    "build_backbone",
     "greedy_generate",
     "load_hf_weights",
     "resolve_t5_config",

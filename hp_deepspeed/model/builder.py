@@ -1,21 +1,30 @@
 """The trainer's model section: which T5, in what dtype, how it is checkpointed, and building it.
 
-``build_model`` is the one place that decides how the backbone comes to exist: on the meta
-device (to count parameters), plainly on the CPU, or inside ``deepspeed.zero.Init`` so that
-each rank only ever allocates its partition; and then whether weights are loaded from a Hugging
+``build_backbone`` builds the T5 backbone alone; ``hyperprompt_t5.build_model`` builds the
+model the trainer trains (this backbone plus its task conditioning) and calls it.
+
+:func:`construction_site` is the one rule of where new parameters come to exist, for the
+backbone and the conditioning alike: on the meta device (to count parameters), inside
+``deepspeed.zero.Init`` so that each rank only ever allocates its partition (ZeRO stage 3), or
+plainly on the CPU. ``build_backbone`` then decides whether weights are loaded from a Hugging
 Face checkpoint (streamed tensor by tensor under ZeRO-3) or left at their random initialisation.
+
+Not here: the conditioning modules (``conditioning.py``), the weights' file format
+(``hf_checkpoint.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ContextManager, Literal
 
 import torch
 
+from hp_deepspeed.compat.deepspeed import zero_init
 from hp_deepspeed.model.hf_checkpoint import CheckpointReader, load_hf_weights
 from hp_deepspeed.model.t5 import ActivationCheckpointing, T5Model
 from hp_deepspeed.model.t5_config import PRESET_ALIASES, PRESETS, T5Config
@@ -64,7 +73,7 @@ def resolve_t5_config(config: ModelConfig) -> T5Config:
 
 
 def check_model_source(config: ModelConfig) -> None:
-    """The cheap part of ``build_model``, for a preflight: a preset or a local folder must give a
+    """The cheap part of ``build_backbone``, for a preflight: a preset or a local folder must give a
     T5 config, and a local folder whose weights are to be loaded must hold weight files. A hub id
     is left to the ranks (a preflight downloads nothing)."""
     name = config.name_or_path
@@ -75,7 +84,19 @@ def check_model_source(config: ModelConfig) -> None:
         CheckpointReader(name)  # reads index files and safetensors headers only
 
 
-def build_model(
+def construction_site(ds_config: dict[str, Any] | str | None, device: torch.device | str) -> ContextManager:
+    """Where modules created inside this context put their parameters: the meta device for
+    ``device="meta"``; ``deepspeed.zero.Init`` for a ZeRO stage-3 ``ds_config`` (every rank must
+    enter it; the dtype comes from the config's precision section, see
+    ``compat.deepspeed.zero_init``); otherwise plainly, for the caller to move to ``device``."""
+    if str(device) == "meta":
+        return torch.device("meta")
+    if zero_stage(ds_config) == 3:
+        return zero_init(ds_config)
+    return contextlib.nullcontext()
+
+
+def build_backbone(
     config: ModelConfig,
     ds_config: dict[str, Any] | str | None = None,
     device: torch.device | str = "cpu",
@@ -89,18 +110,12 @@ def build_model(
     dtype = DTYPES[config.dtype]
     zero3 = zero_stage(ds_config) == 3
     torch.manual_seed(config.seed)
+    with construction_site(ds_config, device):
+        model = T5Model(t5_config, config.activation_checkpointing)
     if str(device) == "meta":
-        with torch.device("meta"):
-            return T5Model(t5_config, config.activation_checkpointing).to(dtype)
-    if zero3:
-        import deepspeed
-
-        # No dtype argument: DeepSpeed then takes it from the config (bf16 section or fp32).
-        # Passing one is ignored on accelerators without fp16 (0.19's _set_dtype), giving bf16.
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = T5Model(t5_config, config.activation_checkpointing)
-    else:
-        model = T5Model(t5_config, config.activation_checkpointing).to(device=device, dtype=dtype)
+        return model.to(dtype)
+    if not zero3:
+        model = model.to(device=device, dtype=dtype)
     if config.load_weights and config.name_or_path not in _RANDOM_ONLY:
         load_hf_weights(model, config.name_or_path, zero3=zero3)
     if config.compile:

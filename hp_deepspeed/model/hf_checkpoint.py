@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hp_deepspeed.errors import WeightsError
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.model.hub import hub_snapshot
 from hp_deepspeed.model.t5_config import PRESET_ALIASES, T5Config
@@ -53,10 +54,6 @@ TIED_GROUP = ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tok
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # Hub repositories of the preset names that are checkpoints (the tiny ones are not).
 _PRESET_HUB_IDS = {name: alias for alias, name in PRESET_ALIASES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model; the message names the file and the tensor."""
 
 
 def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
@@ -106,7 +103,7 @@ class CheckpointReader:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a valid index file ({type(err).__name__}: {err})") from None
+            raise WeightsError(f"{index}: not a valid index file ({type(err).__name__}: {err})") from None
         for name, file_name in weight_map.items():
             file = self.folder / file_name
             if not file.is_file():
@@ -124,7 +121,7 @@ class CheckpointReader:
                 self._bin_cache[file] = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             except RuntimeError as err:
                 if "mmap" not in str(err):
-                    raise CheckpointError(f"{file}: cannot be read ({err})") from None
+                    raise WeightsError(f"{file}: cannot be read ({err})") from None
                 # Files written by torch < 1.6 (not zip) cannot be memory-mapped.
                 self._bin_cache[file] = torch.load(file, map_location="cpu", weights_only=True)
         return self._bin_cache[file]
@@ -227,12 +224,12 @@ def load_hf_weights(model: nn.Module, name_or_path: str | Path, zero3: bool) -> 
         try:
             reader = CheckpointReader(resolve_checkpoint_dir(name_or_path))
             error = check_checkpoint(model, reader, tied)
-        except (FileNotFoundError, CheckpointError) as err:
+        except (FileNotFoundError, WeightsError) as err:
             error = f"{type(err).__name__}: {err}"
     if zero3:
         error = collectives.broadcast_object(error, src=0)
     if error is not None:
-        raise CheckpointError(error)
+        raise WeightsError(error)
 
     sources = tensor_sources(params, reader) if reader is not None else {}
     if not zero3:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hp_deepspeed.model.builder import DTYPES, ModelConfig, zero_stage
-from hp_deepspeed.model.builder import build_model as build_backbone
+from hp_deepspeed.model.builder import DTYPES, ModelConfig, build_backbone, construction_site, zero_stage
 from hp_deepspeed.model.conditioning import (
     BackboneDims,
     ConditioningConfig,
@@ -119,18 +118,11 @@ def build_model(
         backbone.requires_grad_(False)
     dims = BackboneDims.of(backbone.config)
     torch.manual_seed(model_cfg.seed)
-    if str(device) == "meta":
-        with torch.device("meta"):
-            conditioning = build_conditioning(cond_cfg, dims, num_tasks)
-    elif zero_stage(ds_config) == 3 and cond_cfg.variant != "none":
-        import deepspeed
-
-        # No dtype argument: the DeepSpeed config's precision section decides (and DeepSpeed
-        # 0.19 ignores an explicit dtype on accelerators without fp16, creating bf16 weights).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            conditioning = build_conditioning(cond_cfg, dims, num_tasks)
+    if cond_cfg.variant == "none":  # nothing to build: no zero.Init to enter
+        conditioning = None
     else:
-        conditioning = build_conditioning(cond_cfg, dims, num_tasks)
-        if conditioning is not None:
+        with construction_site(ds_config, device):
+            conditioning = build_conditioning(cond_cfg, dims, num_tasks)
+        if str(device) != "meta" and zero_stage(ds_config) != 3:
             conditioning = conditioning.to(device=device, dtype=DTYPES[model_cfg.dtype])
     return HyperPromptT5(backbone, conditioning, kv_prompt_length=cond_cfg.kv_prompt_length)

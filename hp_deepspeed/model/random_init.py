@@ -10,7 +10,7 @@ afterwards) still advance the generator of the device they run on, so on a GPU b
 longer advance the CPU stream and the later draws shift. The full fix is one generator per
 build that only this module draws from; it changes the CPU initial values, which moved
 tests/conditioning/test_zero3.py's ZeRO-3-vs-plain weights just past its tolerance, so it waits
-for that test's tolerance to be reviewed (see issue 12's note).
+for that test's tolerance to be reviewed.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from hp_deepspeed.errors import ReportError
 from hp_deepspeed.training.metrics_log import read_metrics
 
 # The keys plotted here; the other train values (lr, throughput, memory) are in TensorBoard.
@@ -36,10 +37,6 @@ _TASK_LOSS_PREFIX = "loss/"
 _AVERAGE_SUFFIX = "_average"
 # Figure of the eval sets that belong to no benchmark (custom tasks).
 _OTHER_TASKS = "tasks"
-
-
-class ReportError(RuntimeError):
-    """The run directory cannot be reported on; the message says why."""
 
 
 Series = dict[str, tuple[list[int], list[float]]]

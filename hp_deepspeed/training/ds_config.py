@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hp_deepspeed.compat.deepspeed import zero_stage_for_bf16_fp32_accumulation
 from hp_deepspeed.config import ConfigError
 from hp_deepspeed.training.optim import OptimConfig
 from hp_deepspeed.training.parallelism import Hardware, ModelSize, resolve_zero
@@ -111,16 +112,12 @@ def build_ds_config(
 
 def _accumulate_in_fp32(cfg: dict, zero: dict) -> None:
     """bf16 weights, fp32 gradient accumulation (``data_types.grad_accum_dtype``), unless the file
-    chose otherwise.
-
-    DeepSpeed 0.19.8 has no stage-0 engine for that mix: ``_do_optimizer_sanity_check`` raises
-    ``NotImplementedError`` for bf16 weights with fp32 accumulation outside ZeRO. Its stage-1 path
-    for exactly these data types is ``BF16_Optimizer`` (fp32 master weights and accumulation, no
-    ZeRO-3 hooks; at one rank the memory of stage 0), so a stage 0 becomes stage 1.
-    """
+    chose otherwise; at the ZeRO stage DeepSpeed can run that mix at
+    (``compat.deepspeed.zero_stage_for_bf16_fp32_accumulation``)."""
     accum = cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
-    if accum == "fp32" and zero.get("stage", 0) == 0:
-        zero["stage"] = 1
+    stage = zero.get("stage", 0)
+    if accum == "fp32" and zero_stage_for_bf16_fp32_accumulation(stage) != stage:
+        zero["stage"] = zero_stage_for_bf16_fp32_accumulation(stage)
 
 
 def optimizer_params(optim: OptimConfig, on_cpu: bool, offload_optimizer: bool) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The one place that fills what a ``ds_configs`` file leaves to the project (``"au
 the file sets explicitly always wins. ``training/ds_config.py`` calls ``resolve_zero`` and
 ``bench/gpu.py`` reports ``choose_zero`` for the presets.
 
-Why these rules (measured on one H200, issue 13): ZeRO-3 pays per-submodule Python hooks and
+Why these rules (measured on one H200, docs/benchmarks.md section 7): ZeRO-3 pays per-submodule Python hooks and
 parameter gathers on every forward and backward, which at world size 1 shard nothing; for
 t5-large it was 4.5x slower than plain PyTorch. So:
 
@@ -124,7 +124,7 @@ class Hardware:
 
     def budget_bytes(self) -> float:
         """What the plan tool allows model states and activations on one GPU (its margins)."""
-        from hp_deepspeed.tools.plan import Cluster, Margins, gpu_budget_bytes
+        from hp_deepspeed.tools.plan_memory import Cluster, Margins, gpu_budget_bytes
 
         cluster = Cluster(nodes=1, gpus_per_node=self.world_size, gpu_mem_gib=self.gpu_mem_gib, cpu_mem_gib=0.0)
         return gpu_budget_bytes(cluster, Margins())

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.gpu import FULL_STAGES, stages_for
+from bench.gpu_stages import FULL_STAGES, stages_for
 
 REPO = Path(__file__).resolve().parents[2]
 # One stage of each kind, covering every runner type: plain, the default config, ZeRO-3, HF.
@@ -32,7 +32,7 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
         assert all(r["step_s_median"] > 0 and r["tokens_per_s"] > 0 and r["flops"] > 0 for r in runners.values())
     assert results["large_zero3"]["runners"]["zero3_hf"]["zero_optimization"]["stage"] == 3
     # Every engine ran with torch's linear: the project's ZeRO-3 keeps it (training/parallelism.py),
-    # and no runner inherits another's replacement (bench/gpu.py's build_runner).
+    # and nothing in the benchmark replaces it (bench/gpu_runners.py records the one in effect).
     host = results["host"]["runners"]
     assert {r["linear"] for r in host.values()} == {"torch._C._nn.linear"}, {n: r["linear"] for n, r in host.items()}
     # The host stage runs the GPU's code paths on the CPU too (bench.gpu.gpu_precision): bf16, where
@@ -51,7 +51,7 @@ def test_cpu_run_writes_a_result_per_stage(tmp_path):
     assert calls and all(c["bias_dtype"] == "torch.bfloat16" and c["scale"] == 1.0 for c in calls)
     assert {c["gpus"] for c in results["default_config"]["choices"]} == {1, 8, 64}
     assert (tmp_path / "large_zero3.json").is_file()
-    # The targets, read from side-by-side runners: the stages run here give the three
+    # The speed targets, read from side-by-side runners: the stages run here give the three
     # ratios of large_default and large_zero3; the CPU has no MFU peak; the rest were not run.
     targets = {t["target"].split(",")[0]: t for t in summary["targets"]}
     hf = next(t for t in summary["targets"] if t["target"].startswith("transformers"))

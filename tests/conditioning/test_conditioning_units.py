@@ -1,5 +1,5 @@
-"""The conditioning module's smaller promises, one at a time (written against the mutation run of
-issue 18, see MUTATION_CONDITIONING.md): the initial scales docs/hyperprompt.md documents, the
+"""The conditioning module's smaller promises, one at a time (written against a mutation run of
+model/conditioning.py, see docs/mutation/conditioning.md): the initial scales docs/hyperprompt.md documents, the
 config's bounds, which blocks a placement conditions, when every task is generated instead of the
 distinct ones, and the precomputed (serving) form's task bookkeeping and file format."""
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hp_deepspeed.model.builder import ModelConfig
-from hp_deepspeed.model.builder import build_model as build_backbone
+from hp_deepspeed.model.builder import build_backbone
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
 
 from .common import CONDITIONED_VARIANTS, NUM_TASKS, example, random_batch, tiny_model

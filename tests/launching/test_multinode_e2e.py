@@ -6,7 +6,7 @@ second node, node ranks, the rendezvous over a real interface (``eth0`` of each 
 HP_SOCKET_IFNAME in the SLURM and Open MPI runs, found by gloo from the node's host name in the
 pdsh run), ssh to another host, and a node dying.
 
-Faults injected and survived (the count for the issue's note): in ``trained_over_two_nodes``
+Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
 (2), the job is preempted with USR1 (3); all three end in a run equal to an uninterrupted one.
 ``test_wrong_interface_fails_fast`` injects a fourth (a loopback interface across nodes), which

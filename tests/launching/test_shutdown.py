@@ -47,11 +47,11 @@ def test_a_command_that_fails_leaves_the_group_alone(tmp_path, monkeypatch):
 def test_a_clean_exit_removes_this_ranks_cpu_allreduce_buffer(tmp_path, monkeypatch):
     """DeepSpeed's CPU all-reduce op leaves /dev/shm/deepspeed_allreduce_buffer_* (69 MB per
     rank) behind; the clean exit removes this rank's, and only this rank's."""
-    from hp_deepspeed.launching import distributed
+    from hp_deepspeed.compat.deepspeed import cpu_allreduce_buffer
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1")  # a port no real run uses
-    mine, peer = distributed.cpu_allreduce_buffer(0), distributed.cpu_allreduce_buffer(1)
+    mine, peer = cpu_allreduce_buffer(0), cpu_allreduce_buffer(1)
     assert mine.name == f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0"
     try:
         mine.write_bytes(b"x")
@@ -70,7 +70,7 @@ def test_an_engine_whose_clean_up_fails_warns_instead_of_failing_the_command(mon
     import sys
     import types
 
-    from hp_deepspeed.launching import distributed
+    from hp_deepspeed.compat.deepspeed import destroy_engines
 
     class FakeEngine:
         destroyed = 0
@@ -81,7 +81,7 @@ def test_an_engine_whose_clean_up_fails_warns_instead_of_failing_the_command(mon
 
     monkeypatch.setitem(sys.modules, "deepspeed.runtime.engine", types.SimpleNamespace(DeepSpeedEngine=FakeEngine))
     alive = [FakeEngine()]  # still referenced, as an engine whose hooks keep it
-    distributed._destroy_deepspeed_engines()
+    destroy_engines()
     assert FakeEngine.destroyed == len(alive)
     assert "warning: DeepSpeed engine clean-up at exit failed (RuntimeError: backend gone)" in capsys.readouterr().err
 

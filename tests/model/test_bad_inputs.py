@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hp_deepspeed.model import CheckpointError, T5Config, T5Model, load_hf_weights
+from hp_deepspeed.model import WeightsError, T5Config, T5Model, load_hf_weights
 from tests.model.helpers import load_ours
 
 TENSOR = "encoder.block.1.layer.1.DenseReluDense.wo.weight"
@@ -35,7 +35,7 @@ def test_shape_mismatch_names_file_tensor_and_shapes(tiny_checkpoint, tmp_path, 
         state[TENSOR] = state[TENSOR][:, :-1].clone()
 
     folder = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "ckpt", shrink)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(WeightsError) as err:
         load_hf_weights(model, folder, zero3=False)
     message = str(err.value)
     assert str(folder / "model.safetensors") in message and TENSOR in message
@@ -44,7 +44,7 @@ def test_shape_mismatch_names_file_tensor_and_shapes(tiny_checkpoint, tmp_path, 
 
 def test_missing_tensor_is_named(tiny_checkpoint, tmp_path, model):
     folder = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "ckpt", lambda s: s.pop(TENSOR))
-    with pytest.raises(CheckpointError, match=rf"{folder} lacks tensor {TENSOR} \(expected shape \[32, 48\]\)"):
+    with pytest.raises(WeightsError, match=rf"{folder} lacks tensor {TENSOR} \(expected shape \[32, 48\]\)"):
         load_hf_weights(model, folder, zero3=False)
 
 
@@ -55,27 +55,27 @@ def test_unexpected_tensor_is_named(tiny_checkpoint, tmp_path, model):
         state[extra] = torch.zeros(32, 32)
 
     folder = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "ckpt", add)
-    with pytest.raises(CheckpointError, match=rf"model.safetensors: unexpected tensor {extra} \(shape \[32, 32\]\)"):
+    with pytest.raises(WeightsError, match=rf"model.safetensors: unexpected tensor {extra} \(shape \[32, 32\]\)"):
         load_hf_weights(model, folder, zero3=False)
 
 
 def test_checkpoint_of_the_other_family_is_rejected(tiny_checkpoint, model):
     # v1.1 files hold wi_0/wi_1 where the v1.0 model has wi.
-    with pytest.raises(CheckpointError, match=r"lacks tensor encoder\.block\.0\.layer\.1\.DenseReluDense\.wi\.weight"):
+    with pytest.raises(WeightsError, match=r"lacks tensor encoder\.block\.0\.layer\.1\.DenseReluDense\.wi\.weight"):
         load_hf_weights(model, tiny_checkpoint("tiny-v1_1"), zero3=False)
 
 
 def test_missing_files_are_named(tmp_path, tiny_checkpoint, model):
-    with pytest.raises(CheckpointError, match=rf"{tmp_path}: no weights found \(looked for model.safetensors.index.json"):
+    with pytest.raises(WeightsError, match=rf"{tmp_path}: no weights found \(looked for model.safetensors.index.json"):
         load_hf_weights(model, tmp_path, zero3=False)
-    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+    with pytest.raises(WeightsError, match="not a checkpoint folder"):
         load_hf_weights(model, tmp_path / "absent", zero3=False)
     folder = tmp_path / "sharded"
     shutil.copytree(tiny_checkpoint("tiny-v1_0", "sharded"), folder)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     lost = sorted(set(index["weight_map"].values()))[1]
     (folder / lost).unlink()
-    with pytest.raises(CheckpointError, match=rf"shard {lost} \(holding .+\) does not exist"):
+    with pytest.raises(WeightsError, match=rf"shard {lost} \(holding .+\) does not exist"):
         load_hf_weights(model, folder, zero3=False)
 
 
@@ -102,7 +102,7 @@ def test_hub_ids_go_through_snapshot_download(tiny_checkpoint, monkeypatch):
     assert requested[-1][0] == "someone/tiny-t5" and "*.safetensors" in requested[-1][1]
     load_hf_weights(model, "t5-small", zero3=False)  # preset names map to their hub repository
     assert requested[-1][0] == "google-t5/t5-small"
-    with pytest.raises(CheckpointError, match="'nobody/absent' is neither a local folder nor a preset.*OSError: we are offline"):
+    with pytest.raises(WeightsError, match="'nobody/absent' is neither a local folder nor a preset.*OSError: we are offline"):
         load_hf_weights(model, "nobody/absent", zero3=False)
 
 
@@ -157,7 +157,7 @@ def test_a_separate_head_under_a_tied_config_is_refused(tiny_checkpoint, tmp_pat
         state["lm_head.weight"] = state["shared.weight"] + 1.0
 
     folder = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "ckpt", add_head)
-    with pytest.raises(CheckpointError, match="lm_head.weight differs from shared.weight"):
+    with pytest.raises(WeightsError, match="lm_head.weight differs from shared.weight"):
         load_hf_weights(model, folder, zero3=False)
     equal = edited_checkpoint(tiny_checkpoint("tiny-v1_0"), tmp_path / "equal",
                               lambda s: s.__setitem__("lm_head.weight", s["shared.weight"].clone()))

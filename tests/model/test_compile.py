@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hp_deepspeed.model.builder import ModelConfig, build_model
+from hp_deepspeed.model.builder import ModelConfig, build_backbone
 from hp_deepspeed.model.generation import greedy_generate
 from tests.model.helpers import conditioning_leaves, load_ours, padded_batch, random_conditioning
 
@@ -85,12 +85,12 @@ def test_names_and_decoding_are_unchanged(tiny_checkpoint, graphs):
 
 def test_the_config_switch_compiles_the_built_model(graphs):
     seen, backend = graphs
-    model = build_model(ModelConfig(name_or_path="tiny-v1_0", compile=True, compile_backend=backend))
+    model = build_backbone(ModelConfig(name_or_path="tiny-v1_0", compile=True, compile_backend=backend))
     assert model.encoder._compiled is not None and model.decoder._compiled is not None
     input_ids, attention_mask, labels = padded_batch()
     model(input_ids, attention_mask, labels=labels)
     assert seen
-    plain = build_model(ModelConfig(name_or_path="tiny-v1_0"))
+    plain = build_backbone(ModelConfig(name_or_path="tiny-v1_0"))
     assert plain.encoder._compiled is None and plain.decoder._compiled is None
 
 

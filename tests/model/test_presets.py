@@ -9,7 +9,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from hp_deepspeed.config import ConfigError
-from hp_deepspeed.model import PRESETS, ModelConfig, T5Config, T5Model, build_model
+from hp_deepspeed.model import PRESETS, ModelConfig, T5Config, T5Model, build_backbone
 from hp_deepspeed.testing.tiny_models import hf_config
 
 # Known parameter counts of a few published checkpoints: an anchor independent of transformers.
@@ -38,16 +38,16 @@ def test_meta_parameters_equal_transformers(name):
 
 
 def test_build_model_on_meta_counts_without_memory():
-    model = build_model(ModelConfig(name_or_path="google/flan-t5-xxl", dtype="bfloat16"), device="meta")
+    model = build_backbone(ModelConfig(name_or_path="google/flan-t5-xxl", dtype="bfloat16"), device="meta")
     assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).is_meta
     assert sum(p.numel() for p in model.parameters()) > 11e9
 
 
 def test_random_tiny_model_and_overrides():
-    model = build_model(ModelConfig(name_or_path="tiny-v1_1", dropout_rate=0.0, activation_checkpointing="reentrant"))
+    model = build_backbone(ModelConfig(name_or_path="tiny-v1_1", dropout_rate=0.0, activation_checkpointing="reentrant"))
     assert model.config.dropout_rate == 0.0 and model.encoder.activation_checkpointing == "reentrant"
     assert model.lm_head.weight is not model.shared.weight
-    tied = build_model(ModelConfig(name_or_path="tiny-v1_0"))
+    tied = build_backbone(ModelConfig(name_or_path="tiny-v1_0"))
     assert tied.lm_head.weight is tied.shared.weight
 
 

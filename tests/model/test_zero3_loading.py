@@ -58,10 +58,10 @@ def body(folder: str, out_dir: str) -> dict:
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
-    from hp_deepspeed.model import ModelConfig, build_model, save_hf_checkpoint
+    from hp_deepspeed.model import ModelConfig, build_backbone, save_hf_checkpoint
 
     stats = instrument_reader()
-    model = build_model(ModelConfig(name_or_path=folder, dropout_rate=0.0), ds_config=DS_CONFIG)
+    model = build_backbone(ModelConfig(name_or_path=folder, dropout_rate=0.0), ds_config=DS_CONFIG)
     stats = dict(stats)  # loading is over: what happened during it
     local = {name: p.ds_tensor.numel() for name, p in model.named_parameters()}
     full = {name: p.ds_numel for name, p in model.named_parameters()}
@@ -157,10 +157,10 @@ def test_zero3_streaming_load_forward_generate_backward_save(tiny_checkpoint, tm
 
 def random_init_body(preset: str) -> dict:
     """Gathered weights of a random-init build under zero.Init (every rank returns them)."""
-    from hp_deepspeed.model.builder import ModelConfig, build_model
+    from hp_deepspeed.model.builder import ModelConfig, build_backbone
 
     cfg = ModelConfig(name_or_path=preset, load_weights=False, seed=3)
-    model = build_model(cfg, ds_config=DS_CONFIG)
+    model = build_backbone(cfg, ds_config=DS_CONFIG)
     import deepspeed
 
     out = {}
@@ -174,9 +174,9 @@ def random_init_body(preset: str) -> dict:
 def test_random_init_under_zero3_equals_plain_build(preset):
     """Parent modules initialise their children's weights (T5's scaled normal init); under
     zero.Init those children are already partitioned, which must not lose the init."""
-    from hp_deepspeed.model.builder import ModelConfig, build_model
+    from hp_deepspeed.model.builder import ModelConfig, build_backbone
 
-    plain = dict(build_model(ModelConfig(name_or_path=preset, load_weights=False, seed=3)).named_parameters())
+    plain = dict(build_backbone(ModelConfig(name_or_path=preset, load_weights=False, seed=3)).named_parameters())
     for gathered in run_ranks("tests.model.test_zero3_loading:random_init_body", 2, timeout=240, args=(preset,)):
         assert gathered.keys() == plain.keys()
         for name, tensor in gathered.items():

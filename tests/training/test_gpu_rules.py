@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from hp_deepspeed.checkpointing.manager import own_step
+from hp_deepspeed.compat import deepspeed as compat_deepspeed
+from hp_deepspeed.compat import torch as compat_torch
+from hp_deepspeed.errors import LaunchEnvironmentError
 from hp_deepspeed.launching import device
-from hp_deepspeed.launching.distributed import LaunchEnvironmentError
 from hp_deepspeed.model import random_init
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput, LayerConditioning
 from hp_deepspeed.model.t5 import T5Output
@@ -150,16 +152,16 @@ def test_preflight_exports_the_cpu_accelerator_for_the_launcher(tmp_path):
     ("10.0f;12.0a", "10.0;12.0"),
 ])
 def test_arch_list_is_made_parsable(value, expected):
-    fixed, note = device.sanitize_arch_list(value)
+    fixed, note = compat_deepspeed.sanitize_arch_list(value)
     assert fixed == expected and note is not None
     # What DeepSpeed 0.19.8's builder then does with each entry (builder.py, compute_capability_args).
     [tuple(int(part.split("+")[0]) for part in cc.split(".")) for cc in fixed.split(";")]
 
 
 def test_a_clean_arch_list_is_left_alone():
-    assert device.sanitize_arch_list("8.0;9.0+PTX") == ("8.0;9.0+PTX", None)
+    assert compat_deepspeed.sanitize_arch_list("8.0;9.0+PTX") == ("8.0;9.0+PTX", None)
     with pytest.raises(LaunchEnvironmentError, match="TORCH_CUDA_ARCH_LIST='Hopper'"):
-        device.sanitize_arch_list("Hopper")
+        compat_deepspeed.sanitize_arch_list("Hopper")
 
 
 def test_gpu_process_gets_a_parsable_arch_list(monkeypatch, capsys):
@@ -191,22 +193,22 @@ def test_a_rank_started_over_ssh_builds_ops_with_the_environments_ninja(ninjas):
     """sshd's PATH finds the system's ninja; the interpreter's own goes first."""
     venv, system = ninjas
     env = {"PATH": f"{system}:/bin"}
-    device.environment_ninja_first(env, executable=str(venv / "python"))
+    compat_torch.environment_ninja_first(env, executable=str(venv / "python"))
     assert env["PATH"] == f"{venv}:{system}:/bin"
     env = {}  # no PATH at all
-    device.environment_ninja_first(env, executable=str(venv / "python"))
+    compat_torch.environment_ninja_first(env, executable=str(venv / "python"))
     assert env["PATH"] == str(venv)
 
 
 def test_path_is_left_alone_when_it_already_finds_that_ninja_or_there_is_none(ninjas, tmp_path):
     venv, system = ninjas
     env = {"PATH": f"{venv}:{system}"}
-    device.environment_ninja_first(env, executable=str(venv / "python"))
+    compat_torch.environment_ninja_first(env, executable=str(venv / "python"))
     assert env["PATH"] == f"{venv}:{system}"
     bare = tmp_path / "bare" / "bin"
     _tool(bare, "python")
     env = {"PATH": str(system)}
-    device.environment_ninja_first(env, executable=str(bare / "python"))
+    compat_torch.environment_ninja_first(env, executable=str(bare / "python"))
     assert env["PATH"] == str(system)
 
 
@@ -285,11 +287,11 @@ def test_deepspeed_accepts_the_data_types_and_stage_we_assemble(tmp_path):
 _LINEAR_CHECK = """
 import json, sys, torch, deepspeed
 deepspeed.init_distributed(dist_backend="gloo")
-from hp_deepspeed.model.builder import ModelConfig, build_model
+from hp_deepspeed.model.builder import ModelConfig, build_backbone
 from hp_deepspeed.training.parallelism import mark_leaf_blocks
 original = torch.nn.functional.linear
 for cfg in json.loads(sys.stdin.read()):  # DeepSpeed's replacement stays: the project's config first
-    model = build_model(ModelConfig(name_or_path="tiny-v1_0"), ds_config=cfg)  # inside zero.Init
+    model = build_backbone(ModelConfig(name_or_path="tiny-v1_0"), ds_config=cfg)  # inside zero.Init
     print("leaf blocks", mark_leaf_blocks(model, cfg))
     deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
     print("KEPT" if torch.nn.functional.linear is original else "REPLACED")

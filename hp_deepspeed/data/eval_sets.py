@@ -17,6 +17,9 @@ Typical use in the trainer::
             outputs.update((int(i), t) for i, t in zip(batch["example_index"], texts) if i >= 0)
         outputs = merge all ranks' dicts (all_gather_object)
         scores[eval_set.name] = eval_set.compute_metrics(outputs)
+
+Not here: scoring a model on these batches (rank classification, decoding, averages), which is
+``training/evaluation.py``'s ``Evaluator``.
 """
 
 from __future__ import annotations
