@@ -58,7 +58,7 @@ GLUE_LIKE = {
 WORDS = "the a of river castle teacher found painted quiet bright village market garden old".split()
 # mode -> (bucket_pool_batches or None for the default, batch_mixing)
 MODES = {"random": (1, "length"), "length": (None, "length"), "stratified": (None, "stratified")}
-# The targets the default must meet (issue 14).
+# The targets the default must meet.
 MIN_REAL_TOKENS, MAX_SHARE_RATIO = 0.90, 1.25
 
 

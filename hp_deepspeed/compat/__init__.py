@@ -11,7 +11,7 @@ Modules:
     DeepSpeed 0.19.x: the accelerator chosen at import, its op builder's parsing of
     ``TORCH_CUDA_ARCH_LIST``, ``zero.Init``'s dtype, the engine's LOCAL_RANK assertion, the
     bf16 + fp32-accumulation stage, and the clean-up at exit (engines, module stack, group
-    caches, memoised methods, the CPU all-reduce file).
+    caches, memoised methods, the CPU all-reduce file), and the shm op's per-rank build message.
 ``compat.torch``
     torch 2.13: default arguments bound to a process group at import, the ``ninja`` that JIT
     extension builds pick from PATH, and the private ``TorchDispatchMode`` the planner needs.

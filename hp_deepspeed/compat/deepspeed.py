@@ -12,8 +12,11 @@ where a workaround stops being needed or stops working.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
+import importlib
+import io
 import os
 import re
 import sys
@@ -174,3 +177,23 @@ def remove_cpu_allreduce_buffer(rank: int) -> None:
     /dev/shm. The peers mapped it at start-up, so removing the name takes nothing from them.
     """
     cpu_allreduce_buffer(rank).unlink(missing_ok=True)
+
+
+def quiet_shm_op_message() -> None:
+    """DeepSpeed 0.19.8: every CPU rank prints "deepspeed_shm_comm_op built successfully" at every
+    start, also when the op only comes out of the extensions cache, a line per rank that tells a
+    person nothing. The op still loads as before; a failed build still raises DeepSpeed's error."""
+    try:  # by module path: the package's attribute ``torch`` is the torch module itself
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    original = getattr(ds_comm_torch, "build_shm_op", None)
+    if original is None or getattr(original, "_hp_quiet", False):
+        return
+
+    def build_shm_op():
+        with contextlib.redirect_stdout(io.StringIO()):
+            return original()
+
+    build_shm_op._hp_quiet = True
+    ds_comm_torch.build_shm_op = build_shm_op

@@ -21,7 +21,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from hp_deepspeed.checkpointing import CheckpointManager
-from hp_deepspeed.compat.deepspeed_shm_message import quiet_shm_op_message
+from hp_deepspeed.compat.deepspeed import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.data.prefetch import Prefetcher
@@ -123,7 +123,7 @@ class Trainer:
             log.info("process group of %d rank(s) up, %.1fs after this rank started (imports, data checks, rendezvous)",
                      self.world_size, time.time() - psutil.Process().create_time())
         if not self.is_main:
-            # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
+            # Every rank runs the same code: its info lines would repeat rank 0's.
             # Warnings and errors still come from every rank.
             logging.getLogger("hp_deepspeed").setLevel(logging.WARNING)
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
