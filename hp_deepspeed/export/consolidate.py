@@ -30,13 +30,12 @@ from hp_deepspeed.checkpointing.layout import BEST, CONFIG, read_json, read_mark
 from hp_deepspeed.config import from_dict, read_yaml, to_dict
 from hp_deepspeed.data import build_tasks, load_tokenizer
 from hp_deepspeed.export.hf_remote import write_remote_code
+from hp_deepspeed.export.predict import EXPORT_FORMAT
 from hp_deepspeed.model.hf_checkpoint import save_hf_checkpoint
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5, build_model
 from hp_deepspeed.training.train_config import JobConfig
 
 log = logging.getLogger(__name__)
-
-EXPORT_FORMAT = "hp_deepspeed.export/1"
 
 
 def resolve_checkpoint(run_dir: Path, spec: str) -> Path:

@@ -22,7 +22,6 @@ from hp_deepspeed.config import ConfigError, from_dict, read_yaml
 from hp_deepspeed.data import DataConfig, DataError, build_tasks, load_tokenizer
 from hp_deepspeed.data.sources import RawSplit, parse_json_lines, read_file
 from hp_deepspeed.data.tasks import MalformedRow, float_postprocess
-from hp_deepspeed.export.consolidate import EXPORT_FORMAT
 from hp_deepspeed.model.hf_checkpoint import load_hf_weights
 from hp_deepspeed.model.conditioning import PrecomputedConditioning
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5
@@ -30,6 +29,9 @@ from hp_deepspeed.model.t5 import T5Model
 from hp_deepspeed.model.t5_config import T5Config
 from hp_deepspeed.training.evaluation import generate_texts, rank_classify, tokenize_label_words
 from hp_deepspeed.training.train_config import JobConfig
+
+EXPORT_FORMAT = "hp_deepspeed.export/1"
+"""The manifest format this module reads (and ``consolidate`` writes)."""
 
 
 def read_export(export_dir: Path) -> tuple[dict, JobConfig]:
