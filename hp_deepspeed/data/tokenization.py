@@ -178,7 +178,7 @@ def _exclusive(cache_file: Path, what: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("waiting for another process tokenising %s (%s)", what, cache_file)
+            logger.debug("waiting for another process tokenising %s (%s)", what, cache_file)
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
