@@ -7,8 +7,11 @@ restore, the step check, retention, the resume choice) fails a unit test too.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +21,9 @@ import torch
 
 from hp_deepspeed.checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
 from hp_deepspeed.checkpointing import manager as manager_module
-from hp_deepspeed.checkpointing.layout import MARKER, complete_checkpoints, read_latest
+from hp_deepspeed.checkpointing.integrity import RankReport, WriteFailure
+from hp_deepspeed.checkpointing import integrity
+from hp_deepspeed.checkpointing.layout import MARKER, CheckpointInfo, complete_checkpoints, read_latest
 from hp_deepspeed.launching import collectives
 
 MODEL_CONFIG = {"hidden": 3}
@@ -50,10 +55,18 @@ class OneRank:
         pass
 
 
+class TorchCheckpointEngine:
+    """DeepSpeed's default checkpoint engine: every file of a save goes through ``save``."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
 class FakeEngine:
     """The slice of a DeepSpeed engine the manager uses; ``save_checkpoint`` writes the module,
-    optimizer, LR scheduler and client state under ``root/tag`` as DeepSpeed does (ZeRO-3 names
-    its files after the rank: ``zero_pp_rank_R_mp_rank_00_model_states.pt`` and ``*_optim_states.pt``).
+    optimizer, LR scheduler and client state under ``root/tag`` as DeepSpeed does, through its
+    ``checkpoint_engine`` (ZeRO-3 names its files after the rank:
+    ``zero_pp_rank_R_mp_rank_00_model_states.pt`` and ``*_optim_states.pt``).
 
     The optimizer has the trainer's two param groups: weights with weight decay, the bias without.
     ``load_checkpoint`` with ``load_universal_checkpoint`` set reproduces the two defects of
@@ -68,6 +81,7 @@ class FakeEngine:
              {"params": [self.module.bias], "weight_decay": 0.0}], lr=0.1, betas=(0.8, 0.9))
         self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
         self._config = SimpleNamespace(load_universal_checkpoint=False)
+        self.checkpoint_engine = TorchCheckpointEngine()
         self.precision, self.stage, self.rank = precision, stage, rank
         self.load_calls = []
         self.save_latest_args = []
@@ -98,9 +112,9 @@ class FakeEngine:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
         model_file, optim_file = self._files(folder)
-        torch.save({"module": self.module.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "client": client_state}, model_file)
-        torch.save(self.optimizer.state_dict(), optim_file)
+        self.checkpoint_engine.save({"module": self.module.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                                     "client": client_state}, str(model_file))
+        self.checkpoint_engine.save(self.optimizer.state_dict(), str(optim_file))
 
     def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
         self.load_calls.append((root, tag, self._config.load_universal_checkpoint))
@@ -125,6 +139,22 @@ class FakeEngine:
 @pytest.fixture(autouse=True)
 def one_rank(monkeypatch):
     monkeypatch.setattr(manager_module, "dist", OneRank)
+
+
+class FullDisk:
+    """``os`` as ``checkpointing.integrity`` sees it on a full disk: the write of a file's bytes
+    fails with ENOSPC (opening it and everything else works)."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk(monkeypatch) -> None:
+    monkeypatch.setattr(integrity, "os", FullDisk())
 
 
 def manager(run_dir, **config) -> CheckpointManager:
@@ -177,9 +207,12 @@ def test_a_trainer_state_with_another_step_is_refused(tmp_path):
 def test_deepspeed_state_of_another_step_is_refused(tmp_path):
     engine = FakeEngine()
     mgr = manager(tmp_path)
-    mgr.save(engine, 2)
-    # The shards claim another step than the marker: a mixed-up folder must not load silently.
+    step_dir = mgr.save(engine, 2)
+    # The shards claim another step than the marker: a mixed-up folder must not load silently,
+    # also one saved before checkpoints had a manifest to catch the rewrite.
     engine.save_checkpoint(tmp_path / "checkpoints", "step-2", {manager_module.CLIENT_STEP_KEY: 7}, False)
+    marker = json.loads((step_dir / MARKER).read_text())
+    (step_dir / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "manifest"}))
     with pytest.raises(CheckpointError, match="DeepSpeed state is from step 7, marker says 2"):
         mgr = manager(tmp_path)
         mgr.load(FakeEngine(), mgr.find_resume_point())
@@ -304,14 +337,16 @@ def test_save_logs_and_deepspeeds_own_latest_file_is_not_written(tmp_path, caplo
     assert manager(tmp_path).save(engine, 4, job_config=text).joinpath("config.yaml").read_text() == text
 
 
-def test_a_failed_write_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path):
-    class DiskFull(FakeEngine):
-        def save_checkpoint(self, root, tag, client_state, save_latest):
-            raise OSError("No space left on device")
-
+def test_a_failed_write_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     manager(tmp_path).save(FakeEngine(), 2)
-    with pytest.raises(CheckpointError, match="step-4.staging: rank 0 failed to write its part: No space left"):
-        manager(tmp_path).save(DiskFull(), 4)
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).save(FakeEngine(), 4)
+    staging = tmp_path / "checkpoints" / "step-4.staging"
+    assert str(caught.value) == (  # the disk in words, with the path; both shards hit the same cause
+        "checkpoint step-4 not saved (step-2 stays the checkpoint to resume from):\n"
+        f"  - rank 0 could not write {staging}/mp_rank_00_model_states.pt (and 1 more files): no space left on device")
+    assert not staging.exists()  # the partial folder does not keep the disk full
     assert not (tmp_path / "checkpoints" / "step-4").exists()
     assert read_latest(tmp_path / "checkpoints") == "step-2"
     assert manager(tmp_path).find_resume_point().step == 2
@@ -333,16 +368,19 @@ def test_a_failed_commit_is_reported(tmp_path, monkeypatch):
 class Group:
     """torch.distributed and ``launching.collectives`` for one rank of a ``world_size``-rank job.
 
-    The other ranks are scripted: ``peer_ok`` is their success flag in the save's all-reduce,
-    ``on_reduce`` runs just before it (what the peers wrote by then), and ``others_send`` lists the
+    The other ranks are scripted: ``peer_ok`` says whether the peer's report at the save's
+    agreement point (the gather of every rank's ``RankReport``) lists a failed write,
+    ``on_reduce`` runs just before it (what the peers wrote by then), ``peer_problem`` is what the
+    peer found verifying its share of a checkpoint at resume, and ``others_send`` lists the
     objects the other rank passes to successive broadcasts (rank 0's decisions when this rank is
     not rank 0; by default None, what a non-root rank passes). ``received`` records what each
     broadcast delivered: what every rank of the job ends up holding.
     """
 
-    def __init__(self, rank: int, world_size: int = 2, peer_ok: bool = True, on_reduce=None, others_send=()):
+    def __init__(self, rank: int, world_size: int = 2, peer_ok: bool = True, on_reduce=None, others_send=(),
+                 peer_problem=None):
         self.rank, self.world_size = rank, world_size
-        self.peer_ok, self.on_reduce = peer_ok, on_reduce
+        self.peer_ok, self.on_reduce, self.peer_problem = peer_ok, on_reduce, peer_problem
         self.others_send = list(others_send)
         self.barriers, self.reduced, self.received = 0, [], []
 
@@ -360,6 +398,18 @@ class Group:
             self.on_reduce()
         self.reduced.append(int(value))
         return {"min": min, "max": max, "sum": sum}[op]([int(value), int(self.peer_ok)])
+
+    def all_gather_objects(self, obj):
+        other = 1 if self.rank == 0 else 0
+        if isinstance(obj, RankReport):
+            if self.on_reduce is not None:
+                self.on_reduce()
+            self.reduced.append(int(not obj.failures))
+            peer = RankReport(other, failures=[] if self.peer_ok else [
+                WriteFailure(other, f"/shared/zero_pp_rank_{other}_mp_rank_00_optim_states.pt", "no space left on device")])
+        else:
+            peer = self.peer_problem
+        return [obj, peer] if self.rank == 0 else [peer, obj]
 
     def broadcast_object(self, obj, src=0):
         other = 1 if self.rank == 0 else 0
@@ -403,21 +453,25 @@ def test_a_peers_failed_write_abandons_the_save_on_every_rank(tmp_path, monkeypa
     manager(tmp_path).save(FakeEngine(), 2)
     root = tmp_path / "checkpoints"
     as_rank(monkeypatch, Group(rank=0, peer_ok=False, on_reduce=peer_writes(root, 4)))
-    with pytest.raises(CheckpointError, match="step-4.staging: another rank failed to write its part; checkpoint abandoned"):
+    with pytest.raises(CheckpointError) as caught:
         manager(tmp_path).save(FakeEngine(), 4)
+    assert str(caught.value) == (
+        "checkpoint step-4 not saved (step-2 stays the checkpoint to resume from):\n"
+        "  - rank 1 could not write /shared/zero_pp_rank_1_mp_rank_00_optim_states.pt: no space left on device")
     assert not (root / "step-4").exists() and read_latest(root) == "step-2"
+    assert not (root / "step-4.staging").exists()
     assert [c.step for c in complete_checkpoints(root)] == [2]
 
 
 def test_a_rank_that_failed_reports_it_to_the_others(tmp_path, monkeypatch):
-    class DiskFull(FakeEngine):
-        def save_checkpoint(self, root, tag, client_state, save_latest):
-            raise OSError("No space left on device")
-
+    """The failing rank does not raise inside DeepSpeed's save (whose barrier the others wait
+    in): it reaches the agreement point with its failure, and every rank raises the same line."""
     group = as_rank(monkeypatch, Group(rank=1))
-    with pytest.raises(CheckpointError, match="rank 1 failed to write its part: No space left"):
-        manager(tmp_path).save(DiskFull(rank=1), 2)
-    assert group.reduced == [0]  # rank 0 sees the failure in the all-reduce and abandons too
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointError, match="rank 1 could not write .*/step-2.staging/mp_rank_00_model_states.pt "
+                                              r"\(and 1 more files\): no space left on device$"):
+        manager(tmp_path).save(FakeEngine(rank=1), 2)
+    assert group.reduced == [0]  # rank 0 sees the failure in the gathered reports and abandons too
 
 
 def test_files_missing_after_every_rank_reported_success_are_not_committed(tmp_path, monkeypatch):
@@ -461,23 +515,51 @@ def test_other_ranks_follow_rank_0s_verdict_and_leave_the_shared_files_to_it(tmp
     assert group.received == [None]
 
 
+def record_fsyncs(monkeypatch) -> list[str]:
+    """Every ``os.fsync`` of this process from now on, as the path its descriptor has open."""
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 def test_every_rank_fsyncs_its_own_shards_before_vouching_for_them(tmp_path, monkeypatch):
-    synced, reduced_after = [], []
-    monkeypatch.setattr(manager_module, "fsync_path", lambda path: synced.append(Path(path).name))
+    synced, reduced_after = record_fsyncs(monkeypatch), []
     group = as_rank(monkeypatch, Group(rank=1, others_send=[None],
-                                       on_reduce=lambda: reduced_after.append(list(synced))))
+                                       on_reduce=lambda: reduced_after.append([Path(p).name for p in synced])))
     manager(tmp_path).save(FakeEngine(stage=3, rank=1), 2)
-    assert sorted(reduced_after[0]) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                        "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert {"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank-1.pt",
+            "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(reduced_after[0])
     assert group.reduced == [1]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_every_file_and_folder_of_a_checkpoint_is_fsynced_before_complete_and_latest(tmp_path, monkeypatch, stage):
+    synced = record_fsyncs(monkeypatch)
+    step_dir = manager(tmp_path).save(FakeEngine(stage=stage), 2, {"k": 1}, job_config={"a": 1})
+    before_marker = synced[:next(i for i, p in enumerate(synced) if Path(p).name.startswith(".COMPLETE."))]
+    # A file written atomically is fsynced under its temporary name (.NAME.random.tmp).
+    staged = {re.sub(r"/\.([^/]+)\.[^./]+\.tmp$", r"/\1", p.replace(".staging", "")) for p in before_marker}
+    written = {str(p) for p in step_dir.rglob("*") if p.name != MARKER} | {str(step_dir)}
+    assert written - staged == set()
+    assert str(step_dir / "mp_rank_00_model_states.pt") in staged or stage == 3
+    assert any(Path(p).name.startswith(".latest.") for p in synced[len(before_marker):])
 
 
 def test_rank_1_resumes_from_rank_0s_choice(tmp_path, monkeypatch):
     """Only rank 0 reads the checkpoint folder; the others take its choice, or its refusal."""
     point = manager_module.ResumePoint(str(tmp_path / "elsewhere" / "step-4"), 4, 2, {"step": 4})
-    as_rank(monkeypatch, Group(rank=1, others_send=[("ok", point)]))
+    listing = ("ok", [CheckpointInfo(tmp_path / "elsewhere" / "step-4", 4, {"step": 4})])
+    as_rank(monkeypatch, Group(rank=1, others_send=[listing, ("ok", point)]))
     assert manager(tmp_path).find_resume_point() == point
-    as_rank(monkeypatch, Group(rank=1, others_send=[("error", "checkpoint step-4 does not match this job")]))
+    as_rank(monkeypatch, Group(rank=1, others_send=[("error", "resume path step-4 does not exist")]))
+    with pytest.raises(CheckpointError, match="^resume path step-4 does not exist$"):
+        manager(tmp_path).find_resume_point()
+    as_rank(monkeypatch, Group(rank=1, others_send=[listing, ("error", "checkpoint step-4 does not match this job")]))
     with pytest.raises(CheckpointError, match="^checkpoint step-4 does not match this job$"):
         manager(tmp_path).find_resume_point()
     as_rank(monkeypatch, Group(rank=1, others_send=[["precision: checkpoint has 'bf16', this job has 'fp32'"]]))
@@ -489,7 +571,8 @@ def test_rank_0_shares_its_resume_choice_and_its_refusals(tmp_path, monkeypatch)
     manager(tmp_path).save(FakeEngine(), 2)
     group = as_rank(monkeypatch, Group(rank=0))
     point = manager(tmp_path).find_resume_point()
-    assert point.step == 2 and group.received == [("ok", point)]
+    (listed,) = group.received[0][1]
+    assert point.step == 2 and group.received == [("ok", [listed]), ("ok", point)] and listed.step == 2
     group = as_rank(monkeypatch, Group(rank=0))
     with pytest.raises(CheckpointError, match="does not exist"):
         manager(tmp_path).find_resume_point(str(tmp_path / "nowhere"))
@@ -602,10 +685,11 @@ def test_a_universal_resume_into_another_number_of_param_groups_is_refused(tmp_p
     monkeypatch.setattr(manager_module, "dist", OneRank)
     monkeypatch.setattr(manager_module, "collectives", collectives)
     monkeypatch.setattr(manager_module, "ensure_universal", fake_conversion([]))
-    (root / "step-2" / "optimizer_groups.json").write_text(json.dumps([{"lr": 0.1}]))
     mgr = manager(tmp_path)
+    point = mgr.find_resume_point()
+    (root / "step-2" / "optimizer_groups.json").write_text(json.dumps([{"lr": 0.1}]))
     with pytest.raises(CheckpointError, match="step-2: checkpoint has 1 optimizer param groups, this job has 2$"):
-        mgr.load(FakeEngine(), mgr.find_resume_point())
+        mgr.load(FakeEngine(), point)
 
 
 @pytest.mark.parametrize("on_device", [False, True])
