@@ -219,7 +219,8 @@ class CheckpointManager:
             with route_checkpoint_writes(engine, ledger.torch_save, ledger.guard):
                 engine.save_checkpoint(str(self.root), tag=staging_tag,
                                        client_state={CLIENT_STEP_KEY: step}, save_latest=False)
-            ledger.guard(rng.rank_file(staging, self.rank), lambda: ledger.adopt(rng.save(staging, self.rank)))
+            if not ledger.failed:  # after a failed write, more writes only repeat its cause
+                ledger.guard(rng.rank_file(staging, self.rank), lambda: ledger.adopt(rng.save(staging, self.rank)))
             if self.rank == 0 and not ledger.failed:
                 meta = self.describe(engine)
                 ledger.write_text(staging / TRAINER_STATE, _json_text(state))
