@@ -8,6 +8,7 @@ costs more than the saves.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -67,3 +68,7 @@ def test_a_write_failing_on_one_rank_ends_the_save_on_every_rank_within_seconds(
     assert not (root / "step-4").exists() and not (root / "step-4.staging").exists()
     marker = read_marker(root / "step-2")
     assert [verify(root / "step-2", marker, rank, 2) for rank in (0, 1)] == [None, None]
+    # Each rank's shards are recorded as its own, so at resume each rank reads back what it wrote.
+    files = json.loads((root / "step-2" / "manifest.json").read_text())["files"]
+    assert {rel: entry["rank"] for rel, entry in files.items() if rel.startswith("zero_pp_rank_")} == {
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt": r for r in (0, 1) for kind in ("model", "optim")}

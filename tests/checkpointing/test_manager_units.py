@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -961,3 +962,108 @@ def test_a_resume_keeps_the_resuming_jobs_optimizer_implementation(tmp_path, mon
     if universal:  # fp32 steps, one per state, where the fused AdamW wants them
         steps = [state["step"] for state in fresh.optimizer.state.values()]
         assert {s.dtype for s in steps} == {torch.float32} and len({s.data_ptr() for s in steps}) == len(steps)
+
+
+# ---------------------------------------------------------------- verification before trust
+
+
+def two_checkpoints(tmp_path, stage: int = 3) -> Path:
+    mgr = manager(tmp_path, keep_last=3)
+    mgr.save(FakeEngine(stage=stage, init=2.0), 2, {"data": {"position": 2}})
+    mgr.save(FakeEngine(stage=stage, init=4.0), 4, {"data": {"position": 4}})
+    return tmp_path / "checkpoints"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def zero_fill(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+CORRUPTIONS = {
+    "truncated optimizer shard": ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", truncate,
+                                  r"\d+ bytes, the manifest says \d+"),
+    "zero-filled model states": ("zero_pp_rank_0_mp_rank_00_model_states.pt", zero_fill,
+                                 r"content differs from the manifest \(xxh3_128\)"),
+    "trainer_state.json cut mid-file": ("trainer_state.json", truncate, r"\d+ bytes, the manifest says \d+"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_corrupt_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(tmp_path, caplog, case):
+    import logging
+
+    name, corrupt, problem = CORRUPTIONS[case]
+    root = two_checkpoints(tmp_path)
+    corrupt(root / "step-4" / name)
+    caplog.set_level(logging.INFO, logger=manager_module.__name__)
+    mgr, fresh = manager(tmp_path), FakeEngine(stage=3)
+    point = mgr.find_resume_point()
+    assert point.step == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert re.fullmatch(rf"checkpoint step-4 fails verification \({root / 'step-4' / name}: {problem}\); "
+                        r"resuming from step-2 instead", warning), warning
+    assert mgr.load(fresh, point) == {"data": {"position": 2}, "step": 2}
+    assert torch.equal(fresh.module.weight, torch.full((3, 2), 2.0))
+    assert (root / "step-4" / name).is_file()  # evidence kept: nothing is deleted on suspicion
+
+
+def test_latest_holding_binary_junk_is_the_same_as_missing(tmp_path, caplog):
+    import logging
+
+    root = two_checkpoints(tmp_path)
+    caplog.set_level(logging.WARNING, logger=manager_module.__name__)
+    for junk in (b"\xff\xfe\x00\x81garbage\n", b"step-4\x00\x00", "stép-2".encode()):
+        (root / "latest").write_bytes(junk)
+        assert read_latest(root) is None
+        assert manager(tmp_path).find_resume_point().step == 4
+    assert caplog.messages == []
+    for path in root.iterdir():
+        if path.name.startswith("step-"):
+            shutil.rmtree(path)
+    (root / "latest").write_bytes(b"\x80\x81")
+    assert manager(tmp_path).find_resume_point() is None  # nothing to resume: a fresh start
+
+
+def test_when_no_checkpoint_verifies_one_error_names_each(tmp_path):
+    root = two_checkpoints(tmp_path)
+    zero_fill(root / "step-4" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    truncate(root / "step-2" / "trainer_state.json")
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).find_resume_point()
+    assert str(caught.value) == (
+        f"{root}: no checkpoint passes verification: "
+        f"step-4: {root}/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt: content differs from the manifest (xxh3_128); "
+        f"step-2: {root}/step-2/trainer_state.json: 25 bytes, the manifest says 51")
+    with pytest.raises(CheckpointError, match=r"^.*step-2 fails verification: .*trainer_state.json: 25 bytes"):
+        manager(tmp_path).find_resume_point(str(root / "step-2"))  # an explicit choice is not swapped
+
+
+def test_a_tampered_manifest_and_a_missing_file_fail_verification(tmp_path):
+    root = two_checkpoints(tmp_path)
+    manifest = root / "step-4" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"size": ', '"size": 1'))
+    (root / "step-2" / "params.json").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).find_resume_point()
+    assert f"step-4: {manifest}: content differs from the digest recorded in step-4/COMPLETE" in str(caught.value)
+    assert f"step-2: {root}/step-2/params.json: missing" in str(caught.value)
+
+
+def test_files_no_ledger_recorded_are_adopted_and_a_peers_verification_problem_skips_the_step(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    as_rank(monkeypatch, Group(rank=0, on_reduce=peer_writes(root, 2, stage=3)))
+    manager(tmp_path).save(FakeEngine(stage=3), 2)
+    files = json.loads((root / "step-2" / "manifest.json").read_text())["files"]
+    assert {rel: entry["rank"] for rel, entry in files.items() if "zero_pp_rank" in rel} == {
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": 0, "zero_pp_rank_0_mp_rank_00_model_states.pt": 0,
+        # rank 1's files reached the folder without going through a ledger here: rank 0 adopted them
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 0, "zero_pp_rank_1_mp_rank_00_model_states.pt": 0}
+    assert (manager(tmp_path).find_resume_point()).step == 2
+    # What rank 1 finds in its share is every rank's verdict.
+    group = as_rank(monkeypatch, Group(rank=0, peer_problem="/x/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"))
+    with pytest.raises(CheckpointError, match="no checkpoint passes verification: step-2: /x/zero_pp_rank_1_.*: missing$"):
+        manager(tmp_path).find_resume_point()
+    assert group.received[0][0] == "ok"
