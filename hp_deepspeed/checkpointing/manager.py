@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from hp_deepspeed.checkpointing import data_files as data_record
 from hp_deepspeed.checkpointing import rng
 from hp_deepspeed.checkpointing.config import CheckpointConfig
 from hp_deepspeed.checkpointing.integrity import (
@@ -147,10 +148,15 @@ class CheckpointManager:
         config: CheckpointConfig,
         run_dir: str | Path,
         model_config: Mapping[str, Any] | None = None,
+        data_files: Mapping[str, str | Path] | None = None,
     ) -> None:
         """``model_config``: the fields that define the architecture (JSON-able); a checkpoint whose
-        recorded model config differs is refused, with the differing keys named."""
+        recorded model config differs is refused, with the differing keys named. ``data_files``:
+        task -> training file; a checkpoint records them (``data_files`` module) and a resume
+        refuses files changed since, unless ``config.accept_changed_data``."""
         self.config = config
+        self.data_files = {task: str(path) for task, path in (data_files or {}).items()}
+        self._data_records: dict[str, dict[str, Any]] = {}
         self.root = Path(run_dir) / "checkpoints"
         self.model_config = dict(model_config or {})
         self.rank = dist.get_rank()
@@ -222,7 +228,7 @@ class CheckpointManager:
             if not ledger.failed:  # after a failed write, more writes only repeat its cause
                 ledger.guard(rng.rank_file(staging, self.rank), lambda: ledger.adopt(rng.save(staging, self.rank)))
             if self.rank == 0 and not ledger.failed:
-                meta = self.describe(engine)
+                meta = {**self.describe(engine), "data_files": self._record_data_files()}
                 ledger.write_text(staging / TRAINER_STATE, _json_text(state))
                 ledger.write_text(staging / PARAMS, _json_text(_param_shapes(engine)))
                 ledger.write_text(staging / OPTIMIZER_GROUPS, _json_text(_group_hyperparameters(engine)))
@@ -254,6 +260,17 @@ class CheckpointManager:
         self._on_disk_step = step
         log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - started)
         return final
+
+    def _record_data_files(self) -> dict[str, dict[str, Any]]:
+        """Rank 0: the training files' records (read once, then re-read only when size or mtime move)."""
+        records = {}
+        for task, path in self.data_files.items():
+            try:
+                records[task] = data_record.describe(path, self._data_records.get(task))
+            except OSError as err:  # the save still holds the model; the resume check has less to compare
+                log.warning("checkpoint cannot record training file %s: %s", path, err)
+        self._data_records = records
+        return records
 
     def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any], reports: list[RankReport]) -> None:
         """Rank 0: make ``staging`` the official ``step-N`` (manifest, marker, rename, pointer), then rotate."""
@@ -451,6 +468,12 @@ class CheckpointManager:
                 f"world size: saved on {marker.get('world_size')} ranks, this job has {self.world_size}, "
                 f"and checkpoint.convert_universal is 'never'; convert it first with "
                 f"`hp-deepspeed convert-universal {step_dir}`")
+        changed = data_record.changes(marker.get("data_files") or {}, self.data_files)
+        if changed and self.config.accept_changed_data:
+            log.warning("resuming %s with changed training data (checkpoint.accept_changed_data): %s",
+                        step_dir, "; ".join(changed))
+        elif changed:
+            problems += [f"{change}; set checkpoint.accept_changed_data=true to resume anyway" for change in changed]
         if problems:
             raise CheckpointError(f"checkpoint {step_dir} does not match this job:\n  - " + "\n  - ".join(problems))
         return ResumePoint(str(step_dir.resolve()), int(marker["step"]), int(marker["world_size"]), marker)

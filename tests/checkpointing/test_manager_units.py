@@ -1067,3 +1067,40 @@ def test_files_no_ledger_recorded_are_adopted_and_a_peers_verification_problem_s
     with pytest.raises(CheckpointError, match="no checkpoint passes verification: step-2: /x/zero_pp_rank_1_.*: missing$"):
         manager(tmp_path).find_resume_point()
     assert group.received[0][0] == "ok"
+
+
+# ---------------------------------------------------------------- training data changed since the save
+
+
+def test_a_training_file_changed_since_the_checkpoint_is_refused_before_the_model_unless_accepted(tmp_path, caplog):
+    import logging
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"x": 1}\n{"x": 2}\n')
+
+    def with_data(**config):
+        return CheckpointManager(CheckpointConfig(**config), tmp_path, model_config=MODEL_CONFIG,
+                                 data_files={"glue/rte": data})
+
+    with_data().save(FakeEngine(), 2)
+    assert json.loads((tmp_path / "checkpoints" / "step-2" / MARKER).read_text())["data_files"]["glue/rte"]["size"] == 18
+    os.utime(data, ns=(1, 1))  # copied or touched: same bytes, another mtime
+    assert with_data().find_resume_point().step == 2
+    data.write_text('{"x": 1}\n{"x": 2}\n{"x": 3}\n')
+    with pytest.raises(CheckpointError) as caught:
+        with_data().find_resume_point()
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'checkpoints' / 'step-2'} does not match this job:\n"
+        f"  - training file of glue/rte: {data} has 27 bytes, 18 when the checkpoint was saved; "
+        "set checkpoint.accept_changed_data=true to resume anyway")
+    data.write_text('{"x": 1}\n{"x": 9}\n')
+    with pytest.raises(CheckpointError, match="has the same size but other content than when the checkpoint was saved"):
+        with_data().find_resume_point()
+    caplog.set_level(logging.WARNING, logger=manager_module.__name__)
+    assert with_data(accept_changed_data=True).find_resume_point().step == 2
+    assert caplog.messages == [f"resuming {tmp_path / 'checkpoints' / 'step-2'} with changed training data "
+                               f"(checkpoint.accept_changed_data): training file of glue/rte: {data} has the same "
+                               "size but other content than when the checkpoint was saved"]
+    data.unlink()
+    with pytest.raises(CheckpointError, match=f"training file of glue/rte: {data} does not exist any more"):
+        with_data().find_resume_point()
