@@ -248,11 +248,12 @@ def select_for_deletion(
     return [s for s in steps_oldest_first if s not in keep]
 
 
-def remove_checkpoint(step_dir: str | Path) -> None:
-    """Delete a checkpoint so that no crash during the deletion leaves a "complete" partial folder.
+def retire_checkpoint(step_dir: str | Path) -> Path:
+    """Take a checkpoint out of use so that no crash leaves a "complete" partial folder; returns
+    the ``step-N.trash`` folder left to remove (fast: no file data is touched).
 
     The marker goes first (the folder stops being a checkpoint at that instant), then the folder is
-    renamed out of the ``step-N`` namespace and removed.
+    renamed out of the ``step-N`` namespace. ``remove_debris`` removes a trash folder a crash left.
     """
     step_dir = Path(step_dir)
     (step_dir / MARKER).unlink(missing_ok=True)
@@ -261,7 +262,12 @@ def remove_checkpoint(step_dir: str | Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(step_dir, trash)
-    shutil.rmtree(trash)
+    return trash
+
+
+def remove_checkpoint(step_dir: str | Path) -> None:
+    """Delete a checkpoint: ``retire_checkpoint``, then remove its files."""
+    shutil.rmtree(retire_checkpoint(step_dir))
 
 
 def remove_debris(root: str | Path, keep: Iterable[str | Path] = ()) -> list[Path]:

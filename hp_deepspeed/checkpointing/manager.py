@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ from hp_deepspeed.checkpointing.layout import (
     remove_checkpoint,
     remove_debris,
     resume_candidates,
+    retire_checkpoint,
     select_for_deletion,
     step_tag,
 )
@@ -157,6 +159,10 @@ class CheckpointManager:
         self.config = config
         self.data_files = {task: str(path) for task, path in (data_files or {}).items()}
         self._data_records: dict[str, dict[str, Any]] = {}
+        # Retention's file deletions (an 11B checkpoint is ~10% of a save's time to delete) run
+        # here, after the old checkpoints were retired; joined before the next save and, being a
+        # non-daemon thread, before the interpreter exits.
+        self._deleting: threading.Thread | None = None
         self.root = Path(run_dir) / "checkpoints"
         self.model_config = dict(model_config or {})
         self.rank = dist.get_rank()
@@ -213,6 +219,7 @@ class CheckpointManager:
         staging = self.root / staging_tag
 
         if self.rank == 0:
+            self.finish_deletions()
             self.root.mkdir(parents=True, exist_ok=True)
             for path in remove_debris(self.root):
                 log.warning("removed leftover of an interrupted save or deletion: %s", path)
@@ -311,12 +318,24 @@ class CheckpointManager:
         self._apply_retention(protect=step)
 
     def _apply_retention(self, protect: int) -> None:
+        """Retire the checkpoints retention drops now; delete their files in the background."""
         steps = [info.step for info in by_commit_order(complete_checkpoints(self.root))]
         pinned = {int(entry["step"]) for entry in self.best.values()} if self.config.keep_best else set()
+        trash = []
         for step in select_for_deletion(steps, self.config.keep_last, pinned, protect=(protect,)):
             path = self.root / step_tag(step)
             log.info("retention: deleting %s", path)
-            remove_checkpoint(path)
+            trash.append(retire_checkpoint(path))
+        if trash:
+            self.finish_deletions()
+            self._deleting = threading.Thread(target=delete_trees, args=(trash,), name="checkpoint-retention")
+            self._deleting.start()
+
+    def finish_deletions(self) -> None:
+        """Wait for retention's background deletions (rank 0; a no-op elsewhere)."""
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     # ------------------------------------------------------------------ evaluation pins
 
@@ -497,6 +516,17 @@ class ResumePoint:
     step: int
     world_size: int
     marker: dict
+
+
+def delete_trees(folders: list[Path]) -> None:
+    """Remove retired checkpoints; a failure is a warning (``remove_debris`` retries at the next save)."""
+    for folder in folders:
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:  # another process's remove_debris got there first
+            pass
+        except OSError as err:
+            log.warning("retention: could not delete %s: %s", folder, err)
 
 
 def write_marker(step_dir: Path, marker: dict[str, Any]) -> None:

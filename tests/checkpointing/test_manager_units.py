@@ -1104,3 +1104,28 @@ def test_a_training_file_changed_since_the_checkpoint_is_refused_before_the_mode
     data.unlink()
     with pytest.raises(CheckpointError, match=f"training file of glue/rte: {data} does not exist any more"):
         with_data().find_resume_point()
+
+
+def test_retention_deletes_files_off_the_critical_path_and_before_the_next_save(tmp_path, monkeypatch):
+    import threading
+
+    release, deleting = threading.Event(), []
+    real = manager_module.delete_trees
+
+    def slow_delete(folders):
+        deleting.extend(folders)
+        release.wait(10)
+        real(folders)
+
+    monkeypatch.setattr(manager_module, "delete_trees", slow_delete)
+    root = tmp_path / "checkpoints"
+    mgr = manager(tmp_path, keep_last=1)
+    mgr.save(FakeEngine(), 2)
+    mgr.save(FakeEngine(), 4)  # returns while step-2's files are still being deleted
+    assert deleting == [root / "step-2.trash"] and (root / "step-2.trash").is_dir()
+    assert [c.step for c in complete_checkpoints(root)] == [4] and not (root / "step-2").exists()
+    threading.Timer(0.2, release.set).start()
+    mgr.save(FakeEngine(), 6)  # waits for the deletion before touching the folder
+    assert not (root / "step-2.trash").exists()
+    mgr.finish_deletions()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6"]
