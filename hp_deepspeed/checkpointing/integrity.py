@@ -156,7 +156,13 @@ class SaveLedger:
         fd = None
         sink = None
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except FileNotFoundError:
+                # DeepSpeed logs and ignores a failed makedirs; creating the folder here raises
+                # the real cause (read-only, permission denied) with the folder's path.
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             sink = _HashingFile(fd)
             torch_save_without_crc32(obj, sink)
             os.fsync(fd)

@@ -218,15 +218,22 @@ class CheckpointManager:
         staging_tag = step_tag(step) + STAGING_SUFFIX
         staging = self.root / staging_tag
 
-        if self.rank == 0:
-            self.finish_deletions()
-            self.root.mkdir(parents=True, exist_ok=True)
-            for path in remove_debris(self.root):
-                log.warning("removed leftover of an interrupted save or deletion: %s", path)
-        collectives.barrier()
-
         started = time.monotonic()
         ledger = SaveLedger(staging, self.rank)
+        if self.rank == 0:
+            self.finish_deletions()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for path in remove_debris(self.root):
+                    log.warning("removed leftover of an interrupted save or deletion: %s", path)
+            except OSError as err:
+                ledger.fail(self.root, err)
+        # Nobody writes before the debris is gone; and a run dir rank 0 cannot write to stops
+        # every rank here, before DeepSpeed's collectives.
+        prepared = collectives.all_gather_objects(ledger.report.failures)
+        if prepared[0]:
+            raise CheckpointError(f"checkpoint {final.name} not saved:\n  - " + "\n  - ".join(failure_lines(prepared[0])))
+
         meta = None
         try:
             with route_checkpoint_writes(engine, ledger.torch_save, ledger.guard):

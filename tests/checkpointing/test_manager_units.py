@@ -1129,3 +1129,24 @@ def test_retention_deletes_files_off_the_critical_path_and_before_the_next_save(
     assert not (root / "step-2.trash").exists()
     mgr.finish_deletions()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6"]
+
+
+def test_a_run_dir_rank_0_cannot_create_stops_every_rank_before_deepspeeds_collectives(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    group = as_rank(monkeypatch, Group(rank=0))
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path / "file" / "run").save(engine, 2)
+    assert str(caught.value) == (
+        f"checkpoint step-2 not saved:\n  - rank 0 could not write {tmp_path}/file/run/checkpoints: not a directory")
+    assert engine.save_latest_args == [] and group.reduced == []  # DeepSpeed's save never started
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system"),
+                                         (errno.EACCES, "permission denied"), (errno.EDQUOT, "disk quota exceeded")])
+def test_resource_errors_are_named_in_words_with_their_path(code, words):
+    assert integrity.describe_os_error(OSError(code, os.strerror(code), "/ckpt/x.pt")) == f"/ckpt/x.pt: {words}"
+    assert integrity.describe_os_error(OSError(code, os.strerror(code)), "/ckpt/y.pt") == f"/ckpt/y.pt: {words}"
+    ledger = integrity.SaveLedger("/ckpt", 3)
+    ledger.fail("/ckpt/z.pt", OSError(code, os.strerror(code)))
+    assert integrity.failure_lines(ledger.report.failures) == [f"rank 3 could not write /ckpt/z.pt: {words}"]
