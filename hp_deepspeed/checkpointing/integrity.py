@@ -166,8 +166,8 @@ class SaveLedger:
             sink = _HashingFile(fd)
             torch_save_without_crc32(obj, sink)
             os.fsync(fd)
-            os.close(fd)
-            fd = None
+            done, fd = fd, None  # closed once, even when close itself fails (NFS reports late errors there)
+            os.close(done)
             self._record(path, sink.size, sink.hasher.hexdigest())
         except Exception as err:  # recorded and agreed on by every rank, see the module docstring
             self.fail(path, sink.error if sink is not None and sink.error is not None else err)
