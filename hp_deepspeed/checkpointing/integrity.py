@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import torch
 import xxhash
 
 from hp_deepspeed.compat.checkpoint import torch_save_without_crc32
