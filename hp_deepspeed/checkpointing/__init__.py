@@ -1,7 +1,8 @@
 """Crash-safe, resumable, rank-count-portable checkpoints of a DeepSpeed ZeRO run.
 
 ``CheckpointManager`` is the trainer's interface; ``convert_to_universal`` is the one-shot
-conversion behind ``hp-deepspeed convert-universal``; ``layout`` documents the folder structure.
+conversion behind ``hp-deepspeed convert-universal``; ``layout`` documents the folder structure,
+``integrity`` how every file is written (fsynced, checksummed) and verified before a resume.
 """
 
 from hp_deepspeed.checkpointing.config import CheckpointConfig

@@ -39,6 +39,10 @@ class CheckpointConfig:
     conversion reads every optimizer shard; the wait polls the file system, not a collective, so the
     process-group timeout does not apply)."""
 
+    accept_changed_data: bool = False
+    """A training file that changed since the checkpoint (size or content) refuses the resume, since
+    the saved data position would then point at other rows; ``true`` resumes anyway, with a warning."""
+
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ValueError(f"checkpoint.interval must be >= 1, got {self.interval}")

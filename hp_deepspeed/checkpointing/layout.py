@@ -4,7 +4,9 @@
         latest                 name of the newest complete checkpoint ("step-1200"), replaced atomically
         best.json              {task: {"step": N, "score": x}}: the pins retention honours
         step-1200/
-            COMPLETE           written last, by rank 0, after every rank reported its files durable
+            COMPLETE           written last, by rank 0, after every rank reported its files durable;
+                               records the manifest's digest
+            manifest.json      every other file's size and xxh3-128 digest, checked before a resume
             params.json        parameter name -> full shape (mismatch errors name the parameter)
             optimizer_groups.json  every optimizer param group's lr, betas, weight_decay, ...
             trainer_state.json step, sampler state, metrics: whatever the trainer hands over
@@ -102,7 +104,7 @@ def read_marker(step_dir: str | Path) -> dict | None:
         data = read_json(Path(step_dir) / MARKER)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         # The marker is written atomically, so a torn one means outside interference.
         raise CheckpointError(f"{step_dir}: marker {MARKER} is not valid JSON ({err})") from None
     return data if isinstance(data, dict) else None
@@ -142,11 +144,13 @@ def complete_checkpoints(root: str | Path) -> list[CheckpointInfo]:
 
 
 def read_latest(root: str | Path) -> str | None:
+    """The step folder name ``latest`` holds; None when it is missing or unreadable (not UTF-8,
+    not a ``step-N`` name): the scan of complete checkpoints then decides, as when it is missing."""
     try:
         name = (Path(root) / LATEST).read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError):
         return None
-    return name or None
+    return name if STEP_RE.match(name) else None
 
 
 def find_latest(root: str | Path) -> CheckpointInfo | None:
@@ -203,6 +207,19 @@ def checkpoint_to_load(root: str | Path, spec: str, required: bool = False) -> C
     return info
 
 
+def resume_candidates(root: str | Path, spec: str) -> list[CheckpointInfo]:
+    """What a resume tries, in order, until one passes verification: for ``"auto"`` the
+    checkpoint ``checkpoint_to_load`` picks, then every other complete one, newest commit first;
+    for a named folder that folder alone (an explicit choice is never swapped for another)."""
+    first = checkpoint_to_load(root, spec)
+    if first is None:
+        return []
+    if spec != "auto":
+        return [first]
+    others = [info for info in reversed(by_commit_order(complete_checkpoints(root))) if info.path != first.path]
+    return [first, *others]
+
+
 def _named_checkpoint(step_dir: Path) -> CheckpointInfo:
     if not step_dir.is_dir():
         raise CheckpointError(f"resume path {step_dir} does not exist or is not a folder")
@@ -229,11 +246,12 @@ def select_for_deletion(
     return [s for s in steps_oldest_first if s not in keep]
 
 
-def remove_checkpoint(step_dir: str | Path) -> None:
-    """Delete a checkpoint so that no crash during the deletion leaves a "complete" partial folder.
+def retire_checkpoint(step_dir: str | Path) -> Path:
+    """Take a checkpoint out of use so that no crash leaves a "complete" partial folder; returns
+    the ``step-N.trash`` folder left to remove (fast: no file data is touched).
 
     The marker goes first (the folder stops being a checkpoint at that instant), then the folder is
-    renamed out of the ``step-N`` namespace and removed.
+    renamed out of the ``step-N`` namespace. ``remove_debris`` removes a trash folder a crash left.
     """
     step_dir = Path(step_dir)
     (step_dir / MARKER).unlink(missing_ok=True)
@@ -242,7 +260,12 @@ def remove_checkpoint(step_dir: str | Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(step_dir, trash)
-    shutil.rmtree(trash)
+    return trash
+
+
+def remove_checkpoint(step_dir: str | Path) -> None:
+    """Delete a checkpoint: ``retire_checkpoint``, then remove its files."""
+    shutil.rmtree(retire_checkpoint(step_dir))
 
 
 def remove_debris(root: str | Path, keep: Iterable[str | Path] = ()) -> list[Path]:

@@ -1,9 +1,10 @@
-"""``CheckpointManager``: save, rotate and resume a DeepSpeed run as crash-safe ``step-N`` folders.
+"""``CheckpointManager``: save, rotate, verify and resume a DeepSpeed run as crash-safe ``step-N`` folders.
 
 The trainer (hp_deepspeed/training/trainer.py) owns one manager and calls, on every rank:
 
     manager = CheckpointManager(cfg.checkpoint, run_dir, model_config=architecture)
-    point = manager.find_resume_point(cfg.checkpoint.resume)  # before building the model: cheap checks
+    point = manager.find_resume_point(cfg.checkpoint.resume)  # before building the model: the
+                                                              # newest checkpoint that verifies
     engine = deepspeed.initialize(...)
     state = manager.load(engine, point) if point else None    # module, optimizer, scheduler, RNG;
                                                               # universal when the world size changed
@@ -12,23 +13,34 @@ The trainer (hp_deepspeed/training/trainer.py) owns one manager and calls, on ev
     if manager.due(step) or last or improved or stopping:
         manager.save(engine, step, {"step": step, "data": stream.state_dict()}, to_dict(cfg))
 
-Save protocol (see ``layout`` for the folder layout):
+Save protocol (see ``layout`` for the folder layout, ``integrity`` for the files):
  1. rank 0 removes debris of earlier crashed saves; barrier.
- 2. every rank writes its DeepSpeed shards (``engine.save_checkpoint`` into ``step-N.staging``) and
-    its RNG file and fsyncs them; rank 0 adds trainer_state.json, config.yaml, params.json.
- 3. ``all_reduce(MIN)`` of a per-rank success flag: the proof that every rank's files are durable
-    (a plain barrier would also pass when a rank had caught its own write error).
- 4. rank 0 checks every rank's files are present, writes ``COMPLETE``, renames the folder to
-    ``step-N``, atomically repoints ``latest``, then applies retention. Rank 0's outcome is
-    broadcast so every rank returns (or raises) together: a rank that exits right after ``save``
-    (preemption) does so only once the checkpoint is official.
+ 2. every rank writes its DeepSpeed shards (``engine.save_checkpoint`` into ``step-N.staging``,
+    each file routed through this rank's ``SaveLedger``: fsynced, size and digest recorded, a
+    failure recorded instead of raised inside DeepSpeed's barriers) and its RNG file; rank 0
+    adds trainer_state.json, config.yaml, params.json, optimizer_groups.json.
+ 3. every rank's report (its files, or what failed, with rank, file and OS error) is gathered on
+    every rank: the agreement point. A failure anywhere abandons the save on every rank at once,
+    with one line per distinct cause; rank 0 removes the staging folder, ``latest`` is untouched.
+ 4. rank 0 checks every rank's files are present, writes ``manifest.json`` (every file's size and
+    digest), fsyncs every directory, writes ``COMPLETE`` (holding the manifest's digest), renames
+    the folder to ``step-N``, atomically repoints ``latest``, then applies retention. Rank 0's
+    outcome is broadcast so every rank returns (or raises) together: a rank that exits right
+    after ``save`` (preemption) does so only once the checkpoint is official.
+
+Resume: rank 0 lists the candidates from the markers; every rank checks its share of each
+candidate's files against the manifest until one verifies; a candidate that fails is skipped with
+one warning naming the file and the step used instead.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
+import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +50,20 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from hp_deepspeed.checkpointing import data_files as data_record
 from hp_deepspeed.checkpointing import rng
 from hp_deepspeed.checkpointing.config import CheckpointConfig
+from hp_deepspeed.checkpointing.integrity import (
+    MANIFEST,
+    RankReport,
+    SaveLedger,
+    assemble_manifest,
+    failure_lines,
+    fsync_tree,
+    manifest_text,
+    text_digest,
+    verify,
+)
 from hp_deepspeed.checkpointing.layout import (
     BEST,
     CONFIG,
@@ -54,7 +78,7 @@ from hp_deepspeed.checkpointing.layout import (
     atomic_write_json,
     atomic_write_text,
     by_commit_order,
-    checkpoint_to_load,
+    CheckpointInfo,
     compare_metadata,
     compare_params,
     complete_checkpoints,
@@ -64,10 +88,22 @@ from hp_deepspeed.checkpointing.layout import (
     read_marker,
     remove_checkpoint,
     remove_debris,
+    resume_candidates,
+    retire_checkpoint,
     select_for_deletion,
     step_tag,
 )
 from hp_deepspeed.checkpointing.universal import ensure_universal
+from hp_deepspeed.compat.checkpoint import (
+    ParamGroupMismatch,
+    base_optimizer,
+    implementation_flags,
+    own_step,  # noqa: F401  (re-exported: the GPU rule tests import it from here)
+    repair_universal_load,
+    restore_implementation_flags,
+    route_checkpoint_writes,
+    universal_loading,
+)
 from hp_deepspeed.launching import collectives
 
 log = logging.getLogger(__name__)
@@ -86,12 +122,6 @@ def _param_shapes(engine) -> dict[str, list[int]]:
     return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in engine.module.named_parameters()}
 
 
-def _base_optimizer(engine):
-    # The ZeRO wrapper keeps the wrapped torch optimizer, whose param_groups mirror the groups the
-    # trainer passed in (hyperparameters included); without ZeRO the engine holds it directly.
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def _group_hyperparameters(engine) -> list[dict[str, Any]]:
     """Each optimizer param group's scalar settings (lr, betas, weight_decay, ...), JSON-able."""
     def plain(value: Any) -> bool:
@@ -100,61 +130,11 @@ def _group_hyperparameters(engine) -> list[dict[str, Any]]:
         return value is None or isinstance(value, (bool, int, float, str))
 
     return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params" and plain(v)}
-            for group in _base_optimizer(engine).param_groups]
+            for group in base_optimizer(engine).param_groups]
 
 
-# How the optimizer runs, not what it optimises: the resuming job's own choice wins. A load puts
-# the saving job's values back into every param group (torch's load_state_dict, and our repair
-# below), so a GPU job resuming a CPU job's checkpoint would lose its fused AdamW, and a CPU job
-# resuming a GPU one would get capturable=True, which refuses CPU tensors.
-_IMPLEMENTATION_KEYS = ("fused", "capturable", "foreach", "differentiable")
-
-
-def _implementation_flags(engine) -> list[dict[str, Any]]:
-    return [{k: group[k] for k in _IMPLEMENTATION_KEYS if k in group} for group in _base_optimizer(engine).param_groups]
-
-
-def _restore_implementation_flags(engine, flags: list[dict[str, Any]]) -> None:
-    for group, own in zip(_base_optimizer(engine).param_groups, flags):
-        group.update(own)
-
-
-def _repair_universal_load(engine, saved_groups: list[dict[str, Any]], where: Path) -> None:
-    """Fix two defects of DeepSpeed's universal ZeRO-3 loader (0.19.8,
-    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), both caught by the 2->1 rank test:
-
-    * it writes param group 0's hyperparameters into every group, so e.g. the no-weight-decay
-      group of biases and LayerNorms silently gets weight decay. We saved every group's settings
-      (``optimizer_groups.json``); put them back, but for the implementation flags.
-    * it stores one and the same ``step`` tensor in the state of every sub-group; torch's Adam
-      increments it in place, so with k sub-groups the step advances k times per update and the
-      bias correction of all but the first sub-group is wrong. Give each sub-group its own copy,
-      where torch's AdamW wants it (:func:`own_step`).
-    """
-    optimizer = _base_optimizer(engine)
-    groups = optimizer.param_groups
-    if len(groups) != len(saved_groups):
-        raise CheckpointError(
-            f"{where}: checkpoint has {len(saved_groups)} optimizer param groups, this job has {len(groups)}")
-    for group, values in zip(groups, saved_groups):
-        for key, value in values.items():
-            if key in group and key not in _IMPLEMENTATION_KEYS:
-                group[key] = tuple(value) if isinstance(group[key], tuple) else value
-    # Every state, not only those of the params in param_groups: ZeRO-3 puts one sub-group's
-    # flat partition at a time into its group while stepping.
-    on_device = any(group.get("fused") or group.get("capturable") for group in groups)
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = own_step(state["step"], state.get("exp_avg"), on_device)
-
-
-def own_step(step: torch.Tensor, moment: torch.Tensor | None, on_device: bool) -> torch.Tensor:
-    """A private copy of Adam's ``step``, placed as torch's own ``load_state_dict`` places it: for
-    the fused or capturable AdamW (the GPU default, see training/ds_config.py), which refuses a
-    CPU step, in fp32 on the device of the parameter (that of its ``moment``); else as saved."""
-    if on_device and moment is not None:
-        return step.to(device=moment.device, dtype=torch.float32, copy=True)
-    return step.clone()
+def _json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def _broadcast(obj: Any) -> Any:
@@ -170,10 +150,19 @@ class CheckpointManager:
         config: CheckpointConfig,
         run_dir: str | Path,
         model_config: Mapping[str, Any] | None = None,
+        data_files: Mapping[str, str | Path] | None = None,
     ) -> None:
         """``model_config``: the fields that define the architecture (JSON-able); a checkpoint whose
-        recorded model config differs is refused, with the differing keys named."""
+        recorded model config differs is refused, with the differing keys named. ``data_files``:
+        task -> training file; a checkpoint records them (``data_files`` module) and a resume
+        refuses files changed since, unless ``config.accept_changed_data``."""
         self.config = config
+        self.data_files = {task: str(path) for task, path in (data_files or {}).items()}
+        self._data_records: dict[str, dict[str, Any]] = {}
+        # Retention's file deletions (an 11B checkpoint is ~10% of a save's time to delete) run
+        # here, after the old checkpoints were retired; joined before the next save and, being a
+        # non-daemon thread, before the interpreter exits.
+        self._deleting: threading.Thread | None = None
         self.root = Path(run_dir) / "checkpoints"
         self.model_config = dict(model_config or {})
         self.rank = dist.get_rank()
@@ -229,43 +218,54 @@ class CheckpointManager:
         staging_tag = step_tag(step) + STAGING_SUFFIX
         staging = self.root / staging_tag
 
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for path in remove_debris(self.root):
-                log.warning("removed leftover of an interrupted save or deletion: %s", path)
-        collectives.barrier()
-
         started = time.monotonic()
-        error = None
+        ledger = SaveLedger(staging, self.rank)
+        if self.rank == 0:
+            self.finish_deletions()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for path in remove_debris(self.root):
+                    log.warning("removed leftover of an interrupted save or deletion: %s", path)
+            except OSError as err:
+                ledger.fail(self.root, err)
+        # Nobody writes before the debris is gone; and a run dir rank 0 cannot write to stops
+        # every rank here, before DeepSpeed's collectives.
+        prepared = collectives.all_gather_objects(ledger.report.failures)
+        if prepared[0]:
+            raise CheckpointError(f"checkpoint {final.name} not saved:\n  - " + "\n  - ".join(failure_lines(prepared[0])))
+
+        meta = None
         try:
-            engine.save_checkpoint(str(self.root), tag=staging_tag,
-                                   client_state={CLIENT_STEP_KEY: step}, save_latest=False)
-            rng.save(staging, self.rank)
-            # DeepSpeed's torch.save does not fsync; durability of this rank's shards is part of
-            # what the success flag below vouches for.
-            for path in glob.glob(str(staging / f"*zero_pp_rank_{self.rank}_*")):
-                fsync_path(path)
-            if self.rank == 0:
-                meta = self.describe(engine)
-                atomic_write_json(staging / TRAINER_STATE, state)
-                atomic_write_json(staging / PARAMS, _param_shapes(engine))
-                atomic_write_json(staging / OPTIMIZER_GROUPS, _group_hyperparameters(engine))
+            with route_checkpoint_writes(engine, ledger.torch_save, ledger.guard):
+                engine.save_checkpoint(str(self.root), tag=staging_tag,
+                                       client_state={CLIENT_STEP_KEY: step}, save_latest=False)
+            if not ledger.failed:  # after a failed write, more writes only repeat its cause
+                ledger.guard(rng.rank_file(staging, self.rank), lambda: ledger.adopt(rng.save(staging, self.rank)))
+            if self.rank == 0 and not ledger.failed:
+                meta = {**self.describe(engine), "data_files": self._record_data_files()}
+                ledger.write_text(staging / TRAINER_STATE, _json_text(state))
+                ledger.write_text(staging / PARAMS, _json_text(_param_shapes(engine)))
+                ledger.write_text(staging / OPTIMIZER_GROUPS, _json_text(_group_hyperparameters(engine)))
                 if job_config is not None:
                     text = job_config if isinstance(job_config, str) else yaml.safe_dump(
                         dict(job_config), sort_keys=False)
-                    atomic_write_text(staging / CONFIG, text)
-        except Exception as err:  # reported collectively below, then re-raised on this rank
-            error = err
-        ok = collectives.all_reduce_flag(error is None, "min")
-        if error is not None:
-            raise CheckpointError(f"{staging}: rank {self.rank} failed to write its part: {error}") from error
-        if ok == 0:
-            raise CheckpointError(f"{staging}: another rank failed to write its part; checkpoint abandoned")
+                    ledger.write_text(staging / CONFIG, text)
+        except Exception as err:  # raised by DeepSpeed's own code, not by a write: reported like one
+            ledger.fail(staging, err)
+        # The agreement point: every rank learns what every other rank wrote, or why it could not.
+        reports: list[RankReport] = collectives.all_gather_objects(ledger.report)
+        failures = [failure for report in reports for failure in report.failures]
+        if failures:
+            if self.rank == 0:  # nobody writes into it any more; a full disk is not left fuller
+                shutil.rmtree(staging, ignore_errors=True)
+            previous = read_latest(self.root)
+            keeps = f"{previous} stays the checkpoint to resume from" if previous else "no earlier checkpoint exists"
+            raise CheckpointError(f"checkpoint {final.name} not saved ({keeps}):\n  - " + "\n  - ".join(failure_lines(failures)))
 
         outcome = None
         if self.rank == 0:
             try:
-                self._commit(staging, final, step, meta)
+                self._commit(staging, final, step, meta, reports)
             except Exception as err:
                 outcome = f"{type(err).__name__}: {err}"
         outcome = _broadcast(outcome)
@@ -275,8 +275,19 @@ class CheckpointManager:
         log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - started)
         return final
 
-    def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any]) -> None:
-        """Rank 0: make ``staging`` the official ``step-N`` (marker, rename, pointer), then rotate."""
+    def _record_data_files(self) -> dict[str, dict[str, Any]]:
+        """Rank 0: the training files' records (read once, then re-read only when size or mtime move)."""
+        records = {}
+        for task, path in self.data_files.items():
+            try:
+                records[task] = data_record.describe(path, self._data_records.get(task))
+            except OSError as err:  # the save still holds the model; the resume check has less to compare
+                log.warning("checkpoint cannot record training file %s: %s", path, err)
+        self._data_records = records
+        return records
+
+    def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any], reports: list[RankReport]) -> None:
+        """Rank 0: make ``staging`` the official ``step-N`` (manifest, marker, rename, pointer), then rotate."""
         missing = [
             str(path.relative_to(staging))
             for r in range(self.world_size)
@@ -289,10 +300,19 @@ class CheckpointManager:
                     missing.append(f"zero_pp_rank_{r}_*_model_states.pt")
                 if not glob.glob(str(staging / f"*zero_pp_rank_{r}_mp_rank_*_optim_states.pt")):
                     missing.append(f"zero_pp_rank_{r}_*_optim_states.pt")
+        # A rank that wrote to a node-local disk reports files rank 0 cannot see.
+        missing += [rel for report in reports for rel in report.files
+                    if not (staging / rel).is_file() and rel not in missing]
         if missing:
             raise CheckpointError(f"{staging}: files missing after every rank reported success: {missing}")
-        fsync_path(staging)
-        write_marker(staging, {**meta, "step": step, "time": time.time(),
+        adopted = SaveLedger(staging, self.rank)
+        manifest = assemble_manifest(staging, reports, adopted)
+        if adopted.failed:
+            raise CheckpointError("; ".join(failure_lines(adopted.report.failures)))
+        text = manifest_text(manifest)
+        atomic_write_text(staging / MANIFEST, text)
+        fsync_tree(staging)  # every directory entry of every file, before the marker vouches for them
+        write_marker(staging, {**meta, "step": step, "time": time.time(), "manifest": text_digest(text),
                                "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__})
         if final.exists():
             # Re-saving a step (resumed from an older checkpoint, or the earlier step-N was from an
@@ -305,12 +325,24 @@ class CheckpointManager:
         self._apply_retention(protect=step)
 
     def _apply_retention(self, protect: int) -> None:
+        """Retire the checkpoints retention drops now; delete their files in the background."""
         steps = [info.step for info in by_commit_order(complete_checkpoints(self.root))]
         pinned = {int(entry["step"]) for entry in self.best.values()} if self.config.keep_best else set()
+        trash = []
         for step in select_for_deletion(steps, self.config.keep_last, pinned, protect=(protect,)):
             path = self.root / step_tag(step)
             log.info("retention: deleting %s", path)
-            remove_checkpoint(path)
+            trash.append(retire_checkpoint(path))
+        if trash:
+            self.finish_deletions()
+            self._deleting = threading.Thread(target=delete_trees, args=(trash,), name="checkpoint-retention")
+            self._deleting.start()
+
+    def finish_deletions(self) -> None:
+        """Wait for retention's background deletions (rank 0; a no-op elsewhere)."""
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     # ------------------------------------------------------------------ evaluation pins
 
@@ -336,28 +368,63 @@ class CheckpointManager:
     # ------------------------------------------------------------------ resuming
 
     def find_resume_point(self, spec: str | None = None) -> ResumePoint | None:
-        """Collective, cheap, and meant to run before the model is built: which checkpoint to resume.
+        """Collective, and meant to run before the model is built: which checkpoint to resume.
 
         ``spec`` defaults to ``config.resume``. Returns None for ``"none"`` and for ``"auto"`` when
-        there is no complete checkpoint. Checks what the markers alone can tell (completeness, model
-        config, whether a different world size may be converted) so a wrong resume fails before an
-        11B model is materialised; the engine-level checks follow in ``load``.
+        there is no complete checkpoint. The candidate's files are checked against its manifest
+        (every rank reads its share); with ``"auto"`` one that fails is skipped with one warning
+        naming the file and the step used instead, and when none verifies the error names each.
+        Then what the marker alone can tell (model config, whether a different world size may be
+        converted) is checked, so a wrong resume fails before an 11B model is materialised; the
+        engine-level checks follow in ``load``.
         """
         spec = spec or self.config.resume
         if spec == "none":
             return None
-        choice: tuple = ("ok", None)
+        listing: tuple = ("ok", [])
         if self.rank == 0:
             try:
-                choice = ("ok", self._choose(spec))
+                listing = ("ok", resume_candidates(self.root, spec))
+            except CheckpointError as err:
+                listing = ("error", str(err))
+        listing = _broadcast(listing)
+        if listing[0] == "error":
+            raise CheckpointError(listing[1])
+        candidates: list[CheckpointInfo] = listing[1]
+        if not candidates:
+            log.info("resume=%s: no complete checkpoint under %s, starting fresh", spec, self.root)
+            return None
+        chosen, skipped = self._first_verified(candidates)
+        if chosen is None:
+            if spec != "auto":
+                raise CheckpointError(f"{skipped[0][0].path} fails verification: {skipped[0][1]}")
+            raise CheckpointError(f"{self.root}: no checkpoint passes verification: "
+                                  + "; ".join(f"{info.path.name}: {problem}" for info, problem in skipped))
+        choice: tuple = ("ok", None)
+        if self.rank == 0:
+            for info, problem in skipped:
+                log.warning("checkpoint %s fails verification (%s); resuming from %s instead",
+                            info.path.name, problem, chosen.path.name)
+            try:
+                choice = ("ok", self._check(chosen, spec, warn_pointer=not skipped))
             except CheckpointError as err:
                 choice = ("error", str(err))
         choice = _broadcast(choice)
         if choice[0] == "error":
             raise CheckpointError(choice[1])
-        if choice[1] is None:
-            log.info("resume=%s: no complete checkpoint under %s, starting fresh", spec, self.root)
         return choice[1]
+
+    def _first_verified(self, candidates: list[CheckpointInfo]) -> tuple[CheckpointInfo | None, list]:
+        """The first candidate whose files all match its manifest, every rank checking its share;
+        and the (candidate, first problem) pairs skipped before it."""
+        skipped = []
+        for info in candidates:
+            problem = verify(info.path, info.marker, self.rank, self.world_size)
+            problems = [p for p in collectives.all_gather_objects(problem) if p]
+            if not problems:
+                return info, skipped
+            skipped.append((info, problems[0]))
+        return None, skipped
 
     def needs_universal(self, point: ResumePoint | None) -> bool:
         """Whether ``point`` was saved on a different number of ranks (loaded via a universal checkpoint)."""
@@ -388,23 +455,18 @@ class CheckpointManager:
             load_dir, tag = step_dir, UNIVERSAL
         else:
             load_dir, tag = step_dir.parent, step_dir.name
-        # DeepSpeed chooses native or universal loading by reading this config flag during
-        # load_checkpoint (engine.load_universal_checkpoint()); for ZeRO-3 nothing at initialize
-        # time depends on it, so setting it for this one call is equivalent to "checkpoint":
-        # {"load_universal": true} in the ds_config, and works whichever way the config was built.
-        previous = engine._config.load_universal_checkpoint
-        engine._config.load_universal_checkpoint = universal
-        own_flags = _implementation_flags(engine)
-        try:
+        own_flags = implementation_flags(engine)
+        with universal_loading(engine, universal):
             load_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        finally:
-            engine._config.load_universal_checkpoint = previous
         if load_path is None:
             raise CheckpointError(f"{step_dir}: DeepSpeed found no checkpoint files to load")
-        _restore_implementation_flags(engine, own_flags)
+        restore_implementation_flags(engine, own_flags)
         if universal:
-            _repair_universal_load(engine, read_json(step_dir / OPTIMIZER_GROUPS), step_dir)
+            try:
+                repair_universal_load(engine, read_json(step_dir / OPTIMIZER_GROUPS), step_dir)
+            except ParamGroupMismatch as err:
+                raise CheckpointError(str(err)) from None
         saved_step = (client_state or {}).get(CLIENT_STEP_KEY)
         if saved_step != point.step:
             raise CheckpointError(f"{step_dir}: DeepSpeed state is from step {saved_step}, marker says {point.step}")
@@ -415,14 +477,11 @@ class CheckpointManager:
         log.info("resumed from %s (step %d)", step_dir, point.step)
         return read_json(step_dir / TRAINER_STATE)
 
-    def _choose(self, spec: str) -> ResumePoint | None:
-        """Rank 0: the folder ``spec`` names, checked as far as its marker allows."""
-        info = checkpoint_to_load(self.root, spec)
-        if info is None:
-            return None
+    def _check(self, info: CheckpointInfo, spec: str, warn_pointer: bool) -> ResumePoint:
+        """Rank 0: the verified checkpoint ``info``, checked as far as its marker allows."""
         step_dir, marker = info.path, info.marker
         pointer = read_latest(self.root)
-        if spec == "auto" and pointer is not None and pointer != step_dir.name:
+        if spec == "auto" and warn_pointer and pointer is not None and pointer != step_dir.name:
             log.warning("%s/latest names %r, which is missing, incomplete or older than %s; using %s",
                         self.root, pointer, step_dir.name, step_dir.name)
         problems = []
@@ -435,6 +494,12 @@ class CheckpointManager:
                 f"world size: saved on {marker.get('world_size')} ranks, this job has {self.world_size}, "
                 f"and checkpoint.convert_universal is 'never'; convert it first with "
                 f"`hp-deepspeed convert-universal {step_dir}`")
+        changed = data_record.changes(marker.get("data_files") or {}, self.data_files)
+        if changed and self.config.accept_changed_data:
+            log.warning("resuming %s with changed training data (checkpoint.accept_changed_data): %s",
+                        step_dir, "; ".join(changed))
+        elif changed:
+            problems += [f"{change}; set checkpoint.accept_changed_data=true to resume anyway" for change in changed]
         if problems:
             raise CheckpointError(f"checkpoint {step_dir} does not match this job:\n  - " + "\n  - ".join(problems))
         return ResumePoint(str(step_dir.resolve()), int(marker["step"]), int(marker["world_size"]), marker)
@@ -458,6 +523,17 @@ class ResumePoint:
     step: int
     world_size: int
     marker: dict
+
+
+def delete_trees(folders: list[Path]) -> None:
+    """Remove retired checkpoints; a failure is a warning (``remove_debris`` retries at the next save)."""
+    for folder in folders:
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:  # another process's remove_debris got there first
+            pass
+        except OSError as err:
+            log.warning("retention: could not delete %s: %s", folder, err)
 
 
 def write_marker(step_dir: Path, marker: dict[str, Any]) -> None:

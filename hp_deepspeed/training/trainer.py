@@ -25,6 +25,7 @@ from hp_deepspeed.compat.deepspeed import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.data.prefetch import Prefetcher
+from hp_deepspeed.data.sources import find_split_file
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.distributed import init_distributed
 from hp_deepspeed.model.builder import resolve_t5_config
@@ -129,7 +130,8 @@ class Trainer:
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, model_config=self.architecture())
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, model_config=self.architecture(),
+                                             data_files=self.training_files())
         self.resume_from = self.checkpoints.find_resume_point(cfg.checkpoint.resume)
         self.ds_config = build_ds_config(
             base_ds_config,
@@ -185,6 +187,15 @@ class Trainer:
         """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""
         t5 = {k: v for k, v in dataclasses.asdict(self.t5_config).items() if k != "dropout_rate"}
         return {"t5": t5, "conditioning": to_dict(self.cfg.conditioning), "tasks": [t.name for t in self.tasks]}
+
+    def training_files(self) -> dict[str, Path]:
+        """Each task's local training file: a checkpoint records them, a resume refuses them changed."""
+        files = {}
+        for task in self.tasks:
+            path = find_split_file(task, task.train_split) if task.train_split is not None else None
+            if path is not None and path.is_file():
+                files[task.name] = path
+        return files
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:

@@ -159,3 +159,72 @@ def resume_on_four_ranks(run_dir: str) -> dict:
     out["losses"] = {step: train_step(engine, step) for step in range(SAVE_UNTIL + 1, TOTAL_STEPS + 1)}
     out["after"] = snapshot(engine)
     return out
+
+
+def _record_fsyncs() -> list[str]:
+    """From now on, every ``os.fsync`` of this rank, as the path its descriptor has open."""
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        return real(fd)
+
+    os.fsync = fsync
+    return synced
+
+
+def save_at_every_stage(run_dir: str) -> dict:
+    """One save of a real engine at ZeRO stages 0, 1, 2 and 3: every file the save left in the
+    step folder, and the paths this rank fsynced before its part of the save was agreed on (rank 0:
+    before it wrote ``COMPLETE``)."""
+    synced = _record_fsyncs()
+    out = {}
+    for stage in (0, 1, 2, 3):
+        seed(3)
+        manager = CheckpointManager(config(), os.path.join(run_dir, f"stage{stage}"), model_config=MODEL_CONFIG)
+        engine = make_engine(stage=stage)
+        train_step(engine, 1)
+        del synced[:]
+        step_dir = manager.save(engine, 1, {"sampler": {"offset": 4}}, job_config={"toy": True})
+        marker = [i for i, path in enumerate(synced) if os.path.basename(path).startswith(".COMPLETE.")]
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(step_dir) for f in names) \
+            if dist.get_rank() == 0 else []
+        out[stage] = {"files": files, "synced": synced[:marker[0]] if marker else list(synced),
+                      "step_dir": str(step_dir)}
+        dist.barrier()
+    return out
+
+
+def one_rank_cannot_write(run_dir: str) -> dict:
+    """Save step 2, then save step 4 while rank 1's file size limit (a real kernel fault at the
+    real write: EFBIG, as a quota or a full disk would fail it) stops its shards; every rank must
+    learn it at the agreement point and raise the same error, quickly."""
+    import resource
+    import signal
+    import time
+
+    seed(4)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
+    engine = make_engine()
+    train_step(engine, 1)
+    manager.save(engine, 2)
+    train_step(engine, 2)
+    if dist.get_rank() == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.RLIM_INFINITY))
+    started = time.monotonic()
+    try:
+        manager.save(engine, 4)
+        error = None
+    except CheckpointError as err:
+        error = str(err)
+    took = time.monotonic() - started
+    if dist.get_rank() == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    return {"error": error, "seconds": took}
+
+
+def every_stage_then_a_failed_write(run_dir: str) -> dict:
+    """Both of the above in one pair of processes (starting ranks costs more than the saves)."""
+    return {"stages": save_at_every_stage(os.path.join(run_dir, "stages")),
+            "failed": one_rank_cannot_write(os.path.join(run_dir, "failed"))}

@@ -7,8 +7,12 @@ restore, the step check, retention, the resume choice) fails a unit test too.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +22,9 @@ import torch
 
 from hp_deepspeed.checkpointing import CheckpointConfig, CheckpointError, CheckpointManager
 from hp_deepspeed.checkpointing import manager as manager_module
-from hp_deepspeed.checkpointing.layout import MARKER, complete_checkpoints, read_latest
+from hp_deepspeed.checkpointing.integrity import RankReport, WriteFailure
+from hp_deepspeed.checkpointing import integrity
+from hp_deepspeed.checkpointing.layout import MARKER, CheckpointInfo, complete_checkpoints, read_latest
 from hp_deepspeed.launching import collectives
 
 MODEL_CONFIG = {"hidden": 3}
@@ -50,10 +56,18 @@ class OneRank:
         pass
 
 
+class TorchCheckpointEngine:
+    """DeepSpeed's default checkpoint engine: every file of a save goes through ``save``."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
 class FakeEngine:
     """The slice of a DeepSpeed engine the manager uses; ``save_checkpoint`` writes the module,
-    optimizer, LR scheduler and client state under ``root/tag`` as DeepSpeed does (ZeRO-3 names
-    its files after the rank: ``zero_pp_rank_R_mp_rank_00_model_states.pt`` and ``*_optim_states.pt``).
+    optimizer, LR scheduler and client state under ``root/tag`` as DeepSpeed does, through its
+    ``checkpoint_engine`` (ZeRO-3 names its files after the rank:
+    ``zero_pp_rank_R_mp_rank_00_model_states.pt`` and ``*_optim_states.pt``).
 
     The optimizer has the trainer's two param groups: weights with weight decay, the bias without.
     ``load_checkpoint`` with ``load_universal_checkpoint`` set reproduces the two defects of
@@ -68,6 +82,7 @@ class FakeEngine:
              {"params": [self.module.bias], "weight_decay": 0.0}], lr=0.1, betas=(0.8, 0.9))
         self.lr_scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.5)
         self._config = SimpleNamespace(load_universal_checkpoint=False)
+        self.checkpoint_engine = TorchCheckpointEngine()
         self.precision, self.stage, self.rank = precision, stage, rank
         self.load_calls = []
         self.save_latest_args = []
@@ -98,9 +113,9 @@ class FakeEngine:
         folder = Path(root) / tag
         folder.mkdir(parents=True, exist_ok=True)
         model_file, optim_file = self._files(folder)
-        torch.save({"module": self.module.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "client": client_state}, model_file)
-        torch.save(self.optimizer.state_dict(), optim_file)
+        self.checkpoint_engine.save({"module": self.module.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                                     "client": client_state}, str(model_file))
+        self.checkpoint_engine.save(self.optimizer.state_dict(), str(optim_file))
 
     def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
         self.load_calls.append((root, tag, self._config.load_universal_checkpoint))
@@ -125,6 +140,22 @@ class FakeEngine:
 @pytest.fixture(autouse=True)
 def one_rank(monkeypatch):
     monkeypatch.setattr(manager_module, "dist", OneRank)
+
+
+class FullDisk:
+    """``os`` as ``checkpointing.integrity`` sees it on a full disk: the write of a file's bytes
+    fails with ENOSPC (opening it and everything else works)."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    @staticmethod
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk(monkeypatch) -> None:
+    monkeypatch.setattr(integrity, "os", FullDisk())
 
 
 def manager(run_dir, **config) -> CheckpointManager:
@@ -177,9 +208,12 @@ def test_a_trainer_state_with_another_step_is_refused(tmp_path):
 def test_deepspeed_state_of_another_step_is_refused(tmp_path):
     engine = FakeEngine()
     mgr = manager(tmp_path)
-    mgr.save(engine, 2)
-    # The shards claim another step than the marker: a mixed-up folder must not load silently.
+    step_dir = mgr.save(engine, 2)
+    # The shards claim another step than the marker: a mixed-up folder must not load silently,
+    # also one saved before checkpoints had a manifest to catch the rewrite.
     engine.save_checkpoint(tmp_path / "checkpoints", "step-2", {manager_module.CLIENT_STEP_KEY: 7}, False)
+    marker = json.loads((step_dir / MARKER).read_text())
+    (step_dir / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "manifest"}))
     with pytest.raises(CheckpointError, match="DeepSpeed state is from step 7, marker says 2"):
         mgr = manager(tmp_path)
         mgr.load(FakeEngine(), mgr.find_resume_point())
@@ -304,14 +338,16 @@ def test_save_logs_and_deepspeeds_own_latest_file_is_not_written(tmp_path, caplo
     assert manager(tmp_path).save(engine, 4, job_config=text).joinpath("config.yaml").read_text() == text
 
 
-def test_a_failed_write_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path):
-    class DiskFull(FakeEngine):
-        def save_checkpoint(self, root, tag, client_state, save_latest):
-            raise OSError("No space left on device")
-
+def test_a_failed_write_abandons_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     manager(tmp_path).save(FakeEngine(), 2)
-    with pytest.raises(CheckpointError, match="step-4.staging: rank 0 failed to write its part: No space left"):
-        manager(tmp_path).save(DiskFull(), 4)
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).save(FakeEngine(), 4)
+    staging = tmp_path / "checkpoints" / "step-4.staging"
+    assert str(caught.value) == (  # the disk in words, with the path; both shards hit the same cause
+        "checkpoint step-4 not saved (step-2 stays the checkpoint to resume from):\n"
+        f"  - rank 0 could not write {staging}/mp_rank_00_model_states.pt (and 1 more files): no space left on device")
+    assert not staging.exists()  # the partial folder does not keep the disk full
     assert not (tmp_path / "checkpoints" / "step-4").exists()
     assert read_latest(tmp_path / "checkpoints") == "step-2"
     assert manager(tmp_path).find_resume_point().step == 2
@@ -333,16 +369,19 @@ def test_a_failed_commit_is_reported(tmp_path, monkeypatch):
 class Group:
     """torch.distributed and ``launching.collectives`` for one rank of a ``world_size``-rank job.
 
-    The other ranks are scripted: ``peer_ok`` is their success flag in the save's all-reduce,
-    ``on_reduce`` runs just before it (what the peers wrote by then), and ``others_send`` lists the
+    The other ranks are scripted: ``peer_ok`` says whether the peer's report at the save's
+    agreement point (the gather of every rank's ``RankReport``) lists a failed write,
+    ``on_reduce`` runs just before it (what the peers wrote by then), ``peer_problem`` is what the
+    peer found verifying its share of a checkpoint at resume, and ``others_send`` lists the
     objects the other rank passes to successive broadcasts (rank 0's decisions when this rank is
     not rank 0; by default None, what a non-root rank passes). ``received`` records what each
     broadcast delivered: what every rank of the job ends up holding.
     """
 
-    def __init__(self, rank: int, world_size: int = 2, peer_ok: bool = True, on_reduce=None, others_send=()):
+    def __init__(self, rank: int, world_size: int = 2, peer_ok: bool = True, on_reduce=None, others_send=(),
+                 peer_problem=None):
         self.rank, self.world_size = rank, world_size
-        self.peer_ok, self.on_reduce = peer_ok, on_reduce
+        self.peer_ok, self.on_reduce, self.peer_problem = peer_ok, on_reduce, peer_problem
         self.others_send = list(others_send)
         self.barriers, self.reduced, self.received = 0, [], []
 
@@ -360,6 +399,18 @@ class Group:
             self.on_reduce()
         self.reduced.append(int(value))
         return {"min": min, "max": max, "sum": sum}[op]([int(value), int(self.peer_ok)])
+
+    def all_gather_objects(self, obj):
+        other = 1 if self.rank == 0 else 0
+        if isinstance(obj, RankReport):
+            if self.on_reduce is not None:
+                self.on_reduce()
+            self.reduced.append(int(not obj.failures))
+            peer = RankReport(other, failures=[] if self.peer_ok else [
+                WriteFailure(other, f"/shared/zero_pp_rank_{other}_mp_rank_00_optim_states.pt", "no space left on device")])
+        else:
+            peer = self.peer_problem
+        return [obj, peer] if self.rank == 0 else [peer, obj]
 
     def broadcast_object(self, obj, src=0):
         other = 1 if self.rank == 0 else 0
@@ -403,21 +454,25 @@ def test_a_peers_failed_write_abandons_the_save_on_every_rank(tmp_path, monkeypa
     manager(tmp_path).save(FakeEngine(), 2)
     root = tmp_path / "checkpoints"
     as_rank(monkeypatch, Group(rank=0, peer_ok=False, on_reduce=peer_writes(root, 4)))
-    with pytest.raises(CheckpointError, match="step-4.staging: another rank failed to write its part; checkpoint abandoned"):
+    with pytest.raises(CheckpointError) as caught:
         manager(tmp_path).save(FakeEngine(), 4)
+    assert str(caught.value) == (
+        "checkpoint step-4 not saved (step-2 stays the checkpoint to resume from):\n"
+        "  - rank 1 could not write /shared/zero_pp_rank_1_mp_rank_00_optim_states.pt: no space left on device")
     assert not (root / "step-4").exists() and read_latest(root) == "step-2"
+    assert not (root / "step-4.staging").exists()
     assert [c.step for c in complete_checkpoints(root)] == [2]
 
 
 def test_a_rank_that_failed_reports_it_to_the_others(tmp_path, monkeypatch):
-    class DiskFull(FakeEngine):
-        def save_checkpoint(self, root, tag, client_state, save_latest):
-            raise OSError("No space left on device")
-
+    """The failing rank does not raise inside DeepSpeed's save (whose barrier the others wait
+    in): it reaches the agreement point with its failure, and every rank raises the same line."""
     group = as_rank(monkeypatch, Group(rank=1))
-    with pytest.raises(CheckpointError, match="rank 1 failed to write its part: No space left"):
-        manager(tmp_path).save(DiskFull(rank=1), 2)
-    assert group.reduced == [0]  # rank 0 sees the failure in the all-reduce and abandons too
+    full_disk(monkeypatch)
+    with pytest.raises(CheckpointError, match="rank 1 could not write .*/step-2.staging/mp_rank_00_model_states.pt "
+                                              r"\(and 1 more files\): no space left on device$"):
+        manager(tmp_path).save(FakeEngine(rank=1), 2)
+    assert group.reduced == [0]  # rank 0 sees the failure in the gathered reports and abandons too
 
 
 def test_files_missing_after_every_rank_reported_success_are_not_committed(tmp_path, monkeypatch):
@@ -461,23 +516,51 @@ def test_other_ranks_follow_rank_0s_verdict_and_leave_the_shared_files_to_it(tmp
     assert group.received == [None]
 
 
+def record_fsyncs(monkeypatch) -> list[str]:
+    """Every ``os.fsync`` of this process from now on, as the path its descriptor has open."""
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 def test_every_rank_fsyncs_its_own_shards_before_vouching_for_them(tmp_path, monkeypatch):
-    synced, reduced_after = [], []
-    monkeypatch.setattr(manager_module, "fsync_path", lambda path: synced.append(Path(path).name))
+    synced, reduced_after = record_fsyncs(monkeypatch), []
     group = as_rank(monkeypatch, Group(rank=1, others_send=[None],
-                                       on_reduce=lambda: reduced_after.append(list(synced))))
+                                       on_reduce=lambda: reduced_after.append([Path(p).name for p in synced])))
     manager(tmp_path).save(FakeEngine(stage=3, rank=1), 2)
-    assert sorted(reduced_after[0]) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                                        "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert {"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank-1.pt",
+            "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= set(reduced_after[0])
     assert group.reduced == [1]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_every_file_and_folder_of_a_checkpoint_is_fsynced_before_complete_and_latest(tmp_path, monkeypatch, stage):
+    synced = record_fsyncs(monkeypatch)
+    step_dir = manager(tmp_path).save(FakeEngine(stage=stage), 2, {"k": 1}, job_config={"a": 1})
+    before_marker = synced[:next(i for i, p in enumerate(synced) if Path(p).name.startswith(".COMPLETE."))]
+    # A file written atomically is fsynced under its temporary name (.NAME.random.tmp).
+    staged = {re.sub(r"/\.([^/]+)\.[^./]+\.tmp$", r"/\1", p.replace(".staging", "")) for p in before_marker}
+    written = {str(p) for p in step_dir.rglob("*") if p.name != MARKER} | {str(step_dir)}
+    assert written - staged == set()
+    assert str(step_dir / "mp_rank_00_model_states.pt") in staged or stage == 3
+    assert any(Path(p).name.startswith(".latest.") for p in synced[len(before_marker):])
 
 
 def test_rank_1_resumes_from_rank_0s_choice(tmp_path, monkeypatch):
     """Only rank 0 reads the checkpoint folder; the others take its choice, or its refusal."""
     point = manager_module.ResumePoint(str(tmp_path / "elsewhere" / "step-4"), 4, 2, {"step": 4})
-    as_rank(monkeypatch, Group(rank=1, others_send=[("ok", point)]))
+    listing = ("ok", [CheckpointInfo(tmp_path / "elsewhere" / "step-4", 4, {"step": 4})])
+    as_rank(monkeypatch, Group(rank=1, others_send=[listing, ("ok", point)]))
     assert manager(tmp_path).find_resume_point() == point
-    as_rank(monkeypatch, Group(rank=1, others_send=[("error", "checkpoint step-4 does not match this job")]))
+    as_rank(monkeypatch, Group(rank=1, others_send=[("error", "resume path step-4 does not exist")]))
+    with pytest.raises(CheckpointError, match="^resume path step-4 does not exist$"):
+        manager(tmp_path).find_resume_point()
+    as_rank(monkeypatch, Group(rank=1, others_send=[listing, ("error", "checkpoint step-4 does not match this job")]))
     with pytest.raises(CheckpointError, match="^checkpoint step-4 does not match this job$"):
         manager(tmp_path).find_resume_point()
     as_rank(monkeypatch, Group(rank=1, others_send=[["precision: checkpoint has 'bf16', this job has 'fp32'"]]))
@@ -489,7 +572,8 @@ def test_rank_0_shares_its_resume_choice_and_its_refusals(tmp_path, monkeypatch)
     manager(tmp_path).save(FakeEngine(), 2)
     group = as_rank(monkeypatch, Group(rank=0))
     point = manager(tmp_path).find_resume_point()
-    assert point.step == 2 and group.received == [("ok", point)]
+    (listed,) = group.received[0][1]
+    assert point.step == 2 and group.received == [("ok", [listed]), ("ok", point)] and listed.step == 2
     group = as_rank(monkeypatch, Group(rank=0))
     with pytest.raises(CheckpointError, match="does not exist"):
         manager(tmp_path).find_resume_point(str(tmp_path / "nowhere"))
@@ -602,10 +686,11 @@ def test_a_universal_resume_into_another_number_of_param_groups_is_refused(tmp_p
     monkeypatch.setattr(manager_module, "dist", OneRank)
     monkeypatch.setattr(manager_module, "collectives", collectives)
     monkeypatch.setattr(manager_module, "ensure_universal", fake_conversion([]))
-    (root / "step-2" / "optimizer_groups.json").write_text(json.dumps([{"lr": 0.1}]))
     mgr = manager(tmp_path)
+    point = mgr.find_resume_point()
+    (root / "step-2" / "optimizer_groups.json").write_text(json.dumps([{"lr": 0.1}]))
     with pytest.raises(CheckpointError, match="step-2: checkpoint has 1 optimizer param groups, this job has 2$"):
-        mgr.load(FakeEngine(), mgr.find_resume_point())
+        mgr.load(FakeEngine(), point)
 
 
 @pytest.mark.parametrize("on_device", [False, True])
@@ -877,3 +962,191 @@ def test_a_resume_keeps_the_resuming_jobs_optimizer_implementation(tmp_path, mon
     if universal:  # fp32 steps, one per state, where the fused AdamW wants them
         steps = [state["step"] for state in fresh.optimizer.state.values()]
         assert {s.dtype for s in steps} == {torch.float32} and len({s.data_ptr() for s in steps}) == len(steps)
+
+
+# ---------------------------------------------------------------- verification before trust
+
+
+def two_checkpoints(tmp_path, stage: int = 3) -> Path:
+    mgr = manager(tmp_path, keep_last=3)
+    mgr.save(FakeEngine(stage=stage, init=2.0), 2, {"data": {"position": 2}})
+    mgr.save(FakeEngine(stage=stage, init=4.0), 4, {"data": {"position": 4}})
+    return tmp_path / "checkpoints"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def zero_fill(path: Path) -> None:
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+CORRUPTIONS = {
+    "truncated optimizer shard": ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", truncate,
+                                  r"\d+ bytes, the manifest says \d+"),
+    "zero-filled model states": ("zero_pp_rank_0_mp_rank_00_model_states.pt", zero_fill,
+                                 r"content differs from the manifest \(xxh3_128\)"),
+    "trainer_state.json cut mid-file": ("trainer_state.json", truncate, r"\d+ bytes, the manifest says \d+"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_a_corrupt_newest_checkpoint_is_skipped_with_one_warning_naming_the_file(tmp_path, caplog, case):
+    import logging
+
+    name, corrupt, problem = CORRUPTIONS[case]
+    root = two_checkpoints(tmp_path)
+    corrupt(root / "step-4" / name)
+    caplog.set_level(logging.INFO, logger=manager_module.__name__)
+    mgr, fresh = manager(tmp_path), FakeEngine(stage=3)
+    point = mgr.find_resume_point()
+    assert point.step == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert re.fullmatch(rf"checkpoint step-4 fails verification \({root / 'step-4' / name}: {problem}\); "
+                        r"resuming from step-2 instead", warning), warning
+    assert mgr.load(fresh, point) == {"data": {"position": 2}, "step": 2}
+    assert torch.equal(fresh.module.weight, torch.full((3, 2), 2.0))
+    assert (root / "step-4" / name).is_file()  # evidence kept: nothing is deleted on suspicion
+
+
+def test_latest_holding_binary_junk_is_the_same_as_missing(tmp_path, caplog):
+    import logging
+
+    root = two_checkpoints(tmp_path)
+    caplog.set_level(logging.WARNING, logger=manager_module.__name__)
+    for junk in (b"\xff\xfe\x00\x81garbage\n", b"step-4\x00\x00", "stép-2".encode()):
+        (root / "latest").write_bytes(junk)
+        assert read_latest(root) is None
+        assert manager(tmp_path).find_resume_point().step == 4
+    assert caplog.messages == []
+    for path in root.iterdir():
+        if path.name.startswith("step-"):
+            shutil.rmtree(path)
+    (root / "latest").write_bytes(b"\x80\x81")
+    assert manager(tmp_path).find_resume_point() is None  # nothing to resume: a fresh start
+
+
+def test_when_no_checkpoint_verifies_one_error_names_each(tmp_path):
+    root = two_checkpoints(tmp_path)
+    zero_fill(root / "step-4" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    truncate(root / "step-2" / "trainer_state.json")
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).find_resume_point()
+    assert str(caught.value) == (
+        f"{root}: no checkpoint passes verification: "
+        f"step-4: {root}/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt: content differs from the manifest (xxh3_128); "
+        f"step-2: {root}/step-2/trainer_state.json: 25 bytes, the manifest says 51")
+    with pytest.raises(CheckpointError, match=r"^.*step-2 fails verification: .*trainer_state.json: 25 bytes"):
+        manager(tmp_path).find_resume_point(str(root / "step-2"))  # an explicit choice is not swapped
+
+
+def test_a_tampered_manifest_and_a_missing_file_fail_verification(tmp_path):
+    root = two_checkpoints(tmp_path)
+    manifest = root / "step-4" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"size": ', '"size": 1'))
+    (root / "step-2" / "params.json").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path).find_resume_point()
+    assert f"step-4: {manifest}: content differs from the digest recorded in step-4/COMPLETE" in str(caught.value)
+    assert f"step-2: {root}/step-2/params.json: missing" in str(caught.value)
+
+
+def test_files_no_ledger_recorded_are_adopted_and_a_peers_verification_problem_skips_the_step(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    as_rank(monkeypatch, Group(rank=0, on_reduce=peer_writes(root, 2, stage=3)))
+    manager(tmp_path).save(FakeEngine(stage=3), 2)
+    files = json.loads((root / "step-2" / "manifest.json").read_text())["files"]
+    assert {rel: entry["rank"] for rel, entry in files.items() if "zero_pp_rank" in rel} == {
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": 0, "zero_pp_rank_0_mp_rank_00_model_states.pt": 0,
+        # rank 1's files reached the folder without going through a ledger here: rank 0 adopted them
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 0, "zero_pp_rank_1_mp_rank_00_model_states.pt": 0}
+    assert (manager(tmp_path).find_resume_point()).step == 2
+    # What rank 1 finds in its share is every rank's verdict.
+    group = as_rank(monkeypatch, Group(rank=0, peer_problem="/x/zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"))
+    with pytest.raises(CheckpointError, match="no checkpoint passes verification: step-2: /x/zero_pp_rank_1_.*: missing$"):
+        manager(tmp_path).find_resume_point()
+    assert group.received[0][0] == "ok"
+
+
+# ---------------------------------------------------------------- training data changed since the save
+
+
+def test_a_training_file_changed_since_the_checkpoint_is_refused_before_the_model_unless_accepted(tmp_path, caplog):
+    import logging
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"x": 1}\n{"x": 2}\n')
+
+    def with_data(**config):
+        return CheckpointManager(CheckpointConfig(**config), tmp_path, model_config=MODEL_CONFIG,
+                                 data_files={"glue/rte": data})
+
+    with_data().save(FakeEngine(), 2)
+    assert json.loads((tmp_path / "checkpoints" / "step-2" / MARKER).read_text())["data_files"]["glue/rte"]["size"] == 18
+    os.utime(data, ns=(1, 1))  # copied or touched: same bytes, another mtime
+    assert with_data().find_resume_point().step == 2
+    data.write_text('{"x": 1}\n{"x": 2}\n{"x": 3}\n')
+    with pytest.raises(CheckpointError) as caught:
+        with_data().find_resume_point()
+    assert str(caught.value) == (
+        f"checkpoint {tmp_path / 'checkpoints' / 'step-2'} does not match this job:\n"
+        f"  - training file of glue/rte: {data} has 27 bytes, 18 when the checkpoint was saved; "
+        "set checkpoint.accept_changed_data=true to resume anyway")
+    data.write_text('{"x": 1}\n{"x": 9}\n')
+    with pytest.raises(CheckpointError, match="has the same size but other content than when the checkpoint was saved"):
+        with_data().find_resume_point()
+    caplog.set_level(logging.WARNING, logger=manager_module.__name__)
+    assert with_data(accept_changed_data=True).find_resume_point().step == 2
+    assert caplog.messages == [f"resuming {tmp_path / 'checkpoints' / 'step-2'} with changed training data "
+                               f"(checkpoint.accept_changed_data): training file of glue/rte: {data} has the same "
+                               "size but other content than when the checkpoint was saved"]
+    data.unlink()
+    with pytest.raises(CheckpointError, match=f"training file of glue/rte: {data} does not exist any more"):
+        with_data().find_resume_point()
+
+
+def test_retention_deletes_files_off_the_critical_path_and_before_the_next_save(tmp_path, monkeypatch):
+    import threading
+
+    release, deleting = threading.Event(), []
+    real = manager_module.delete_trees
+
+    def slow_delete(folders):
+        deleting.extend(folders)
+        release.wait(10)
+        real(folders)
+
+    monkeypatch.setattr(manager_module, "delete_trees", slow_delete)
+    root = tmp_path / "checkpoints"
+    mgr = manager(tmp_path, keep_last=1)
+    mgr.save(FakeEngine(), 2)
+    mgr.save(FakeEngine(), 4)  # returns while step-2's files are still being deleted
+    assert deleting == [root / "step-2.trash"] and (root / "step-2.trash").is_dir()
+    assert [c.step for c in complete_checkpoints(root)] == [4] and not (root / "step-2").exists()
+    threading.Timer(0.2, release.set).start()
+    mgr.save(FakeEngine(), 6)  # waits for the deletion before touching the folder
+    assert not (root / "step-2.trash").exists()
+    mgr.finish_deletions()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6"]
+
+
+def test_a_run_dir_rank_0_cannot_create_stops_every_rank_before_deepspeeds_collectives(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    group = as_rank(monkeypatch, Group(rank=0))
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError) as caught:
+        manager(tmp_path / "file" / "run").save(engine, 2)
+    assert str(caught.value) == (
+        f"checkpoint step-2 not saved:\n  - rank 0 could not write {tmp_path}/file/run/checkpoints: not a directory")
+    assert engine.save_latest_args == [] and group.reduced == []  # DeepSpeed's save never started
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system"),
+                                         (errno.EACCES, "permission denied"), (errno.EDQUOT, "disk quota exceeded")])
+def test_resource_errors_are_named_in_words_with_their_path(code, words):
+    assert integrity.describe_os_error(OSError(code, os.strerror(code), "/ckpt/x.pt")) == f"/ckpt/x.pt: {words}"
+    assert integrity.describe_os_error(OSError(code, os.strerror(code)), "/ckpt/y.pt") == f"/ckpt/y.pt: {words}"
+    ledger = integrity.SaveLedger("/ckpt", 3)
+    ledger.fail("/ckpt/z.pt", OSError(code, os.strerror(code)))
+    assert integrity.failure_lines(ledger.report.failures) == [f"rank 3 could not write /ckpt/z.pt: {words}"]

@@ -42,8 +42,9 @@ def seed(base: int) -> None:
     torch.manual_seed(value)
 
 
-def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16: bool = False):
-    """A fresh ZeRO-3 engine; ``init_seed`` changes the initial weights (a resume must overwrite them)."""
+def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16: bool = False, stage: int = 3):
+    """A fresh ZeRO engine (stage 3 unless told); ``init_seed`` changes the initial weights (a
+    resume must overwrite them)."""
     world = dist.get_world_size()
     micro_batch = min(MICRO_BATCH, GLOBAL_BATCH // world)
     with torch.random.fork_rng():
@@ -56,7 +57,7 @@ def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
         "scheduler": {"type": "WarmupLR",
                       "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2, "warmup_num_steps": 20}},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "bf16": {"enabled": bf16},
@@ -67,7 +68,7 @@ def make_engine(hidden: int = 16, dropout: float = 0.1, init_seed: int = 0, bf16
         {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
     ]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-    assert engine.zero_optimization_stage() == 3
+    assert engine.zero_optimization_stage() == stage
     return engine
 
 

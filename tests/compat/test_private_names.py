@@ -39,10 +39,7 @@ DEEPSPEED_INTERNALS = frozenset({
     "PartitionedParameterCoordinator",  # ZeRO-3's gather/release bookkeeping
 })
 
-# Temporary: checkpointing/manager.py still patches ``engine._config`` and repairs the universal
-# loader itself; its workarounds move to compat/checkpoint.py with the rewrite of the save
-# protocol, and this entry goes with them.
-ALLOWED = {PACKAGE / "checkpointing" / "manager.py"}
+ALLOWED: set[Path] = set()  # files outside compat/ that may name DeepSpeed's internals: none
 
 
 def _deepspeed_module(name: str | None) -> bool:
