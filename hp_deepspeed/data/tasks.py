@@ -24,6 +24,10 @@ The ``synthetic/*`` tasks are made by scripts/make_bundled_data.py: the same wor
 with no task text in the input, and a different required output per task (copy, reverse,
 sort, first, last), so only a model told the task can solve more than one of them.
 
+With ``data.task_prefix`` (the paper's multi-task baseline, ``conditioning.variant: mtl``)
+the synthetic and custom tasks name the task in their input, as GLUE/SuperGLUE do:
+``"copy: ant tower fox"``; see ``task_prefix``.
+
 Custom tasks (``CustomTaskConfig``) get an input template, a target field or label words, and
 metric names. ``build_tasks`` turns a ``DataConfig`` into ``Task`` objects with stable ids.
 """
@@ -524,6 +528,29 @@ def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], A
     return preprocess, float_postprocess if regression else text_postprocess, None
 
 
+def task_prefix(spec: TaskSpec, input_template: str | None = None) -> str:
+    """The text ``data.task_prefix`` puts in front of a task's inputs: ``""`` for GLUE/SuperGLUE
+    (their inputs begin with the task's name already, T5's format) and for a custom task whose
+    ``input_template`` begins with text of its own (the template already says how the task is
+    given), ``"<name after the last />: "`` otherwise."""
+    if spec.benchmark is not None:
+        return ""
+    if input_template is not None and not input_template.startswith("{"):
+        return ""
+    return spec.name.rsplit("/", 1)[-1] + ": "
+
+
+def _prefixed(spec: TaskSpec, prefix: str) -> TaskSpec:
+    if not prefix:
+        return spec
+    inner = spec.preprocess
+
+    def preprocess(row: Mapping[str, Any], training: bool) -> list[Example]:
+        return [Example(prefix + e.inputs, e.targets, e.reference) for e in inner(row, training)]
+
+    return dataclasses.replace(spec, preprocess=preprocess)
+
+
 def _fingerprint(*parts: Any) -> str:
     blob = json.dumps([PREPROCESSING_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -557,6 +584,12 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
     entries = [(REGISTRY[name], str(data_dir / name), (), _fingerprint(name)) for name in cfg.tasks]
     entries += [(_custom_spec(custom), custom.path, tuple(sorted(custom.data_files.items())),
                  _fingerprint(to_dict(custom))) for custom in cfg.custom_tasks]
+    if cfg.task_prefix:
+        templates = {custom.name: custom.input_template for custom in cfg.custom_tasks}
+        prefixes = [task_prefix(spec, templates.get(spec.name)) for spec, *_ in entries]
+        # The prefix is part of the preprocessing, so of the tokenisation cache key.
+        entries = [(_prefixed(spec, prefix), folder, files, _fingerprint(fingerprint, prefix) if prefix else fingerprint)
+                   for (spec, folder, files, fingerprint), prefix in zip(entries, prefixes)]
     return [
         Task.of(
             spec,
