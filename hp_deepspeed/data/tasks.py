@@ -20,7 +20,8 @@ labels in the hub's label order), so local files and hub downloads go through th
 ReCoRD training rows become one example per correct answer (T5's ``record``); ReCoRD
 evaluation keeps one example per query whose reference holds every answer.
 
-The ``synthetic/*`` tasks are made by scripts/make_bundled_data.py: the same word sequences
+The ``fidelity/*`` tasks (the fidelity study's suite, ``FIDELITY_TASKS``) and the
+``synthetic/*`` tasks are made by scripts/make_bundled_data.py: the same word sequences
 with no task text in the input, and a different required output per task (copy, reverse,
 sort, first, last), so only a model told the task can solve more than one of them.
 
@@ -252,6 +253,10 @@ def text_postprocess(text: str) -> str:
 
 # --------------------------------------------------------------------------- registry
 
+# The suite of ``python -m bench.fidelity`` (scripts/make_bundled_data.py): ``reverse`` and
+# ``place`` are its low-resource tasks; each task also has a ``test`` split, the one reported.
+FIDELITY_TASKS = ("copy", "first", "last", "count", "reverse", "object", "place")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -398,6 +403,20 @@ _SPECS: list[TaskSpec] = [
         in_benchmark_average=False,
     )
     for op in ("copy", "reverse", "sort", "first", "last")
+] + [
+    TaskSpec(
+        name=f"fidelity/{op}",
+        benchmark=None,
+        preprocess=text_to_text_preprocess,
+        postprocess=text_postprocess,
+        metric_names=("accuracy",),
+        label_words=None,
+        train_split="train",
+        eval_splits=("validation",),
+        hub=None,
+        in_benchmark_average=False,
+    )
+    for op in FIDELITY_TASKS
 ]
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
