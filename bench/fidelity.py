@@ -1,6 +1,6 @@
 """The paper's comparison in miniature, built so that it can tell the variants apart.
 
-    python -m bench.fidelity                               # the study of docs/fidelity.md (about 30 min, 2 cores)
+    python -m bench.fidelity                               # the study of docs/fidelity.md (105 cells; its wall time is there)
     python -m bench.fidelity --variants mtl hyperprompt_global --seeds 0 1 --lrs 3e-3 --steps 100  # a quick look
     python -m bench.fidelity --cell 7 ...                  # one (variant, lr, seed) cell (an sbatch array task)
     python -m bench.fidelity --report-only ...             # the report from the cached cells
