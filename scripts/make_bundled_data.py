@@ -13,6 +13,15 @@ Two kinds of data, both invented by this script (no download, no licensed text):
   with one shared vocabulary a small model spends its whole budget learning to count
   positions (first/last stayed near 30% after 300 demo steps) before the task can matter.
   1000 training and 100 validation sequences (disjoint), in ``inputs`` / ``targets`` fields.
+* ``fidelity/*``: the suite of ``python -m bench.fidelity``, seven tasks in two input families,
+  with a ``validation`` split (100 rows, where the study picks its learning rate) and a
+  ``test`` split (200 rows, the one it reports), all three splits disjoint. Word sequences as
+  above, the same in five tasks: ``copy``, ``first``, ``last``, ``count`` (the number of words,
+  as a word: an output unrelated to the others) and ``reverse``, which shares its structure
+  with ``copy`` and is low-resource (100 training rows). Template sentences ("Alice painted
+  the old violin in Oslo.") in two tasks: ``object`` (the noun) and ``place``, which shares
+  its structure with ``object`` and is low-resource (100 training rows). No task text in the
+  inputs: the conditioning (or the multi-task baseline's task prefix) names the task.
 * ``glue/*`` and ``superglue/*``: a dozen rows per split in the schema of the hub datasets
   ``nyu-mll/glue`` and ``aps/super_glue`` (integer labels in the hub's order, ``idx`` fields,
   ReCoRD's ``@highlight`` passages and entity lists, MultiRC's HTML markup, WSC's word
@@ -247,6 +256,52 @@ def synthetic_sequences(rng: random.Random, count: int, exclude: set) -> list[tu
     return out
 
 
+FIDELITY_TRAIN, FIDELITY_LOW_RESOURCE, FIDELITY_VALIDATION, FIDELITY_TEST = 1000, 100, 100, 200
+COUNT_WORDS = {3: "three", 4: "four", 5: "five", 6: "six"}
+FIDELITY_SEQUENCE_OPS = {
+    "copy": SYNTHETIC_OPS["copy"],
+    "first": SYNTHETIC_OPS["first"],
+    "last": SYNTHETIC_OPS["last"],
+    "count": lambda w: COUNT_WORDS[len(w)],
+    "reverse": SYNTHETIC_OPS["reverse"],
+}
+FIDELITY_SENTENCE_OPS = {"object": lambda s: s["noun"], "place": lambda s: s["place"]}
+FIDELITY_LOW_RESOURCE_TASKS = ("reverse", "place")
+
+
+def fidelity_sentences(rng: random.Random, count: int, exclude: set) -> list[dict]:
+    """Distinct template sentences with their noun and (real, short) place."""
+    seen, out = set(exclude), []
+    while len(out) < count:
+        s = {"name": rng.choice(NAMES), "verb": rng.choice(VERBS), "adj": rng.choice(ADJECTIVES),
+             "noun": rng.choice(NOUNS), "place": rng.choice(PLACES[:12])}
+        text = f"{s['name']} {s['verb']} the {s['adj']} {s['noun']} in {s['place']}."
+        if text not in seen:
+            seen.add(text)
+            out.append({**s, "text": text})
+    return out
+
+
+def fidelity_rows(seed: int) -> dict[str, dict[str, list[dict]]]:
+    """task -> split -> rows of the fidelity suite."""
+    sizes = {"validation": FIDELITY_VALIDATION, "test": FIDELITY_TEST}
+    rng = random.Random(f"{seed}/fidelity")
+    out: dict[str, dict[str, list[dict]]] = {}
+    for family, ops, draw, text in (
+        ("sequences", FIDELITY_SEQUENCE_OPS, synthetic_sequences, lambda x: " ".join(x)),
+        ("sentences", FIDELITY_SENTENCE_OPS, fidelity_sentences, lambda x: x["text"]),
+    ):
+        splits, used = {}, set()
+        for split, n in (("train", FIDELITY_TRAIN), *sizes.items()):
+            splits[split] = draw(rng, n, used)
+            used |= {x if isinstance(x, tuple) else x["text"] for x in splits[split]}
+        for op, fn in ops.items():
+            n_train = FIDELITY_LOW_RESOURCE if op in FIDELITY_LOW_RESOURCE_TASKS else FIDELITY_TRAIN
+            out[op] = {split: [{"inputs": text(x), "targets": fn(x)} for x in xs[: n_train if split == "train" else None]]
+                       for split, xs in splits.items()}
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
@@ -267,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
         for split, seqs in (("train", train), ("validation", validation)):
             write_jsonl(args.out / "synthetic" / op / f"{split}.jsonl",
                         [{"inputs": " ".join(s), "targets": fn(s)} for s in seqs])
+
+    for task, splits in fidelity_rows(args.seed).items():
+        for split, rows in splits.items():
+            write_jsonl(args.out / "fidelity" / task / f"{split}.jsonl", rows)
 
     for benchmark, table, make in (("glue", GLUE_SPLITS, glue_rows), ("superglue", SUPERGLUE_SPLITS, superglue_rows)):
         for task, splits in table.items():

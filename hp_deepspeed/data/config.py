@@ -155,6 +155,13 @@ class DataConfig:
     eval_splits: dict[str, list[str]] = field(default_factory=dict)
     """Per-task override of the evaluated splits, e.g. ``{glue/mnli: [validation_matched]}``."""
 
+    task_prefix: bool = False
+    """Name the task in the text of every input, as T5's multi-task model does: the inputs of the
+    synthetic and custom tasks get ``"<task>: "`` (the part of the name after the last ``/``)
+    in front; GLUE/SuperGLUE inputs already begin with the task's name, and a custom task whose
+    ``input_template`` begins with text of its own keeps that text as its prefix. Switched on by
+    ``conditioning.variant: mtl``, the paper's multi-task baseline."""
+
     def __post_init__(self) -> None:
         # Checked here, not where the values are used, so they fail before any rank starts.
         for name in ("max_input_length", "max_target_length", "bucket_pool_batches"):

@@ -20,9 +20,14 @@ labels in the hub's label order), so local files and hub downloads go through th
 ReCoRD training rows become one example per correct answer (T5's ``record``); ReCoRD
 evaluation keeps one example per query whose reference holds every answer.
 
-The ``synthetic/*`` tasks are made by scripts/make_bundled_data.py: the same word sequences
+The ``fidelity/*`` tasks (the fidelity study's suite, ``FIDELITY_TASKS``) and the
+``synthetic/*`` tasks are made by scripts/make_bundled_data.py: the same word sequences
 with no task text in the input, and a different required output per task (copy, reverse,
 sort, first, last), so only a model told the task can solve more than one of them.
+
+With ``data.task_prefix`` (the paper's multi-task baseline, ``conditioning.variant: mtl``)
+the synthetic and custom tasks name the task in their input, as GLUE/SuperGLUE do:
+``"copy: ant tower fox"``; see ``task_prefix``.
 
 Custom tasks (``CustomTaskConfig``) get an input template, a target field or label words, and
 metric names. ``build_tasks`` turns a ``DataConfig`` into ``Task`` objects with stable ids.
@@ -245,6 +250,10 @@ def text_postprocess(text: str) -> str:
 
 # --------------------------------------------------------------------------- registry
 
+# The suite of ``python -m bench.fidelity`` (scripts/make_bundled_data.py): ``reverse`` and
+# ``place`` are its low-resource tasks; each task also has a ``test`` split, the one reported.
+FIDELITY_TASKS = ("copy", "first", "last", "count", "reverse", "object", "place")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -391,6 +400,20 @@ _SPECS: list[TaskSpec] = [
         in_benchmark_average=False,
     )
     for op in ("copy", "reverse", "sort", "first", "last")
+] + [
+    TaskSpec(
+        name=f"fidelity/{op}",
+        benchmark=None,
+        preprocess=text_to_text_preprocess,
+        postprocess=text_postprocess,
+        metric_names=("accuracy",),
+        label_words=None,
+        train_split="train",
+        eval_splits=("validation",),
+        hub=None,
+        in_benchmark_average=False,
+    )
+    for op in FIDELITY_TASKS
 ]
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
@@ -521,6 +544,29 @@ def _custom_task(cfg: CustomTaskConfig) -> tuple[Preprocessor, Callable[[str], A
     return preprocess, float_postprocess if regression else text_postprocess, None
 
 
+def task_prefix(spec: TaskSpec, input_template: str | None = None) -> str:
+    """The text ``data.task_prefix`` puts in front of a task's inputs: ``""`` for GLUE/SuperGLUE
+    (their inputs begin with the task's name already, T5's format) and for a custom task whose
+    ``input_template`` begins with text of its own (the template already says how the task is
+    given), ``"<name after the last />: "`` otherwise."""
+    if spec.benchmark is not None:
+        return ""
+    if input_template is not None and not input_template.startswith("{"):
+        return ""
+    return spec.name.rsplit("/", 1)[-1] + ": "
+
+
+def _prefixed(spec: TaskSpec, prefix: str) -> TaskSpec:
+    if not prefix:
+        return spec
+    inner = spec.preprocess
+
+    def preprocess(row: Mapping[str, Any], training: bool) -> list[Example]:
+        return [Example(prefix + e.inputs, e.targets, e.reference) for e in inner(row, training)]
+
+    return dataclasses.replace(spec, preprocess=preprocess)
+
+
 def _fingerprint(*parts: Any) -> str:
     blob = json.dumps([PREPROCESSING_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -554,6 +600,12 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
     entries = [(REGISTRY[name], str(data_dir / name), (), _fingerprint(name)) for name in cfg.tasks]
     entries += [(_custom_spec(custom), custom.path, tuple(sorted(custom.data_files.items())),
                  _fingerprint(to_dict(custom))) for custom in cfg.custom_tasks]
+    if cfg.task_prefix:
+        templates = {custom.name: custom.input_template for custom in cfg.custom_tasks}
+        prefixes = [task_prefix(spec, templates.get(spec.name)) for spec, *_ in entries]
+        # The prefix is part of the preprocessing, so of the tokenisation cache key.
+        entries = [(_prefixed(spec, prefix), folder, files, _fingerprint(fingerprint, prefix) if prefix else fingerprint)
+                   for (spec, folder, files, fingerprint), prefix in zip(entries, prefixes)]
     return [
         Task.of(
             spec,

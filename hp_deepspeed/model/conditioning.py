@@ -56,6 +56,7 @@ from hp_deepspeed.model.layer_conditioning import ADAPTER_SITES, ConditioningOut
 
 Variant = Literal[
     "none",
+    "mtl",
     "prompt_tuning",
     "kv_prompt",
     "hyperprompt_share",
@@ -65,6 +66,9 @@ Variant = Literal[
     "adapter",
 ]
 Placement = Literal["encoder", "decoder", "both"]
+# The variants with no conditioning module: the model is exactly the plain backbone (``mtl``
+# differs from ``none`` only in its data, which names the task in the input text).
+UNCONDITIONED_VARIANTS = ("none", "mtl")
 # The variants that prepend key/value prompts to the self-attention of every conditioned block
 # (hyperformer generates FFN adapters instead, prompt_tuning prepends input tokens). The one
 # statement of this rule: everything else asks ``ConditioningConfig.kv_prompt_length``.
@@ -88,7 +92,10 @@ class ConditioningConfig:
     """How the backbone is conditioned on the task (the ``conditioning:`` section of a job)."""
 
     variant: Variant = "hyperprompt_global"
-    """``none`` (vanilla multi-task T5), ``prompt_tuning`` (per-task soft prompt on the encoder
+    """``mtl`` (the paper's multi-task baseline: the plain backbone, with the task's name as a
+    text prefix of every input; it switches ``data.task_prefix`` on), ``none`` (the plain
+    backbone told nothing about the task: an illustration of why task information is needed,
+    not a baseline), ``prompt_tuning`` (per-task soft prompt on the encoder
     input), ``kv_prompt`` (per-task per-block key/value prompts, no hypernetwork),
     ``hyperprompt_share``, ``hyperprompt_sep``, ``hyperprompt_global`` (the paper's best),
     ``hyperformer`` (HyperFormer++: adapters after self-attention and FFN with conditional layer
@@ -138,8 +145,8 @@ class ConditioningConfig:
         for name in ("global_prompt_init_std", "prompt_init_std", "input_prompt_init_std", "adapter_init_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"conditioning.{name} must be > 0, got {getattr(self, name)}")
-        if self.variant == "none" and self.freeze_backbone:
-            raise ValueError("conditioning.freeze_backbone with variant 'none' leaves nothing to train")
+        if self.variant in UNCONDITIONED_VARIANTS and self.freeze_backbone:
+            raise ValueError(f"conditioning.freeze_backbone with variant {self.variant!r} leaves nothing to train")
 
     @property
     def kv_prompt_length(self) -> int:
@@ -539,10 +546,11 @@ class PrecomputedConditioning(nn.Module):
 
 
 def build_conditioning(cfg: ConditioningConfig, dims: BackboneDims, num_tasks: int) -> TaskConditioning | None:
-    """The conditioning module of ``cfg.variant``, or ``None`` for ``none`` (the plain backbone)."""
+    """The conditioning module of ``cfg.variant``, or ``None`` for ``none`` and ``mtl`` (the plain
+    backbone)."""
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-    if cfg.variant == "none":
+    if cfg.variant in UNCONDITIONED_VARIANTS:
         return None
     if cfg.variant == "prompt_tuning":
         return TaskConditioning(SoftInputPrompt(cfg, dims, num_tasks), (), num_tasks)

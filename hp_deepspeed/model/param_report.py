@@ -17,11 +17,11 @@ from typing import Sequence, get_args
 
 from hp_deepspeed.config import apply_override, from_dict, to_dict
 from hp_deepspeed.model.builder import ModelConfig
-from hp_deepspeed.model.conditioning import ConditioningConfig, Variant
+from hp_deepspeed.model.conditioning import UNCONDITIONED_VARIANTS, ConditioningConfig, Variant
 from hp_deepspeed.model.hyperprompt_t5 import build_model
 
 DEFAULT_PRESETS = ("t5-small", "t5-base", "t5-large", "t5-3b", "t5-11b", "google/t5-v1_1-xxl")
-DEFAULT_VARIANTS = tuple(v for v in get_args(Variant) if v != "none")
+DEFAULT_VARIANTS = tuple(v for v in get_args(Variant) if v not in UNCONDITIONED_VARIANTS)
 # GLUE and SuperGLUE are each trained as one mixture of 8 tasks in the paper.
 DEFAULT_NUM_TASKS = 8
 

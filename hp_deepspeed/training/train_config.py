@@ -90,3 +90,9 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+
+    def __post_init__(self) -> None:
+        # The paper's multi-task baseline is the plain backbone told the task in the input text:
+        # the one switch ``conditioning.variant: mtl`` sets both halves.
+        if self.conditioning.variant == "mtl":
+            self.data.task_prefix = True
