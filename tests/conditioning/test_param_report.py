@@ -53,3 +53,27 @@ def test_main_prints_the_table_with_overrides(capsys):
     assert cond != expected("hyperprompt_global", T5Config.from_pretrained("t5-small"), ConditioningConfig(), 8)
     assert "bottleneck=8" in text
     assert f"| t5-small | 60.51M | {cond / 1e6:.2f}M ({100 * cond / 60_506_624:.3f}%) |" in text.splitlines()
+
+
+def test_the_bottleneck_the_papers_ratio_implies_solves_the_documented_formula():
+    from hp_deepspeed.model.param_report import PAPER_PRESET, PAPER_RATIO, implied_bottleneck
+
+    cfg = ConditioningConfig(prompt_length=16, hyper_embedding_dim=32)
+    found = implied_bottleneck(base=cfg, num_tasks=8)
+    c = T5Config.from_pretrained(PAPER_PRESET)
+    # The formula is affine in b: solve it by hand from two of its values.
+    at = {b: expected("hyperprompt_global", c, ConditioningConfig(prompt_length=16, hyper_embedding_dim=32,
+                                                                  bottleneck=b), 8) for b in (1, 2)}
+    exact = 1 + (PAPER_RATIO * found.row.backbone - at[1]) / (at[2] - at[1])
+    assert found.exact_bottleneck == pytest.approx(exact)
+    assert 20 < found.exact_bottleneck < 40  # a regression guard on the docs' number (28.7)
+    assert found.bottleneck == round(exact)
+    assert found.row.conditioning == expected(
+        "hyperprompt_global", c, ConditioningConfig(prompt_length=16, hyper_embedding_dim=32, bottleneck=found.bottleneck), 8)
+    assert abs(found.row.ratio - PAPER_RATIO) < 0.00005
+
+
+def test_main_paper_prints_one_row_per_setting(capsys):
+    main(["--paper"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 6 and all("0.14" in row or "0.13" in row for row in rows), rows
