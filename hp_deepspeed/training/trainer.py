@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
 from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats
+from hp_deepspeed.training.nonfinite import EXIT_NON_FINITE, NonFiniteGuard, NonFiniteLoss
 from hp_deepspeed.training.optim import build_scheduler
 from hp_deepspeed.training.parallelism import ModelSize, mark_leaf_blocks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
@@ -144,6 +146,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.training.tensorboard)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
+        self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_steps, verbose=self.is_main)
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this job (dropout and the like may differ)."""
@@ -152,7 +155,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
-        """Train to ``training.steps``; returns the process exit code (75 after a preemption save)."""
+        """Train to ``training.steps``; returns the process exit code (75 after a preemption save,
+        65 when non-finite numbers stopped it)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")  # the resolved config of this run
@@ -163,22 +167,37 @@ class Trainer:
         progress = self._progress_bar()
         try:
             while self.step < cfg.steps:
-                self.train_step(batches, window)
+                loss_sum = self.train_step(batches, window)
                 self.step += 1
                 progress.update(1)
                 last = self.step == cfg.steps
+                try:
+                    self.nonfinite.observe(self.step, loss_sum, self.engine.get_global_grad_norm(),
+                                           self.engine.was_step_applied())
+                    if last and not self.nonfinite.finite:  # the final weights are not worth saving
+                        raise NonFiniteLoss(self.nonfinite.stop_line(self.step))
+                except NonFiniteLoss as err:
+                    self.log_train(window)
+                    if self.is_main:
+                        print(f"hp-deepspeed train: error: {err}", file=sys.stderr, flush=True)
+                    return EXIT_NON_FINITE
                 if self.step % cfg.log_every == 0 or last:
                     self.log_train(window)
                 save = last or self.checkpoints.due(self.step)
-                if last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                evaluate = last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
+                if evaluate and self.nonfinite.finite:
                     improved = self.evaluate()
                     # The paper keeps the best checkpoint per task: a new best must be on disk.
                     save = save or (bool(improved) and self.cfg.checkpoint.keep_best)
                 stop = self.preemption.should_stop(self.step)  # collective: every rank, every step
-                if save or stop:
+                # Non-finite weights, or those of a step whose update was skipped, are never saved.
+                if (save or stop) and self.nonfinite.finite:
                     self.save()
                 if stop:
-                    log.warning("preemption: checkpoint of step %d written, exiting with %d", self.step, EXIT_PREEMPTED)
+                    log.warning("preemption: %s, exiting with %d",
+                                f"checkpoint of step {self.step} written" if self.nonfinite.finite else
+                                f"step {self.step} is non-finite, so the last finite checkpoint stays latest",
+                                EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
             return 0
         finally:
@@ -195,6 +214,7 @@ class Trainer:
         loss by 1/accumulation in ``backward``; the factor ``world x accumulation`` undoes both.
         Without this a rank holding short targets would weigh its tokens more, and a run resumed
         on a different number of ranks would follow a different trajectory.
+        Returns this rank's summed token loss of the step, on the device (for the non-finite check).
         """
         accumulation = self.cfg.training.gradient_accumulation
         micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(accumulation)]
@@ -202,11 +222,13 @@ class Trainer:
         tokens = collectives.all_reduce(
             torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum().reshape(1).double())
         scale = (self.world_size * accumulation / tokens.clamp(min=1.0))[0]
+        loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             out = self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"], task_ids=batch["task_ids"],
             )
+            loss_sum = loss_sum + out.example_loss_sum.detach().float().sum()
             self.engine.backward(out.example_loss_sum.sum() * scale.to(out.example_loss_sum.dtype))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
@@ -215,6 +237,7 @@ class Trainer:
                 batch["input_ids"].shape[1] + self.cfg.conditioning.input_prompt_length,
                 batch["labels"].shape[1], self.model.kv_prompt_length,
             )
+        return loss_sum
 
     # ------------------------------------------------------------------ logging
     def log_train(self, window: WindowStats) -> None:
@@ -231,6 +254,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
+        # The step counts global batches; these are the ones whose update DeepSpeed skipped.
+        values["skipped_updates"] = self.nonfinite.skipped_updates
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
         for task in self.tasks:
@@ -266,7 +291,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict()}
+        return {"step": self.step, "data": self.stream.state_dict(), "skipped_updates": self.nonfinite.skipped_updates}
 
     def save(self) -> None:
         self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg))
@@ -277,6 +302,7 @@ class Trainer:
         point, self.resume_from = self.resume_from, None  # a ZeRO-3 engine loads only once, pristine
         state = self.checkpoints.load(self.engine, point)
         self.step = state["step"]
+        self.nonfinite.skipped_updates = state.get("skipped_updates", 0)
         self.stream.load_state_dict(state["data"])
         if self.is_main:
             log.info("resumed from %s at step %d", point.path, self.step)
