@@ -33,6 +33,7 @@ from hp_deepspeed.training.nonfinite import EXIT_NON_FINITE, NonFiniteGuard, Non
 from hp_deepspeed.training.optim import build_scheduler
 from hp_deepspeed.training.parallelism import ModelSize, mark_leaf_blocks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
+from hp_deepspeed.training.run_lock import claim_run_dir
 from hp_deepspeed.training.train_config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class Trainer:
             # Every rank runs the same code: its info lines would repeat rank 0's (issue 14).
             # Warnings and errors still come from every rank.
             logging.getLogger("hp_deepspeed").setLevel(logging.WARNING)
+        # One trainer per run dir, writable by every rank: refused before anything is written or built.
+        self.run_lock = claim_run_dir(self.run_dir, self.rank)
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)
