@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 # sysexits' EX_IOERR: an error while doing I/O on some file (bad input is 2).
 EXIT_IO_ERROR = 74
@@ -37,13 +38,22 @@ def resource_error(err: BaseException) -> bool:
     return find_os_error(err) is not None
 
 
+# How Rust's std::io::Error ends its message (safetensors' SafetensorError carries it as text).
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def find_os_error(err: BaseException | None) -> OSError | None:
-    """The resource OSError behind ``err``: libraries (torch's writer, safetensors) often wrap it."""
+    """The resource OSError behind ``err``: libraries (torch's writer, safetensors) often wrap it,
+    or, as safetensors does, only keep its errno in the message."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in RESOURCE_ERRNOS:
             return err
+        match = _RUST_OS_ERROR.search(str(err))
+        if match and int(match.group(1)) in RESOURCE_ERRNOS:
+            code = int(match.group(1))
+            return OSError(code, os.strerror(code))
         err = err.__cause__ or err.__context__
     return None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +203,123 @@ def test_a_read_only_run_dir_is_one_line_naming_the_path_before_the_model_is_bui
     assert error_line(result) == (f"hp-deepspeed train: error: run.dir={ro}/run is not writable: "
                                   f"{ro}/run: read-only file system (EROFS)")
     assert "ZeRO stage" not in result.output
+
+
+# ---------------------------------------------------------------- outputs whole, resources in words
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished 2-step run with a checkpoint of each step."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    result = train(run_dir, "training.steps=2", "checkpoint.interval=1")
+    assert result.returncode == 0, result.output[-3000:]
+    return run_dir
+
+
+def export(run_dir: Path, out: Path, *extra: str):
+    return hp("export", "--run-dir", str(run_dir), "--out", str(out), *extra)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def step1_export(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("step1") / "export"
+    result = export(trained, out, "--checkpoint", "step-1")
+    assert result.returncode == 0, result.output[-3000:]
+    return out
+
+
+def test_export_into_a_non_empty_folder_is_refused_and_leaves_it_untouched(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = export(trained, out)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert error_line(result) == (f"hp-deepspeed export: error: export --out {out}: folder is not empty (notes.txt); "
+                                  "pass --overwrite to replace it as a whole, or choose another folder")
+    assert files(out) == {"notes.txt": b"mine"} and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_with_overwrite_replaces_the_folder_as_a_whole(trained, step1_export, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(step1_export, out)
+    (out / "stale.txt").write_text("from an older export")
+    result = export(trained, out, "--checkpoint", "step-2", "--overwrite")
+    assert result.returncode == 0, result.output[-3000:]
+    old, new = files(step1_export), files(out)
+    assert sorted(new) == sorted(old)  # the stale file went with the old folder
+    assert json.loads(new["export.json"])["step"] == 2
+    # Never the old prompts beside the new backbone.
+    for name in ("backbone/model.safetensors", "prompts.safetensors", "conditioning.safetensors"):
+        assert new[name] != old[name], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial or old folder left
+
+
+def test_export_of_a_step_whose_config_does_not_match_its_weights_names_the_key(trained, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints" / "step-2", run_dir / "checkpoints" / "step-2")
+    config = run_dir / "checkpoints" / "step-2" / "config.yaml"
+    assert "prompt_length: 4" in config.read_text()
+    config.write_text(config.read_text().replace("prompt_length: 4", "prompt_length: 6"))
+    result = export(run_dir, tmp_path / "out", "--checkpoint", "step-2")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert error_line(result) == (f"hp-deepspeed export: error: {config}: does not match the weights of step-2: "
+                                  "conditioning.prompt_length: config.yaml gives 6, the weights were saved with 4")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_no_partial_folder(trained, tmp_path):
+    with tmpfs(tmp_path / "small", size="512k") as small:  # the tiny model's weights alone are 1.5 MB
+        result = export(trained, small / "export")
+        left = sorted(p.name for p in small.iterdir())
+    assert result.returncode == EXIT_IO_ERROR
+    assert error_line(result) == f"hp-deepspeed export: error: {small}/export: no space left on device (ENOSPC)"
+    assert left == []
+
+
+def test_export_to_a_read_only_folder_is_one_line_naming_it(trained, tmp_path):
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        result = export(trained, ro / "export")
+    assert result.returncode == EXIT_IO_ERROR
+    assert error_line(result) == f"hp-deepspeed export: error: {ro}: read-only file system (EROFS)"
+    assert "Reconstructed" not in result.output  # refused before the weights were loaded
+
+
+def test_predict_onto_a_full_disk_is_one_line(step1_export, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"sentence1": "a b", "sentence2": "c d"}) + "\n")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "hp_deepspeed.cli", "predict", "--export", str(step1_export),
+                               "--task", "glue/rte", "--input", str(rows)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, env=base_env(), timeout=300)
+    assert proc.returncode == EXIT_IO_ERROR, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
+        "hp-deepspeed predict: error: standard output: no space left on device (ENOSPC)"]
+
+
+def test_convert_universal_refuses_to_replace_a_non_empty_folder_without_overwrite(trained, tmp_path):
+    step = tmp_path / "checkpoints" / "step-2"
+    shutil.copytree(trained / "checkpoints" / "step-2", step)
+    (step / "universal").mkdir()
+    (step / "universal" / "notes.txt").write_text("mine")
+    refused = hp("convert-universal", str(step))
+    assert refused.returncode == EXIT_BAD_INPUT
+    assert error_line(refused) == (
+        f"hp-deepspeed convert-universal: error: convert-universal: output folder {step}/universal: folder is not "
+        "empty (notes.txt); pass --overwrite to replace it as a whole, or choose another folder")
+    assert (step / "universal" / "notes.txt").read_text() == "mine"
+    replaced = hp("convert-universal", str(step), "--overwrite")
+    assert replaced.returncode == 0, replaced.output[-3000:]
+    assert (step / "universal" / "COMPLETE").is_file() and not (step / "universal" / "notes.txt").exists()
+
+
+def test_convert_universal_of_a_read_only_checkpoint_is_one_line(trained, tmp_path):
+    with tmpfs(tmp_path / "ckpt", size="16m") as mount:
+        shutil.copytree(trained / "checkpoints" / "step-2", mount / "step-2")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        result = hp("convert-universal", str(mount / "step-2"))
+    assert result.returncode == EXIT_IO_ERROR
+    assert error_line(result) == f"hp-deepspeed convert-universal: error: {mount}/step-2: read-only file system (EROFS)"
