@@ -6,8 +6,8 @@ DeepSpeed skipped its update because it found non-finite gradients ("OVERFLOW").
 latest step is non-finite no checkpoint is written (the weights may already be NaN, or hold an
 update that was not applied); ``training.max_nonfinite_steps`` such steps in a row stop the
 run with one line and the exit code ``EXIT_NON_FINITE``, leaving the last finite checkpoint as
-``latest``. Skipped updates are counted over the run and logged with each train record
-(``skipped_updates``): the trainer's step counter counts global batches consumed, and a skipped
+``latest``. Skipped updates are counted from the start of the process and logged with each train
+record (``skipped_updates``): the trainer's step counter counts global batches consumed, and a skipped
 step is one whose batch was consumed without an update.
 
 It does not own the loss or the step (the trainer's ``train_step``), nor what is saved.

@@ -257,7 +257,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
-        # The step counts global batches; these are the ones whose update DeepSpeed skipped.
+        # The step counts global batches; these are the ones (since this process started) whose
+        # update DeepSpeed skipped.
         values["skipped_updates"] = self.nonfinite.skipped_updates
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
@@ -294,7 +295,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state_dict(), "skipped_updates": self.nonfinite.skipped_updates}
+        return {"step": self.step, "data": self.stream.state_dict()}
 
     def save(self) -> None:
         self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg))
@@ -305,7 +306,6 @@ class Trainer:
         point, self.resume_from = self.resume_from, None  # a ZeRO-3 engine loads only once, pristine
         state = self.checkpoints.load(self.engine, point)
         self.step = state["step"]
-        self.nonfinite.skipped_updates = state.get("skipped_updates", 0)
         self.stream.load_state_dict(state["data"])
         if self.is_main:
             log.info("resumed from %s at step %d", point.path, self.step)
