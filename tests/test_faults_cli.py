@@ -29,7 +29,7 @@ import pytest
 from hp_deepspeed.testing.distributed import base_env, run_command
 from hp_deepspeed.training.metrics_log import read_metrics
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "tests" / "training" / "tiny_job.yaml")
 EXIT_BAD_INPUT, EXIT_IO_ERROR, EXIT_NON_FINITE = 2, 74, 65
