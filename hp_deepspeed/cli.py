@@ -30,6 +30,8 @@ from hp_deepspeed.launching.device import prepare_process
 
 # Subcommands that put a model on a device (and may import deepspeed).
 DEVICE_COMMANDS = ("train", "eval", "export", "predict", "convert-universal")
+# Subcommands whose OS errors (a full disk, a read-only folder) are one line, not a traceback.
+FILE_COMMANDS = ("export", "predict", "convert-universal")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,7 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hp_deepspeed.export import export_run
 
-    export_run(args.run_dir, args.out, checkpoint=args.checkpoint)
+    export_run(args.run_dir, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite)
     return 0
 
 
@@ -157,7 +159,7 @@ def cmd_convert_universal(args: argparse.Namespace) -> int:
     started = time.monotonic()
     from hp_deepspeed.checkpointing import convert_to_universal
 
-    out = convert_to_universal(args.checkpoint)
+    out = convert_to_universal(args.checkpoint, overwrite=args.overwrite)
     print(f"converted in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     print(out)
     return 0
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default="auto", help="'auto', 'best:<task>' or a step-N folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out folder as a whole (refused without it)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="answer a task's inputs from an export, without DeepSpeed")
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-universal", help="convert a ZeRO checkpoint for another number of ranks")
     p.add_argument("checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a step-N/universal folder left without its COMPLETE marker (refused without it)")
     p.set_defaults(func=cmd_convert_universal)
 
     from hp_deepspeed.tools import plan, report
@@ -317,6 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print_once(f"hp-deepspeed {args.command}: error: {lost} ({str(err).splitlines()[0][:300]})")
         return 1
+    except OSError as err:
+        from hp_deepspeed.io_errors import EXIT_IO_ERROR, describe_os_error, resource_error
+
+        if args.command not in FILE_COMMANDS or not resource_error(err):
+            raise
+        # predict writes only its answers to stdout: an error without a file name is that stream.
+        where = "standard output" if args.command == "predict" else None
+        print(f"hp-deepspeed {args.command}: error: {describe_os_error(err, where)}", file=sys.stderr, flush=True)
+        return EXIT_IO_ERROR
     if args.command in DEVICE_COMMANDS:
         from hp_deepspeed.launching.distributed import shutdown_distributed
         from hp_deepspeed.launching.supervise import record_preempted

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +47,13 @@ def is_converted(step_dir: str | Path) -> bool:
     return is_complete(universal_dir(step_dir))
 
 
-def convert_to_universal(checkpoint_dir: str | Path, workers: int | None = None) -> Path:
+def convert_to_universal(checkpoint_dir: str | Path, workers: int | None = None, overwrite: bool = True) -> Path:
     """Convert one complete ``step-N`` folder in place; returns ``step-N/universal``.
 
     Single process, no process group: this is what ``hp-deepspeed convert-universal`` calls, and
     what rank 0 calls during an automatic resume. A folder already converted is returned as is.
+    ``overwrite=False`` (the command line without ``--overwrite``) refuses to replace a non-empty
+    ``universal`` folder that has no marker instead of deleting it.
     """
     step_dir = Path(checkpoint_dir).resolve()
     marker = read_marker(step_dir)
@@ -60,6 +63,14 @@ def convert_to_universal(checkpoint_dir: str | Path, workers: int | None = None)
     if is_converted(step_dir):
         return out
     staging = step_dir / (UNIVERSAL + STAGING_SUFFIX)
+    if not overwrite:
+        from hp_deepspeed.output_folder import check_target
+
+        check_target(out, overwrite, "convert-universal: output folder")
+    try:  # a read-only checkpoint fails here, naming the folder, not after the tool's traceback
+        tempfile.TemporaryFile(dir=step_dir).close()
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(step_dir)) from None
     for stale in (staging, out):  # out without a marker: a crash between rename and marker
         if stale.exists():
             shutil.rmtree(stale)

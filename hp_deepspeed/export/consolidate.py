@@ -13,6 +13,12 @@
 Runs in one process on the CPU, without DeepSpeed's engine: DeepSpeed's ``zero_to_fp32``
 consolidates the fp32 master weights from the optimizer shards (``lazy_mode`` keeps only one
 tensor materialised at a time, so an 11B export needs about one copy of the weights in RAM).
+
+The folder is written whole or not at all (``output_folder.whole_folder``): into a fresh folder
+next to EXPORT, renamed into place at the end; a non-empty EXPORT is refused unless
+``overwrite``, and then replaced as a whole. Before the weights are loaded, the step folder's
+``config.yaml`` is checked against the architecture its ``COMPLETE`` marker recorded, naming the
+config key that differs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from hp_deepspeed.export.hf_remote import write_remote_code
 from hp_deepspeed.export.predict import EXPORT_FORMAT
 from hp_deepspeed.model.hf_checkpoint import save_hf_checkpoint
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5, build_model
+from hp_deepspeed.output_folder import whole_folder
 from hp_deepspeed.training.train_config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -66,11 +73,41 @@ def consolidated_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
+def _differences(saved, current, prefix: str) -> list[str]:
+    """Dotted keys where two JSON-like trees differ, with both values."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current)):
+            out += _differences(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    return [] if saved == current else [f"{prefix}: config.yaml gives {current!r}, the weights were saved with {saved!r}"]
+
+
+def check_config_matches_weights(step_dir: Path, cfg: JobConfig, tasks: list) -> None:
+    """The architecture ``config.yaml`` describes must be the one recorded with the weights
+    (the trainer's ``Trainer.architecture``), or loading them fails inside ``load_state_dict``."""
+    from hp_deepspeed.model.builder import resolve_t5_config
+
+    saved = (read_marker(step_dir) or {}).get("model_config")
+    if not saved:
+        return  # a checkpoint without the record: the shape check at load time still names the tensor
+    t5 = {k: v for k, v in dataclasses.asdict(resolve_t5_config(cfg.model)).items() if k != "dropout_rate"}
+    current = {"t5": t5, "conditioning": to_dict(cfg.conditioning), "tasks": [t.name for t in tasks]}
+    problems = _differences(saved, current, "")
+    if problems:
+        # "t5.d_model" is the T5 config that model.name_or_path (and model.* overrides) resolve to.
+        first = problems[0].replace("t5.", "model's T5 config ", 1).replace("tasks:", "data.tasks:", 1)
+        raise CheckpointError(
+            f"{step_dir / CONFIG}: does not match the weights of {step_dir.name}: {first}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
 def load_run_model(step_dir: Path) -> tuple[JobConfig, list, HyperPromptT5]:
     """The job config saved with ``step_dir``, its tasks, and the model with its consolidated
     weights (CPU)."""
     cfg = from_dict(JobConfig, read_yaml(step_dir / CONFIG))
     tasks = build_tasks(cfg.data)
+    check_config_matches_weights(step_dir, cfg, tasks)
     model_cfg = dataclasses.replace(cfg.model, load_weights=False)  # the checkpoint has the weights
     model = build_model(model_cfg, cfg.conditioning, num_tasks=len(tasks))
     state = consolidated_state_dict(step_dir)
@@ -82,16 +119,31 @@ def load_run_model(step_dir: Path) -> tuple[JobConfig, list, HyperPromptT5]:
             f"{step_dir}: the checkpoint does not fit the model of its own config.yaml: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    reshaped = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if reshaped:
+        name = reshaped[0]
+        raise CheckpointError(
+            f"{step_dir}: the checkpoint does not fit the model of its own config.yaml: {name} has shape "
+            f"{list(state[name].shape)} in the checkpoint, {list(own[name].shape)} in the model"
+            + (f" (and {len(reshaped) - 1} more)" if len(reshaped) > 1 else ""))
     model.load_state_dict({k: v.contiguous() for k, v in state.items()})
     return cfg, tasks, model.eval()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto") -> Path:
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto", overwrite: bool = False) -> Path:
+    """Export ``checkpoint`` of ``run_dir`` to ``out_dir``, written whole (see the module docstring)."""
+    run_dir, target = Path(run_dir), Path(out_dir)
     step_dir = resolve_checkpoint(run_dir, checkpoint)
-    cfg, tasks, model = load_run_model(step_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with whole_folder(target, overwrite, option="export --out") as staging:  # a read-only target fails here
+        cfg, tasks, model = load_run_model(step_dir)
+        write_export(staging, step_dir, cfg, tasks, model)
+    log.info("exported %s to %s", step_dir, target)
+    print(target)
+    return target
 
+
+def write_export(out_dir: Path, step_dir: Path, cfg: JobConfig, tasks: list, model: HyperPromptT5) -> None:
+    """Every file of the export, into ``out_dir`` (the staging folder)."""
     save_hf_checkpoint(model.backbone, out_dir / "backbone")
     if model.conditioning is not None:
         save_file({k: v.contiguous() for k, v in model.conditioning.state_dict().items()},
@@ -110,6 +162,3 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "auto
     }
     (out_dir / "export.json").write_text(json.dumps(manifest, indent=2))
     write_remote_code(out_dir, manifest)  # config.json + modeling file: transformers loads the export
-    log.info("exported %s to %s", step_dir, out_dir)
-    print(out_dir)
-    return out_dir

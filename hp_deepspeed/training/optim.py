@@ -42,12 +42,26 @@ class OptimConfig:
     offload."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        # A non-finite or out-of-range value here trains to NaN weights (lr=inf) or divides by
+        # zero inside Adam (eps=0); refused before anything starts, naming the key.
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers [beta1, beta2], got {list(self.betas)}")
+        checks = [
+            ("lr", self.lr, self.lr > 0, "positive"),
+            ("betas[0]", self.betas[0], 0.0 <= self.betas[0] < 1.0, "in [0, 1)"),
+            ("betas[1]", self.betas[1], 0.0 <= self.betas[1] < 1.0, "in [0, 1)"),
+            ("eps", self.eps, self.eps > 0, "positive"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("clip_grad_norm", self.clip_grad_norm, self.clip_grad_norm >= 0, ">= 0 (0 disables clipping)"),
+            ("min_lr_ratio", self.min_lr_ratio, 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
+        ]
+        for key, value, in_range, expected in checks:
+            if not math.isfinite(value):
+                raise ValueError(f"optim.{key} must be a finite number, got {value}")
+            if not in_range:
+                raise ValueError(f"optim.{key} must be {expected}, got {value}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def lr_multiplier(cfg: OptimConfig, step: int, total_steps: int) -> float:

@@ -50,9 +50,13 @@ class TrainingConfig:
     """A tqdm progress bar on rank 0 (off in batch jobs' logs if you prefer plain lines)."""
     tensorboard: bool = True
     """Also write TensorBoard event files under RUN_DIR/tensorboard."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps in a row with a non-finite loss or gradient norm (or an update DeepSpeed
+    skipped for it) after which training stops, exit code 65, without saving; the last finite
+    checkpoint stays ``latest``. No checkpoint is written while the latest step is non-finite."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "gradient_accumulation", "log_every"):
+        for name in ("steps", "micro_batch_size", "gradient_accumulation", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
 

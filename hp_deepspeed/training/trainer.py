@@ -34,9 +34,11 @@ from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.evaluation import Evaluator
 from hp_deepspeed.training.flops import device_peak_tflops, shape_of, train_step_flops
 from hp_deepspeed.training.metrics_log import MetricsLog, memory_stats
+from hp_deepspeed.training.nonfinite import EXIT_NON_FINITE, NonFiniteGuard, NonFiniteLoss
 from hp_deepspeed.training.optim import build_scheduler
 from hp_deepspeed.training.parallelism import ModelSize, mark_leaf_blocks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionHandler
+from hp_deepspeed.training.run_lock import claim_run_dir
 from hp_deepspeed.training.train_config import JobConfig
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ class Trainer:
             # Every rank runs the same code: its info lines would repeat rank 0's.
             # Warnings and errors still come from every rank.
             logging.getLogger("hp_deepspeed").setLevel(logging.WARNING)
+        # One trainer per run dir, writable by every rank: refused before anything is written or built.
+        self.run_lock = claim_run_dir(self.run_dir, self.rank)
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         self.on_cpu = self.device.type == "cpu"
         seed_everything(cfg.run.seed)
@@ -171,6 +175,7 @@ class Trainer:
             start_step=self.resume_from.step if self.resume_from is not None else 0)
         self.peak_tflops = device_peak_tflops()
         self.step = 0
+        self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_steps, verbose=self.is_main)
 
     def start_line(self) -> str:
         """What runs, in one line: ranks, devices, ZeRO stage, precision, where checkpoints go."""
@@ -199,7 +204,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
-        """Train to ``training.steps``; returns the process exit code (75 after a preemption save)."""
+        """Train to ``training.steps``; returns the process exit code (75 after a preemption save,
+        65 when non-finite numbers stopped it)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")  # the resolved config of this run
@@ -218,24 +224,38 @@ class Trainer:
             terminal.enter_context(logging_redirect_tqdm())
         try:
             while self.step < cfg.steps:
-                self.train_step(batches, window)
+                loss_sum = self.train_step(batches, window)
                 self.step += 1
                 progress.update(1)
                 last = self.step == cfg.steps
+                try:
+                    self.nonfinite.observe(self.step, loss_sum, self.engine.get_global_grad_norm(),
+                                           self.engine.was_step_applied())
+                    if last and not self.nonfinite.finite:  # the final weights are not worth saving
+                        raise NonFiniteLoss(self.nonfinite.stop_line(self.step))
+                except NonFiniteLoss as err:
+                    self.log_train(window)
+                    if self.is_main:
+                        print(f"hp-deepspeed train: error: {err}", file=sys.stderr, flush=True)
+                    return EXIT_NON_FINITE
                 if self.step % cfg.log_every == 0 or last:
                     self.log_train(window)
                 save = last or self.checkpoints.due(self.step)
-                if last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0):
+                evaluate = last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
+                if evaluate and self.nonfinite.finite:
                     improved = self.evaluate()
                     # The paper keeps the best checkpoint per task: a new best must be on disk.
                     save = save or (bool(improved) and self.cfg.checkpoint.keep_best)
                 stop = self.preemption.should_stop(self.step)  # collective: every rank, every step
-                if save or stop:
+                # Non-finite weights, or those of a step whose update was skipped, are never saved.
+                if (save or stop) and self.nonfinite.finite:
                     self.save()
                 if stop:
                     if self.is_main:
-                        log.warning("checkpoint of step %d written; stopping with exit code %d (resume with "
-                                    "--resume auto)", self.step, EXIT_PREEMPTED)
+                        log.warning("%s; stopping with exit code %d (resume with --resume auto)",
+                                    f"checkpoint of step {self.step} written" if self.nonfinite.finite else
+                                    f"step {self.step} is non-finite, so the last finite checkpoint stays latest",
+                                    EXIT_PREEMPTED)
                     return EXIT_PREEMPTED
             return 0
         finally:
@@ -255,6 +275,7 @@ class Trainer:
         loss by 1/accumulation in ``backward``; the factor ``world x accumulation`` undoes both.
         Without this a rank holding short targets would weigh its tokens more, and a run resumed
         on a different number of ranks would follow a different trajectory.
+        Returns this rank's summed token loss of the step, on the device (for the non-finite check).
         """
         accumulation = self.cfg.training.gradient_accumulation
         waited = time.perf_counter()
@@ -265,11 +286,13 @@ class Trainer:
         tokens = collectives.all_reduce(
             torch.stack([(b["labels"] != -100).sum() for b in micro_batches]).sum().reshape(1).double())
         scale = (self.world_size * accumulation / tokens.clamp(min=1.0))[0]
+        loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
             out = self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"], task_ids=batch["task_ids"],
             )
+            loss_sum = loss_sum + out.example_loss_sum.detach().float().sum()
             self.engine.backward(out.example_loss_sum.sum() * scale.to(out.example_loss_sum.dtype))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
@@ -278,6 +301,7 @@ class Trainer:
                 batch["input_ids"].shape[1] + self.cfg.conditioning.input_prompt_length,
                 batch["labels"].shape[1], self.model.kv_prompt_length,
             )
+        return loss_sum
 
     # ------------------------------------------------------------------ logging
     def log_train(self, window: WindowStats) -> None:
@@ -294,6 +318,9 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
+        # The step counts global batches; these are the ones (since this process started) whose
+        # update DeepSpeed skipped.
+        values["skipped_updates"] = self.nonfinite.skipped_updates
         if self.peak_tflops:
             values["mfu"] = values["tflops_per_gpu"] / self.peak_tflops
         for task in self.tasks:
