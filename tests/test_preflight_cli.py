@@ -103,7 +103,7 @@ def test_a_good_custom_task_validates_and_its_splits_are_tokenised_once_for_the_
     ws, _ = results
     proc = validate(ws, custom("good"), cache="good_cache")
     assert proc.returncode == 0, proc.stderr
-    cached = sorted(p.name.split(".")[1] for p in (ws / "good_cache" / "data" / "tokenized").glob("my__sentiment.*"))
+    cached = sorted(p.name.split(".")[1] for p in (ws / "good_cache" / "data" / "tokenized").glob("my__sentiment.*.npz"))
     assert cached == ["train", "validation"], cached
 
 

@@ -556,6 +556,14 @@ def task_prefix(spec: TaskSpec, input_template: str | None = None) -> str:
     return spec.name.rsplit("/", 1)[-1] + ": "
 
 
+def input_prefixes(cfg: DataConfig) -> dict[str, str]:
+    """Each configured task's input prefix under ``cfg`` (all ``""`` without ``data.task_prefix``):
+    what a user of an export must put before the inputs, as training and ``predict`` do."""
+    templates = {custom.name: custom.input_template for custom in cfg.custom_tasks}
+    specs = [REGISTRY[name] for name in cfg.tasks] + [_custom_spec(custom) for custom in cfg.custom_tasks]
+    return {spec.name: task_prefix(spec, templates.get(spec.name)) if cfg.task_prefix else "" for spec in specs}
+
+
 def _prefixed(spec: TaskSpec, prefix: str) -> TaskSpec:
     if not prefix:
         return spec
@@ -601,8 +609,7 @@ def build_tasks(cfg: DataConfig) -> list[Task]:
     entries += [(_custom_spec(custom), custom.path, tuple(sorted(custom.data_files.items())),
                  _fingerprint(to_dict(custom))) for custom in cfg.custom_tasks]
     if cfg.task_prefix:
-        templates = {custom.name: custom.input_template for custom in cfg.custom_tasks}
-        prefixes = [task_prefix(spec, templates.get(spec.name)) for spec, *_ in entries]
+        prefixes = [input_prefixes(cfg)[spec.name] for spec, *_ in entries]
         # The prefix is part of the preprocessing, so of the tokenisation cache key.
         entries = [(_prefixed(spec, prefix), folder, files, _fingerprint(fingerprint, prefix) if prefix else fingerprint)
                    for (spec, folder, files, fingerprint), prefix in zip(entries, prefixes)]

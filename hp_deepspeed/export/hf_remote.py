@@ -47,9 +47,12 @@ class HyperPromptT5Config(PretrainedConfig):
 
     def __init__(self, hp_task: str | None = None, hp_tasks: dict[str, int] | None = None, vocab_size: int = 32128,
                  d_model: int = 512, decoder_start_token_id: int = 0, pad_token_id: int = 0, eos_token_id: int = 1,
-                 **kwargs):
+                 hp_input_prefixes: dict[str, str] | None = None, **kwargs):
         self.hp_task = hp_task
         self.hp_tasks = dict(hp_tasks or {})
+        # The text training put before each task's inputs (the MTL baseline's task name; empty for
+        # the conditioned variants): token ids in, so the caller adds it, as predict does.
+        self.hp_input_prefixes = dict(hp_input_prefixes or {})
         self.vocab_size = vocab_size
         self.d_model = d_model
         kwargs.setdefault("is_encoder_decoder", True)
@@ -162,13 +165,15 @@ _BACKBONE_NOTE = {
     True: ("it holds the T5 weights without the task conditioning (variant `{variant}`). Loaded as a "
            "plain T5 (`T5ForConditionalGeneration.from_pretrained(\"backbone\")`) it gives different "
            "logits and different answers than this model, because the prompts are missing."),
-    False: ("this run trained without conditioning (variant `none`), so `backbone/` loaded as a plain "
-            "T5 gives the same outputs as this model."),
+    False: ("this run trained without conditioning modules (variant `{variant}`), so `backbone/` loaded "
+            "as a plain T5 gives the same outputs as this model."),
 }
 
 
 def write_remote_code(out_dir: Path, manifest: dict, task: str | None = None) -> None:
     """Add the transformers entry point to an export folder (see the module docstring)."""
+    from hp_deepspeed.model.conditioning import UNCONDITIONED_VARIANTS
+
     out_dir = Path(out_dir)
     backbone = json.loads((out_dir / "backbone" / "config.json").read_text())
     tasks = {t["name"]: int(t["task_id"]) for t in manifest["tasks"]}
@@ -176,13 +181,17 @@ def write_remote_code(out_dir: Path, manifest: dict, task: str | None = None) ->
         hp_task=task or next(iter(tasks)), hp_tasks=tasks, vocab_size=backbone["vocab_size"],
         d_model=backbone["d_model"], decoder_start_token_id=backbone.get("decoder_start_token_id", 0),
         pad_token_id=backbone.get("pad_token_id", 0), eos_token_id=backbone.get("eos_token_id", 1),
+        hp_input_prefixes=_input_prefixes(out_dir),
     )
     config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.HyperPromptT5Config",
                        "AutoModelForSeq2SeqLM": f"{MODELING_FILE[:-3]}.HyperPromptT5ForConditionalGeneration"}
     config.save_pretrained(out_dir)
     shutil.copyfile(Path(__file__), out_dir / MODELING_FILE)
     variant = manifest.get("conditioning", {}).get("variant", "none")
-    note = _BACKBONE_NOTE[variant != "none"].format(variant=variant)
+    note = _BACKBONE_NOTE[variant not in UNCONDITIONED_VARIANTS].format(variant=variant)
+    if any(config.hp_input_prefixes.values()):
+        note += (" Inputs carry their task's text prefix, as in training (`config.hp_input_prefixes`: "
+                 + ", ".join(f"{t} -> {p!r}" for t, p in config.hp_input_prefixes.items()) + ").")
     (out_dir / "README.md").write_text(_README.format(folder=out_dir, task=config.hp_task,
                                                       tasks=", ".join(tasks), backbone_note=note))
     (out_dir / "backbone" / "README.md").write_text(
@@ -192,3 +201,11 @@ def write_remote_code(out_dir: Path, manifest: dict, task: str | None = None) ->
         "`lm_head.weight` and asks for `tie_word_embeddings=False`, which config.json already says. The "
         "warning is about T5's class defaults, not this checkpoint: as it says, the two matrices are loaded "
         "separately, untied, as trained.\n")
+
+
+def _input_prefixes(out_dir: Path) -> dict[str, str]:
+    from hp_deepspeed.config import from_dict, read_yaml
+    from hp_deepspeed.data.tasks import input_prefixes
+    from hp_deepspeed.training.train_config import JobConfig
+
+    return input_prefixes(from_dict(JobConfig, read_yaml(out_dir / "config.yaml")).data)

@@ -22,6 +22,7 @@ from hp_deepspeed.model.conditioning import (
     BackboneDims,
     ConditioningConfig,
     PrecomputedConditioning,
+    UNCONDITIONED_VARIANTS,
     TaskConditioning,
     build_conditioning,
 )
@@ -118,7 +119,7 @@ def build_model(
         backbone.requires_grad_(False)
     dims = BackboneDims.of(backbone.config)
     torch.manual_seed(model_cfg.seed)
-    if cond_cfg.variant == "none":  # nothing to build: no zero.Init to enter
+    if cond_cfg.variant in UNCONDITIONED_VARIANTS:  # nothing to build: no zero.Init to enter
         conditioning = None
     else:
         with construction_site(ds_config, device):

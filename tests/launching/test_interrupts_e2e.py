@@ -138,7 +138,12 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     assert proc.returncode == 130, output[-3000:]
     assert "again: stopping every process now, without saving" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert not (tmp_path / "checkpoints" / "latest").exists()
+    checkpoints = tmp_path / "checkpoints"
+    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
+    if (checkpoints / "latest").exists():
+        # A tiny model saves within the half second between the two signals: then the first
+        # Ctrl-C's checkpoint was whole before the second arrived, and rank 0 said so.
+        assert "checkpoint of step" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("argv,expected", [

@@ -45,7 +45,7 @@ def test_trainer_sbatch_preempted_requeued_resumed_and_evaluated(slurm_cluster, 
     assert "training step exited with 75" in text and f"scontrol requeue {job}" in text
 
     # The preemption checkpoint was written, then resumed from by the requeued job.
-    preempted_at = int(text.split("preemption: checkpoint of step ")[1].split()[0])
+    preempted_at = int(text.split("checkpoint of step ")[1].split()[0])
     assert 3 <= preempted_at < steps
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{preempted_at}'} at step {preempted_at}" in text
     # Continuous: every step logged, none missing, and the run ended where it should.

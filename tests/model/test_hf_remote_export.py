@@ -22,7 +22,7 @@ from hp_deepspeed.config import load_config, save_config
 from hp_deepspeed.data import BUNDLED_DATA_DIR, build_tasks, load_tokenizer
 from hp_deepspeed.export import consolidate
 from hp_deepspeed.export.predict import load_export, predict
-from hp_deepspeed.model.conditioning import Variant
+from hp_deepspeed.model.conditioning import UNCONDITIONED_VARIANTS, Variant
 from hp_deepspeed.model.hyperprompt_t5 import build_model
 from hp_deepspeed.training.train_config import JobConfig
 
@@ -64,7 +64,10 @@ def test_transformers_runs_the_export_as_predict_does_for_every_variant(tmp_path
     task_id = next(t["task_id"] for t in manifest["tasks"] if t["name"] == TASK)
     tokenizer = load_tokenizer(export / "tokenizer")
     rows = rows_without_targets()
-    enc = tokenizer([r["inputs"] for r in rows], padding=True, return_tensors="pt")
+    # The MTL baseline was trained with the task's name before its inputs: the caller adds it.
+    prefix = hf.config.hp_input_prefixes[TASK]
+    assert (prefix == "first: ") == (variant == "mtl"), prefix
+    enc = tokenizer([prefix + r["inputs"] for r in rows], padding=True, return_tensors="pt")
     decoder_ids = torch.randint(2, 50, (len(rows), 5))
     with torch.no_grad():
         expected = ours(enc["input_ids"], enc["attention_mask"], task_ids=torch.full((len(rows),), task_id),
@@ -77,7 +80,7 @@ def test_transformers_runs_the_export_as_predict_does_for_every_variant(tmp_path
     answers = [p["text"] for p in predict(export, TASK, rows, device="cpu", max_new_tokens=NEW_TOKENS)]
     assert tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True) == answers
 
-    if variant != "none":  # the warning the export's READMEs give is true
+    if variant not in UNCONDITIONED_VARIANTS:  # the warning the export's READMEs give is true
         plain = T5ForConditionalGeneration.from_pretrained(export / "backbone").eval()
         with torch.no_grad():
             logits = plain(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
