@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import xxhash
 
+from hp_deepspeed.checkpointing.layout import fsync_path
 from hp_deepspeed.compat.checkpoint import torch_save_without_crc32
 
 MANIFEST = "manifest.json"
@@ -66,14 +67,6 @@ def digest_file(path: str | Path) -> tuple[int, str]:
             hasher.update(view[:n])
             size += n
     return size, hasher.hexdigest()
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _HashingFile:
@@ -243,7 +236,7 @@ def assemble_manifest(staging: Path, reports: Iterable[RankReport], adopt: SaveL
 def fsync_tree(folder: Path) -> None:
     """Every directory under ``folder`` (deepest first), so every file's entry is durable."""
     for dirpath, _, _ in sorted(os.walk(folder), key=lambda entry: -entry[0].count(os.sep)):
-        fsync_dir(dirpath)
+        fsync_path(dirpath)
 
 
 def manifest_text(manifest: Mapping[str, Any]) -> str:

@@ -311,6 +311,23 @@ def _classification(
 _NLI2 = ("entailment", "not_entailment")
 _BOOL = ("False", "True")
 
+
+def _bundled_text_task(name: str) -> TaskSpec:
+    """A text-to-text task of the bundled data (synthetic/*, fidelity/*), scored by exact match."""
+    return TaskSpec(
+        name=name,
+        benchmark=None,
+        preprocess=text_to_text_preprocess,
+        postprocess=text_postprocess,
+        metric_names=("accuracy",),
+        label_words=None,
+        train_split="train",
+        eval_splits=("validation",),
+        hub=None,
+        in_benchmark_average=False,
+    )
+
+
 _SPECS: list[TaskSpec] = [
     # GLUE; label orders are those of the hub's ClassLabel features.
     _classification("glue/cola", ("unacceptable", "acceptable"), ["matthews_corrcoef"], ["sentence"]),
@@ -387,33 +404,9 @@ _SPECS: list[TaskSpec] = [
         preprocess=axg_preprocessor(_NLI2),
     ),
 ] + [
-    TaskSpec(
-        name=f"synthetic/{op}",
-        benchmark=None,
-        preprocess=text_to_text_preprocess,
-        postprocess=text_postprocess,
-        metric_names=("accuracy",),
-        label_words=None,
-        train_split="train",
-        eval_splits=("validation",),
-        hub=None,
-        in_benchmark_average=False,
-    )
-    for op in ("copy", "reverse", "sort", "first", "last")
+    _bundled_text_task(f"synthetic/{op}") for op in ("copy", "reverse", "sort", "first", "last")
 ] + [
-    TaskSpec(
-        name=f"fidelity/{op}",
-        benchmark=None,
-        preprocess=text_to_text_preprocess,
-        postprocess=text_postprocess,
-        metric_names=("accuracy",),
-        label_words=None,
-        train_split="train",
-        eval_splits=("validation",),
-        hub=None,
-        in_benchmark_average=False,
-    )
-    for op in FIDELITY_TASKS
+    _bundled_text_task(f"fidelity/{op}") for op in FIDELITY_TASKS
 ]
 
 REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
