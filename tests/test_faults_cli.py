@@ -323,3 +323,39 @@ def test_convert_universal_of_a_read_only_checkpoint_is_one_line(trained, tmp_pa
         result = hp("convert-universal", str(mount / "step-2"))
     assert result.returncode == EXIT_IO_ERROR
     assert error_line(result) == f"hp-deepspeed convert-universal: error: {mount}/step-2: read-only file system (EROFS)"
+
+
+# ---------------------------------------------------------------- saves and resumes
+def test_a_full_disk_during_a_save_is_one_line_naming_it_and_leaves_no_partial_checkpoint(tmp_path):
+    # The run dir's own files (config, metrics, lock) fit in 1 MiB, the first checkpoint (~5 MB) does not.
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        result = train(disk / "run", "training.steps=4", "checkpoint.interval=2")
+        assert result.returncode != 0, result.output[-3000:]
+        line = error_line(result)
+        assert "no space left on device" in line and str(disk / "run" / "checkpoints") in line, line
+        assert not list((disk / "run" / "checkpoints").glob("*.staging")), list((disk / "run" / "checkpoints").iterdir())
+        assert not (disk / "run" / "checkpoints" / "latest").exists()
+
+
+def test_a_training_file_changed_since_the_checkpoint_is_refused_before_the_model_is_built(tmp_path):
+    from hp_deepspeed.data.config import BUNDLED_DATA_DIR
+
+    data = tmp_path / "data"
+    for task in ("synthetic/first", "glue/rte"):
+        shutil.copytree(BUNDLED_DATA_DIR / task, data / task)
+    run_dir, data_dir = tmp_path / "run", f"data.data_dir={data}"
+    first = train(run_dir, data_dir, "training.steps=2", "checkpoint.interval=2")
+    assert first.returncode == 0 and latest(run_dir) == "step-2", first.output[-3000:]
+    train_file = data / "synthetic" / "first" / "train.jsonl"
+    train_file.write_text(train_file.read_text() + json.dumps({"inputs": "ant bee", "targets": "ant"}) + "\n")
+
+    refused = train(run_dir, data_dir, "training.steps=4", resume="auto")
+    assert refused.returncode == EXIT_BAD_INPUT, refused.output[-3000:]
+    assert "step-2 does not match this job" in error_line(refused)
+    assert str(train_file) in refused.output and "checkpoint.accept_changed_data=true" in refused.output
+    assert "ZeRO stage" not in refused.output  # refused before the model or engine were built
+    assert latest(run_dir) == "step-2"
+
+    accepted = train(run_dir, data_dir, "training.steps=4", "checkpoint.accept_changed_data=true", resume="auto")
+    assert accepted.returncode == 0, accepted.output[-3000:]
+    assert latest(run_dir) == "step-4"

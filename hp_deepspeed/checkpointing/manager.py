@@ -474,7 +474,7 @@ class CheckpointManager:
             log.warning("%s has no RNG state for rank %d (saved on %d ranks); keeping this rank's seeded "
                         "generators", step_dir, self.rank, point.world_size)
         self._on_disk_step = point.step
-        log.info("resumed from %s (step %d)", step_dir, point.step)
+        log.debug("loaded %s (step %d)", step_dir, point.step)  # the trainer says "resumed from", once
         return read_json(step_dir / TRAINER_STATE)
 
     def _check(self, info: CheckpointInfo, spec: str, warn_pointer: bool) -> ResumePoint:

@@ -373,6 +373,14 @@ class Trainer:
         point, self.resume_from = self.resume_from, None  # a ZeRO-3 engine loads only once, pristine
         state = self.checkpoints.load(self.engine, point)
         self.step = state["step"]
-        self.stream.load_state_dict(state["data"])
+        try:
+            self.stream.load_state_dict(state["data"])
+        except ValueError as err:
+            if not self.cfg.checkpoint.accept_changed_data:
+                raise
+            # The old position means nothing in changed files: the stream starts over on them
+            # (the same on every rank, so the ranks still draw one global batch together).
+            if self.is_main:
+                log.warning("the data stream starts over on the changed training data (%s)", err)
         if self.is_main:
             log.info("resumed from %s at step %d", point.path, self.step)

@@ -332,8 +332,9 @@ def test_save_logs_and_deepspeeds_own_latest_file_is_not_written(tmp_path, caplo
     assert any(m.startswith(f"saved checkpoint {step_dir} in ") and m.endswith("s") for m in messages)
     assert f"checkpoint {step_dir} already holds this exact state; not re-saving" in messages
     mgr = manager(tmp_path)
+    caplog.set_level(logging.DEBUG, logger=manager_module.__name__)
     mgr.load(FakeEngine(), mgr.find_resume_point())
-    assert f"resumed from {step_dir.resolve()} (step 2)" in [r.getMessage() for r in caplog.records]
+    assert f"loaded {step_dir.resolve()} (step 2)" in [r.getMessage() for r in caplog.records]
     text = "toy: yes\n"
     assert manager(tmp_path).save(engine, 4, job_config=text).joinpath("config.yaml").read_text() == text
 
