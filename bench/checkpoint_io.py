@@ -175,7 +175,7 @@ def writer_cost(mb: int = 512, rounds: int = 3, folder: str | None = None) -> di
 
 def run(presets=("tiny-v1_0", "t5-small", "t5-base"), saves=3, loads=2, ranks=2, out="checkpoint_io",
         timeout=1800) -> dict:
-    from hp_deepspeed.testing.distributed import run_ranks
+    from hp_deepspeed.testing.ranks import run_ranks
 
     rows = {}
     with tempfile.TemporaryDirectory(prefix="hp-bench-ckpt-", dir=str(REPO / "bench" / "results")) as root:

@@ -64,7 +64,7 @@ from pathlib import Path
 from bench.gpu_runners import run_stage
 from bench.gpu_stages import Stage, stages_for
 from hp_deepspeed.launching.distributed import shutdown_distributed
-from hp_deepspeed.testing.distributed import DistributedTestError, run_command
+from hp_deepspeed.testing.ranks import DistributedTestError, run_command
 
 REPO = Path(__file__).resolve().parents[1]
 

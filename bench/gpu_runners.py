@@ -40,7 +40,7 @@ def _init_world_of_one() -> None:
     """A one-rank process group (DeepSpeed needs one): nccl on a GPU, gloo on the CPU."""
     import deepspeed
 
-    from hp_deepspeed.testing.distributed import free_port
+    from hp_deepspeed.testing.ranks import free_port
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -3,7 +3,7 @@
     python -m bench.hf_throughput [--preset t5-small] [--enc-len 128] [--dec-len 32] [--batch 4]
                                   [--rounds 4] [--ranks 2] [--out PATH]
 
-``--ranks`` gloo ranks on the CPU (``hp_deepspeed.testing.distributed.run_ranks``), fp32. Every
+``--ranks`` gloo ranks on the CPU (``hp_deepspeed.testing.ranks.run_ranks``), fp32. Every
 rank builds three DeepSpeed engines from the same config (``ds_configs/zero3_cpu_test.json``
 completed by ``build_ds_config``: ZeRO-3, torch AdamW, clipping 1.0), each inside
 ``deepspeed.zero.Init``, random initialisation of the same architecture:
@@ -107,7 +107,7 @@ def rank_body(preset: str, enc_len: int, dec_len: int, batch: int, rounds: int, 
 
 def run(preset="t5-small", enc_len=128, dec_len=32, batch=4, rounds=4, warmup=1, ranks=2,
         out="hf_throughput", timeout=1800) -> dict:
-    from hp_deepspeed.testing.distributed import run_ranks
+    from hp_deepspeed.testing.ranks import run_ranks
 
     results = run_ranks("bench.hf_throughput:rank_body", ranks, timeout=timeout,
                         args=(preset, enc_len, dec_len, batch, rounds, warmup))

@@ -118,7 +118,7 @@ def zero_rank_body(preset: str, batch: int, enc_len: int, dec_len: int) -> dict:
 
 
 def zero_state(preset: str = "t5-small", ranks: int = 2, timeout: float = 900) -> dict:
-    from hp_deepspeed.testing.distributed import run_ranks
+    from hp_deepspeed.testing.ranks import run_ranks
 
     per_rank = run_ranks("bench.memory:zero_rank_body", ranks, timeout=timeout, args=(preset, 2, 64, 16))
     ratios = [r["zero3"]["model_and_optimizer_state"] / r["zero0"]["model_and_optimizer_state"] for r in per_rank]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.distributed import base_env, run_command
+from hp_deepspeed.testing.ranks import base_env, run_command
 from hp_deepspeed.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.distributed import base_env, run_command
+from hp_deepspeed.testing.ranks import base_env, run_command
 
 pytestmark = [pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

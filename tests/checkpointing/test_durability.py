@@ -16,7 +16,7 @@ import pytest
 
 from hp_deepspeed.checkpointing.integrity import verify
 from hp_deepspeed.checkpointing.layout import MARKER, read_latest, read_marker
-from hp_deepspeed.testing.distributed import run_ranks
+from hp_deepspeed.testing.ranks import run_ranks
 
 pytestmark = [pytest.mark.distributed]
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch.distributed as dist
 
-from hp_deepspeed.testing.distributed import run_ranks
+from hp_deepspeed.testing.ranks import run_ranks
 from hp_deepspeed.training.preemption import EXIT_PREEMPTED, PreemptionConfig, PreemptionHandler
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hp_deepspeed.checkpointing.layout import MARKER, complete_checkpoints, find_latest, read_latest
-from hp_deepspeed.testing.distributed import DistributedTestError, run_ranks
+from hp_deepspeed.testing.ranks import DistributedTestError, run_ranks
 from tests.checkpointing.bodies import SAVE_UNTIL, TOTAL_STEPS
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from hp_deepspeed.model.hyperprompt_t5 import build_model
-from hp_deepspeed.testing.distributed import free_port, run_command
+from hp_deepspeed.testing.ranks import free_port, run_command
 
 from . import zero3_cases as cases
 

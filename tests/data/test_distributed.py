@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from hp_deepspeed.data import DataConfig, TrainStream, build_tasks, load_tokenizer
-from hp_deepspeed.testing.distributed import run_ranks
+from hp_deepspeed.testing.ranks import run_ranks
 
 TASKS = ["synthetic/copy", "synthetic/sort", "glue/rte"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hp_deepspeed.testing.distributed import DistributedTestError, free_port, run_command, run_ranks
+from hp_deepspeed.testing.ranks import DistributedTestError, free_port, run_command, run_ranks
 
 pytestmark = pytest.mark.distributed
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.distributed import base_env, run_command
+from hp_deepspeed.testing.ranks import base_env, run_command
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "scripts" / "slurm_local_cluster.sh"
@@ -130,7 +130,7 @@ def local_sshd(tmp_path_factory):
     for key in ("hostkey", "userkey"):
         run_command(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)], timeout=60)
     (tmp / "authorized_keys").write_text((tmp / "userkey.pub").read_text())
-    from hp_deepspeed.testing.distributed import free_port
+    from hp_deepspeed.testing.ranks import free_port
 
     port = free_port()
     # Three loopback addresses, so that a hostfile can name two "nodes" besides localhost.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.distributed import free_port
+from hp_deepspeed.testing.ranks import free_port
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import REPO, clean_env
 

@@ -104,7 +104,7 @@ def test_a_clean_exit_leaves_no_communication_thread_running(tmp_path, mode):
     import sys
     from pathlib import Path
 
-    from hp_deepspeed.testing.distributed import base_env, free_port
+    from hp_deepspeed.testing.ranks import base_env, free_port
 
     repo = Path(__file__).resolve().parents[2]
     command = [sys.executable, str(repo / "tests/scripts/shutdown_threads.py"), mode, str(tmp_path)]

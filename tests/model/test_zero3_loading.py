@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import T5ForConditionalGeneration
 
 from hp_deepspeed.model import CheckpointReader, greedy_generate
-from hp_deepspeed.testing.distributed import run_ranks
+from hp_deepspeed.testing.ranks import run_ranks
 from tests.model.helpers import load_ours, padded_batch
 
 pytestmark = pytest.mark.distributed

@@ -28,7 +28,7 @@ from hp_deepspeed.model.t5 import T5Output
 from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.optim import OptimConfig
 from hp_deepspeed.training.parallelism import ModelSize
-from hp_deepspeed.testing.distributed import base_env, free_port
+from hp_deepspeed.testing.ranks import base_env, free_port
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hp_deepspeed.testing.distributed import run_ranks
+from hp_deepspeed.testing.ranks import run_ranks
 
 pytestmark = pytest.mark.distributed
 

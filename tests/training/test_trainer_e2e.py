@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.distributed import base_env, free_port, run_command
+from hp_deepspeed.testing.ranks import base_env, free_port, run_command
 from hp_deepspeed.training.metrics_log import read_metrics
 
 pytestmark = pytest.mark.distributed
