@@ -296,6 +296,22 @@ def print_once(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _error_exit(status: int) -> int:
+    """The exit of a rank that refused its input after the process group started.
+
+    ``shutdown_distributed`` is for clean exits only (a peer may be inside a collective), and
+    left to interpreter teardown gloo's threads can abort the process (exit -6) after the one
+    error line: so such a rank flushes its output and leaves at once, without teardown.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -306,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except _input_errors() as err:
         print_once(input_error_line(args.command, err))
-        return 2
+        return _error_exit(2)
     except KeyboardInterrupt:
         # Ctrl-C before the trainer's handlers are in place (imports, start-up) or in a command
         # without them: nothing was being trained, so there is nothing to save.
