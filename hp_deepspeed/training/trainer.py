@@ -99,6 +99,22 @@ class WindowStats:
                 "tokens": flat[2 * n + 1], "flops": flat[2 * n + 2]}
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, initial: int, shown: bool):
+    """The training progress bar on stderr, and one owner of the terminal while it is drawn: log
+    lines go through ``tqdm.write``, which clears the bar, prints the line whole and redraws the
+    bar below it, so no log line starts in the middle of a bar line. ``shown=False``: a disabled
+    bar (its updates cost nothing) and logging untouched."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, disable=not shown, desc="train", dynamic_ncols=True)
+    try:
+        with logging_redirect_tqdm() if shown else contextlib.nullcontext():
+            yield bar
+    finally:
+        bar.close()
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, evaluating: bool = False):
         """``evaluating``: built by the ``eval`` command (its metrics are a series of their own)."""
@@ -216,12 +232,11 @@ class Trainer:
         # A checkpoint holds the position of the model's next batch, not the producer's.
         self.batches = Prefetcher(self.stream, self.device, depth) if depth else iter(self.stream)
         batches = self.batches
-        progress = self._progress_bar()
-        # One owner of the terminal: while the bar is drawn, log lines go through tqdm.write,
-        # which clears the bar, prints the line whole and redraws the bar below it.
+        # No bar when stderr is a file or a pipe (a batch log, a launcher relaying lines): there
+        # its carriage returns only interleave with the log lines.
+        shown = self.is_main and self.cfg.training.progress_bar and sys.stderr.isatty()
         terminal = contextlib.ExitStack()
-        if not progress.disable:
-            terminal.enter_context(logging_redirect_tqdm())
+        progress = terminal.enter_context(progress_bar(self.cfg.training.steps, self.step, shown))
         try:
             while self.step < cfg.steps:
                 loss_sum = self.train_step(batches, window)
@@ -263,7 +278,6 @@ class Trainer:
                 batches.close()
             terminal.close()
             self.preemption.restore()
-            progress.close()
             self.metrics.close()
 
     def train_step(self, batches, window: WindowStats) -> None:
@@ -334,14 +348,6 @@ class Trainer:
         if self.is_main:
             log.info("step %d %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in values.items()))
         window.reset()
-
-    def _progress_bar(self):
-        from tqdm import tqdm
-
-        # No bar when stderr is a file or a pipe (a batch log, a launcher relaying lines): there
-        # its carriage returns only interleave with the log lines.
-        shown = self.is_main and self.cfg.training.progress_bar and sys.stderr.isatty()
-        return tqdm(total=self.cfg.training.steps, initial=self.step, disable=not shown, desc="train", dynamic_ncols=True)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> list[str]:

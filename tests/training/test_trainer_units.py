@@ -1,6 +1,8 @@
 """Trainer pieces on the CPU with small fakes: rank classification, metric plumbing, the CLI's
 early rejection of bad input."""
 
+import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import torch
 from hp_deepspeed.cli import main
 from hp_deepspeed.config import ConfigError
 from hp_deepspeed.training.evaluation import Evaluator, rank_classify, tokenize_label_words
-from hp_deepspeed.training.trainer import WindowStats, check_vocabulary
+from hp_deepspeed.training.trainer import WindowStats, check_vocabulary, progress_bar
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -213,3 +215,64 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
     for name, param in model.named_parameters():
         torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert window.samples == 6 and window.reduce()["task_tokens"].sum() == tokens
+
+
+class FakeTerminal(io.StringIO):
+    """What a terminal receives: tqdm draws on it as on a tty."""
+
+    def isatty(self):
+        return True
+
+
+def rendered_lines(written: str) -> list[str]:
+    """The lines a person sees: a carriage return moves back to the start of the line, where the
+    next characters overwrite what is there."""
+    lines, line, column = [], [], 0
+    for char in written:
+        if char == "\n":
+            lines.append("".join(line).rstrip())
+            line, column = [], 0
+        elif char == "\r":
+            column = 0
+        else:
+            line[column:column + 1] = [char]
+            column += 1
+    if "".join(line).strip():
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def test_log_lines_written_while_the_progress_bar_is_drawn_never_share_a_line_with_it(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setenv("COLUMNS", "100")
+    handler = logging.StreamHandler(sys.stderr)  # what logging.basicConfig gives the CLI
+    handler.setFormatter(logging.Formatter("INFO %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with progress_bar(total=6, initial=0, shown=True) as bar:
+            for step in range(1, 7):
+                bar.update(1)
+                bar.refresh()  # drawn before each line, as a slow step's bar is
+                logging.getLogger("hp_deepspeed.training.trainer").info("step %d loss=1.0", step)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    lines = rendered_lines(terminal.getvalue())
+    logged = [line for line in lines if "loss=1.0" in line]
+    assert [line for line in logged if not line.startswith("INFO step")] == [], lines
+    assert logged == [f"INFO step {step} loss=1.0" for step in range(1, 7)], lines
+    assert any(line.startswith("train: 100%") for line in lines), lines  # the bar was drawn
+
+
+def test_a_progress_bar_that_is_not_shown_writes_nothing_and_leaves_logging_alone(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    handlers = list(logging.getLogger().handlers)
+    with progress_bar(total=3, initial=0, shown=False) as bar:
+        bar.update(3)
+        assert logging.getLogger().handlers == handlers
+    assert terminal.getvalue() == ""
