@@ -152,15 +152,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_universal(args: argparse.Namespace) -> int:
-    # The conversion reads and rewrites every shard in one call that reports nothing until it is
-    # done (tens of seconds for a small model): say what is happening before and what it took after.
-    print(f"converting {args.checkpoint} to a universal checkpoint (every parameter's shards are "
-          "merged; this takes a while for a large model) ...", file=sys.stderr, flush=True)
+    # The conversion reads and rewrites every shard (tens of seconds for a small model, minutes
+    # for a large one): a line before, a few during (each phase, its count every quarter), one after.
+    def say(line: str) -> None:
+        print(f"convert-universal: {line}", file=sys.stderr, flush=True)
+
+    say(f"converting {args.checkpoint} to a universal checkpoint (every parameter's shards are merged)")
     started = time.monotonic()
     from hp_deepspeed.checkpointing import convert_to_universal
 
-    out = convert_to_universal(args.checkpoint, overwrite=args.overwrite)
-    print(f"converted in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
+    out = convert_to_universal(args.checkpoint, overwrite=args.overwrite, report=say)
+    say(f"converted in {time.monotonic() - started:.1f}s")
     print(out)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -314,6 +315,17 @@ def test_convert_universal_refuses_to_replace_a_non_empty_folder_without_overwri
     replaced = hp("convert-universal", str(step), "--overwrite")
     assert replaced.returncode == 0, replaced.output[-3000:]
     assert (step / "universal" / "COMPLETE").is_file() and not (step / "universal" / "notes.txt").exists()
+    # Progress while it converts: each phase of DeepSpeed's tool, then its count a few times.
+    parameters = len([p for p in (step / "universal" / "zero").iterdir() if p.is_dir()])
+    said = [line for line in replaced.output.splitlines() if line.startswith("convert-universal: ")]
+    assert said[0].startswith(f"convert-universal: converting {step} to a universal checkpoint"), said
+    assert re.fullmatch(r"convert-universal: converted in \d+\.\ds", said[-1]), said
+    assert "convert-universal: 1. extracting ZeRO fragments" in said, said
+    assert said.index("convert-universal: 1. extracting ZeRO fragments") < said.index("convert-universal:    1/1 shards")
+    merging = said.index("convert-universal: 2. merging slices")
+    counts = [line for line in said[merging + 1:] if line.endswith(" parameters")]
+    assert counts[-1] == f"convert-universal:    {parameters}/{parameters} parameters", said
+    assert 1 <= len(counts) <= 5 < parameters, said  # a few times, not once per parameter
 
 
 def test_convert_universal_of_a_read_only_checkpoint_is_one_line(trained, tmp_path):

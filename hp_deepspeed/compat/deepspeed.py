@@ -197,3 +197,25 @@ def quiet_shm_op_message() -> None:
 
     build_shm_op._hp_quiet = True
     ds_comm_torch.build_shm_op = build_shm_op
+
+
+# ----------------------------------------------------------------------------- universal checkpoints
+
+# DeepSpeed 0.19.8's ``ds_to_universal`` gives no progress but its output: a line per phase on
+# stdout ("*** 1. Extracting ZeRO fragments", "*** 2. Merging slices .....") and one tqdm bar on
+# stderr over each phase's work items (the ranks' shards while extracting, the parameters while
+# merging). tests/test_faults_cli.py runs the real tool and fails when these stop being recognised.
+_UNIVERSAL_PHASE = re.compile(r"^\*\*\* ([\d.]+)\. (.+?)[\s.]*$")
+_TQDM_COUNT = re.compile(r"\|\s*(\d+)/(\d+) \[")
+
+
+def parse_universal_output(piece: str) -> tuple[str, str, str] | tuple[str, int, int] | None:
+    """One line (or carriage-return-separated bar update) of ``ds_to_universal``'s output:
+    ``("phase", number, title)``, ``("count", done, total)``, or None for anything else."""
+    phase = _UNIVERSAL_PHASE.match(piece.strip())
+    if phase:
+        return "phase", phase.group(1), phase.group(2)
+    count = _TQDM_COUNT.search(piece)
+    if count:
+        return "count", int(count.group(1)), int(count.group(2))
+    return None

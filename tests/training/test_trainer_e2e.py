@@ -8,6 +8,7 @@ the computation is the same and within fp32 tolerance where the reduction order 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -41,9 +42,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
-    """An uninterrupted 2-rank run of 8 steps (checkpoints every 2)."""
+    """An uninterrupted 2-rank run of 8 steps (checkpoints every 2); what it printed is beside
+    it, in ``<run dir>.log``."""
     run_dir = tmp_path_factory.mktemp("reference")
-    run_command(train_cmd(run_dir), timeout=420, cwd=REPO)
+    result = run_command(train_cmd(run_dir), timeout=420, cwd=REPO)
+    run_dir.with_suffix(".log").write_text(result.output)
     return run_dir
 
 
@@ -64,6 +67,15 @@ def test_reference_run_learns_and_leaves_checkpoints(reference_run):
     assert (checkpoints / "step-8" / "COMPLETE").is_file()
     evals = [r for r in read_metrics(reference_run / "metrics.jsonl") if r["kind"] == "eval"]
     assert evals and "glue/rte/accuracy" in evals[-1] and "synthetic/first/accuracy" in evals[-1]
+
+
+def test_the_start_line_comes_once_from_rank_0_and_says_what_runs(reference_run):
+    output = reference_run.with_suffix(".log").read_text()
+    lines = [line for line in output.splitlines() if "training on " in line]
+    assert len(lines) == 1, lines  # rank 0 only, not once per rank
+    expected = (r"INFO hp_deepspeed\.training\.trainer: training on 2 rank\(s\), CPU, [1-9]\d* threads per rank; "
+                r"ZeRO stage 3 \(ds_configs/zero3_cpu_test\.json\); fp32; checkpoints in ")
+    assert re.search(expected + re.escape(str(reference_run / "checkpoints")) + "$", lines[0]), lines
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(reference_run, tmp_path):
