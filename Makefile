@@ -27,11 +27,12 @@ $(STAMP): setup.cfg pyproject.toml
 # here once, ranks only load it instead of all waiting on one build's lock file under test
 # timeouts; and a build killed midway leaves that lock behind, which would hang every later start,
 # so a lock no build holds is removed first (nothing else builds while make runs this). The venv's
-# ninja builds it, as in every rank (compat/torch.py: another ninja version would rebuild it).
-SHM_LOCK = $(HOME)/.cache/torch_extensions/py*_cpu/deepspeed_shm_comm/lock
+# ninja builds it into the venv's own build folder, as in every rank (compat/torch.py: another
+# ninja version, or another environment's build files, would rebuild it).
+SHM_LOCK = $(HOME)/.cache/torch_extensions/py*/deepspeed_shm_comm/lock
 shm-op:
 	rm -f $(SHM_LOCK)
-	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	PATH=$(abspath $(VENV))/bin:$$PATH DS_ACCELERATOR=cpu $(PY) -c "from hp_deepspeed.launching.device import prepare_process; prepare_process(); from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 
 demo: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)

@@ -1,12 +1,15 @@
 """torch behaviours the project works around, each with the version it was written against.
 
 Owns: rebinding default arguments that captured a process group, which ``ninja`` torch's JIT
-extension builds use, and the one private torch class the project subclasses (the dispatch
+extension builds use and in which folder, and the one private torch class the project subclasses (the dispatch
 mode of the memory planner). Does not own: the device and collective rules (``launching/``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -45,6 +48,35 @@ def environment_ninja_first(env: MutableMapping[str, str], executable: str | Non
     ninja = os.path.join(tools, "ninja")
     if os.access(ninja, os.X_OK) and shutil.which("ninja", path=env.get("PATH", "")) != ninja:
         env["PATH"] = os.pathsep.join([tools, env["PATH"]]) if env.get("PATH") else tools
+
+
+def environment_extensions_dir(env: MutableMapping[str, str]) -> None:
+    """Give each Python environment its own JIT-extension build folder, unless
+    ``TORCH_EXTENSIONS_DIR`` is set already.
+
+    torch 2.13's default folder is one per user and Python version (``~/.cache/torch_extensions/
+    py311_cpu``), one subfolder per op, and an op's build file names the include paths of the
+    environment that built it: two environments of one user (venvs, checkouts) each find the
+    other's build file changed and recompile, so DeepSpeed 0.19.8's CPU collective op was built
+    again at rank start (30-45 s on 2 cores) whenever another environment had started ranks since.
+    The folder is keyed by the paths the build names (found without importing anything) and
+    torch's version; ``make shm-op`` builds into the same folder.
+    """
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return
+    paths = []
+    for package in ("torch", "deepspeed"):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            paths.append(os.path.dirname(spec.origin))
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
+    key = hashlib.sha256("\0".join([sys.prefix, torch_version, *paths]).encode()).hexdigest()[:12]
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = f"py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    env["TORCH_EXTENSIONS_DIR"] = os.path.join(cache, "torch_extensions", name)
 
 
 def dispatch_mode_base() -> type:

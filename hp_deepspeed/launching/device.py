@@ -16,9 +16,10 @@ Which GPU (:func:`cuda_device_index`)
     refused. DeepSpeed indexes the GPU by ``LOCAL_RANK`` itself (``init_process_group(device_id)``,
     ``zero.Init``, the engine), so ``init_distributed`` exports the chosen index as LOCAL_RANK.
 Which ninja builds DeepSpeed's ops, and the CUDA architectures it is given
-    :func:`prepare_process` applies the two workarounds of ``hp_deepspeed/compat/``
-    (``compat.torch.environment_ninja_first``, ``compat.deepspeed.sanitize_arch_list``): every
-    rank JIT-builds with the interpreter's own ninja, and a ``TORCH_CUDA_ARCH_LIST`` entry such
+    :func:`prepare_process` applies the workarounds of ``hp_deepspeed/compat/``
+    (``compat.torch.environment_ninja_first``, ``compat.torch.environment_extensions_dir``,
+    ``compat.deepspeed.sanitize_arch_list``): every rank JIT-builds with the interpreter's own
+    ninja, into its environment's own build folder, and a ``TORCH_CUDA_ARCH_LIST`` entry such
     as ``9.0a``, which DeepSpeed's op builder cannot parse, loses its suffix.
 
 Not here: what DeepSpeed does with the choice (``compat.deepspeed``), the process group
@@ -32,7 +33,7 @@ import sys
 from typing import Mapping, MutableMapping
 
 from hp_deepspeed.compat.deepspeed import accelerator_already_chosen, sanitize_arch_list
-from hp_deepspeed.compat.torch import environment_ninja_first
+from hp_deepspeed.compat.torch import environment_extensions_dir, environment_ninja_first
 from hp_deepspeed.errors import LaunchEnvironmentError
 
 
@@ -51,6 +52,7 @@ def prepare_process(env: MutableMapping[str, str] | None = None) -> None:
     """
     env = os.environ if env is None else env
     environment_ninja_first(env)
+    environment_extensions_dir(env)
     if cpu_requested(env):
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""  # before any CUDA call: counting GPUs may initialise CUDA

@@ -222,6 +222,27 @@ def test_prepare_process_puts_the_environments_ninja_first(tmp_path, monkeypatch
     assert env["PATH"].split(":")[0] == str(venv)
 
 
+def test_each_python_environment_builds_its_ops_in_its_own_folder_unless_one_is_chosen(monkeypatch):
+    """Two environments sharing one build folder rebuild each other's ops at every rank start."""
+    monkeypatch.setattr(device, "_cuda_device_count", lambda: 0)
+    monkeypatch.setenv("HOME", "/home/u")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    first = {}
+    device.prepare_process(first)  # what every rank and `make shm-op` apply
+    folder = Path(first["TORCH_EXTENSIONS_DIR"])
+    assert folder.parent == Path("/home/u/.cache/torch_extensions") and folder.name.startswith("py3")
+    again = {}
+    compat_torch.environment_extensions_dir(again)
+    assert again["TORCH_EXTENSIONS_DIR"] == first["TORCH_EXTENSIONS_DIR"]  # the same environment finds its build again
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")
+    other = {}
+    compat_torch.environment_extensions_dir(other)
+    assert other["TORCH_EXTENSIONS_DIR"] != first["TORCH_EXTENSIONS_DIR"]
+    chosen = {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+    compat_torch.environment_extensions_dir(chosen)
+    assert chosen == {"TORCH_EXTENSIONS_DIR": "/scratch/ext"}
+
+
 # ----------------------------------------------------------------------------- assembled DeepSpeed config
 
 # A t5-small-like model for the "auto" ZeRO stage of auto_bf16.json.
