@@ -36,7 +36,29 @@ FILE_COMMANDS = ("export", "predict", "convert-universal")
 
 class _Parser(argparse.ArgumentParser):
     """A usage mistake gets the same single error line (exit code 2) as every other bad input,
-    not argparse's usage block."""
+    not argparse's usage block.
+
+    ``arguments``: a function that adds the parser's arguments when it is first used (parsing or
+    help), for a subcommand whose options need heavy imports (the planner imports torch): the
+    other commands, ``--help`` and every rank's parse do without them.
+    """
+
+    def __init__(self, *args, arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending_arguments = arguments
+
+    def _add_pending_arguments(self) -> None:
+        add, self._pending_arguments = self._pending_arguments, None
+        if add is not None:
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_pending_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_pending_arguments()
+        return super().format_help()
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -174,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "launch/mpirun.sh, launch/multinode.sh or slurm/train.sbatch."))
     parser.add_argument("--log-level", default="INFO")
     _add_local_rank(parser)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("validate", help="resolve and check a config, print it; starts nothing")
     _add_config_args(p)
@@ -218,16 +240,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a step-N/universal folder left without its COMPLETE marker (refused without it)")
     p.set_defaults(func=cmd_convert_universal)
 
-    from hp_deepspeed.tools import plan, report
+    p = sub.add_parser("plan", help="memory plan for a preset on a cluster", arguments=_plan_arguments)
+    p.set_defaults(func=_run_plan)
 
-    p = sub.add_parser("plan", help="memory plan for a preset on a cluster")
-    plan.add_arguments(p)
-    p.set_defaults(func=plan.run)
-
-    p = sub.add_parser("report", help="PNG plots of a run's loss and evaluations")
-    report.add_arguments(p)
-    p.set_defaults(func=report.run)
+    p = sub.add_parser("report", help="PNG plots of a run's loss and evaluations", arguments=_report_arguments)
+    p.set_defaults(func=_run_report)
     return parser
+
+
+# The tools' modules are imported only for their own command (the planner imports torch).
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    from hp_deepspeed.tools import plan
+
+    plan.add_arguments(parser)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from hp_deepspeed.tools import plan
+
+    return plan.run(args)
+
+
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    from hp_deepspeed.tools import report
+
+    report.add_arguments(parser)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from hp_deepspeed.tools import report
+
+    return report.run(args)
 
 
 def _quiet_dependencies() -> None:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import psutil
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,8 @@ def drop_records_after(path: Path, step: int) -> int:
 
 def memory_stats() -> dict[str, float]:
     """Peak accelerator memory on GPU, resident set size on the CPU (GiB)."""
+    import torch  # here: `hp-deepspeed report` reads metrics without torch
+
     if torch.cuda.is_available():
         return {
             "mem_peak_gib": torch.cuda.max_memory_allocated() / 2**30,

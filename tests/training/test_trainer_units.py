@@ -94,6 +94,26 @@ def test_cli_rejects_a_typo_before_anything_starts(capsys):
     assert "unknown config key optim.lrr" in err and "lr" in err
 
 
+def test_help_and_the_parse_every_rank_makes_import_neither_torch_nor_deepspeed_nor_transformers():
+    """Seconds on a busy machine: ``--help`` answers at once, and a rank's parse adds nothing to
+    what its command imports anyway."""
+    probe = """
+import contextlib, io, sys
+from hp_deepspeed import cli
+for argv in (["--help"], ["train", "--help"], ["validate", "--help"], ["report", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+cli.parse_args(["train", "--config", "x.yaml", "--resume", "auto", "optim.lr=1e-4"])
+print(sorted(m for m in ("torch", "deepspeed", "transformers") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_train_with_a_bad_task_fails_fast_with_the_known_tasks_listed(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "hp_deepspeed.cli", "train", "--config", str(REPO / "configs" / "demo.yaml"),
