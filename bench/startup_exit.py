@@ -1,12 +1,14 @@
 """Time from launch to step 1, and from the last save to the prompt, of a tiny run through launch/local.sh.
 
-    python -m bench.startup_exit [--ranks 2] [--signal-at 3] [--rounds 1]
+    python -m bench.startup_exit [--ranks 1 2] [--signal-at 3] [--rounds 1]
 
 Starts ``launch/local.sh train`` on the tests' tiny job (CPU, ZeRO-3), stamps every output line
 with the seconds since the launch, sends SIGTERM to the script once step ``--signal-at`` is
-logged, and prints: the moment of each milestone (the start line, step 1, the save, the exit),
-the silent gaps longer than 3 s before step 1 with the line that ended each, and the machine's
-load average, since on a shared machine the numbers move with it.
+logged, and prints: the moment of each milestone (the ranks' process group up, the start line,
+step 1, the save, the exit), the silent gaps longer than 3 s before step 1 with the line that
+ended each, and the machine's load average before and after each round, since on a shared machine
+the numbers move with it. Rounds alternate between the rank counts. About a minute per round on
+2 idle cores.
 """
 
 from __future__ import annotations
@@ -56,22 +58,31 @@ def one_round(ranks: int, signal_at: int) -> dict:
         if t - previous > 3.0:
             gaps.append((previous, t, text[:110]))
         previous = t
-    return {"exit_code": proc.returncode, "start_line": first(r"training on \d+ rank"), "step1": step1,
+    return {"exit_code": proc.returncode, "group_up": first(r"process group of \d+ rank"),
+            "start_line": first(r"training on \d+ rank"), "step1": step1,
             "saved": saved, "exit": ended, "save_to_exit": None if saved is None else ended - saved, "gaps": gaps}
+
+
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--signal-at", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     for n in range(args.rounds):
-        r = one_round(args.ranks, args.signal_at)
-        print(f"round {n + 1}: exit {r['exit_code']}; start line at {r['start_line']:.1f}s, step 1 at {r['step1']:.1f}s, "
-              f"saved at {r['saved']:.1f}s, exit at {r['exit']:.1f}s: last save -> exit {r['save_to_exit']:.1f}s")
-        for begin, end, text in r["gaps"]:
-            print(f"  silent {end - begin:4.1f}s ({begin:.1f} -> {end:.1f}s), ended by: {text}")
+        for ranks in args.ranks:
+            load = os.getloadavg()[0]
+            r = one_round(ranks, args.signal_at)
+            print(f"round {n + 1}, {ranks} rank(s): exit {r['exit_code']}; group up at {seconds(r['group_up'])}, "
+                  f"start line at {seconds(r['start_line'])}, step 1 at {seconds(r['step1'])}, "
+                  f"saved at {seconds(r['saved'])}, exit at {seconds(r['exit'])}: last save -> exit "
+                  f"{seconds(r['save_to_exit'])} (1-min load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+            for begin, end, text in r["gaps"]:
+                print(f"  silent {end - begin:4.1f}s ({begin:.1f} -> {end:.1f}s), ended by: {text}", flush=True)
     print(f"load average (1/5/15 min) at the end: {os.getloadavg()}, {os.cpu_count()} cores")
 
 
