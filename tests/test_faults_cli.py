@@ -328,6 +328,20 @@ def test_convert_universal_refuses_to_replace_a_non_empty_folder_without_overwri
     assert 1 <= len(counts) <= 5 < parameters, said  # a few times, not once per parameter
 
 
+def test_conversion_progress_is_a_line_per_phase_and_its_count_at_each_quarter():
+    from hp_deepspeed.checkpointing.universal import ConversionProgress
+
+    said = []
+    progress = ConversionProgress(said.append)
+    progress.feed("*** 2. Merging slices .....")
+    for done in range(0, 201):  # tqdm redraws, with repeats, as DeepSpeed's tool prints them
+        progress.feed(f" {done // 2}%|#####     | {done}/200 [00:01<00:01, 99.0it/s]")
+        progress.feed(f" {done // 2}%|#####     | {done}/200 [00:01<00:01, 99.0it/s]")
+    progress.feed("*** 3. Saving common optimizer states")
+    assert said == ["2. merging slices", "   0/200 parameters", "   50/200 parameters", "   100/200 parameters",
+                    "   150/200 parameters", "   200/200 parameters", "3. saving common optimizer states"]
+
+
 def test_convert_universal_of_a_read_only_checkpoint_is_one_line(trained, tmp_path):
     with tmpfs(tmp_path / "ckpt", size="16m") as mount:
         shutil.copytree(trained / "checkpoints" / "step-2", mount / "step-2")
