@@ -10,15 +10,18 @@ with one line and the exit code ``EXIT_NON_FINITE``, leaving the last finite che
 record (``skipped_updates``): the trainer's step counter counts global batches consumed, and a
 skipped step is one whose batch was consumed without an update.
 
-The evidence stays on the device until it is needed. ``observe`` runs every step and only
-queues tensor operations (a reading of the loss would make the host wait for the step, and the
-GPU would then idle while the host queues the next one). ``settle`` reads every step observed
-since the previous settle at once, with one all-reduce and one host read, replays them in order
-(the same warnings, counts and verdicts as a per-step check) and raises ``NonFiniteLoss`` when
-``max_nonfinite_steps`` in a row were reached. The trainer settles at its check points: log,
-eval and save steps, the last step and a preemption stop, always before deciding to evaluate or
-save; so a stop comes at the first check point at or after the step that completed the run of
-bad steps, and ``finite`` refuses to answer while observed steps are unread.
+The evidence stays on the device until it is needed. ``observe`` runs every step and only keeps
+references to the step's loss and gradient norm tensors (a reading of the loss would make the
+host wait for the step, and the GPU would then idle while the host queues the next one).
+``settle`` reads every step observed since the previous settle at once, with one all-reduce and
+one host read, replays them in order (the same warnings, counts and verdicts as a per-step
+check) and raises ``NonFiniteLoss`` when ``max_nonfinite_steps`` in a row were reached. The
+trainer settles at its check points: log, eval and save steps, the last step and a preemption
+stop, always before deciding to evaluate or save; so a stop comes at the first check point at
+or after the step that completed the run of bad steps, and ``finite`` refuses to answer while
+observed steps are unread. (DeepSpeed 0.19.8's ZeRO optimizers read the validity of the
+gradient norm on the host inside ``step`` under fp16, bf16 and fp32 alike, before they queue the
+update; a read here, after ``step``, also waited for the update, and for a collective.)
 
 It does not own the loss or the step (the trainer's ``train_step``), nor what is saved.
 """
@@ -49,9 +52,9 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.first_bad_step: int | None = None
         self.skipped_updates = 0
-        # Per observed step not yet settled: (step, device flags [loss bad, norm bad], host-known
-        # norm verdict or None, update applied, skipped updates so far).
-        self._unread: list[tuple[int, torch.Tensor, bool | None, bool, int]] = []
+        # Per observed step not yet settled: (step, its loss tensor, its gradient norm tensor or
+        # None, the host-known norm verdict or None, update applied, skipped updates so far).
+        self._unread: list[tuple] = []
 
     @property
     def pending(self) -> int:
@@ -67,21 +70,19 @@ class NonFiniteGuard:
         return self.consecutive == 0
 
     def observe(self, step: int, loss_sum: torch.Tensor, grad_norm, update_applied: bool) -> None:
-        """Record optimizer step ``step`` from this rank's summed loss (a tensor on the device),
-        the global gradient norm (a tensor, a number, or ``None`` where DeepSpeed does not compute
-        one) and whether DeepSpeed applied the update. Queues device work only: no host read, no
-        collective."""
-        loss_bad = (~torch.isfinite(loss_sum.detach())).any()
-        norm_known = None
+        """Record optimizer step ``step`` from this rank's summed loss (a scalar tensor on the
+        device), the global gradient norm (a tensor, a number, or ``None`` where DeepSpeed does
+        not compute one) and whether DeepSpeed applied the update. Keeps references only: no
+        host read, no collective, no kernel."""
+        norm, norm_known = None, None
         if torch.is_tensor(grad_norm):
-            norm_bad = (~torch.isfinite(grad_norm.detach())).any().to(loss_bad.device, non_blocking=True)
+            norm = grad_norm.detach()
         else:
             norm_known = grad_norm is not None and not math.isfinite(float(grad_norm))
-            norm_bad = torch.zeros((), dtype=torch.bool, device=loss_bad.device)
         if not update_applied:
             self.skipped_updates += 1
-        flags = torch.stack([loss_bad, norm_bad]).to(torch.int32)
-        self._unread.append((step, flags, norm_known, update_applied, self.skipped_updates))
+        self._unread.append((step, loss_sum.detach().reshape(()), norm, norm_known, update_applied,
+                             self.skipped_updates))
 
     def settle(self) -> None:
         """Read the steps observed since the last settle (collective: every rank, at the same
@@ -90,13 +91,20 @@ class NonFiniteGuard:
         if not self._unread:
             return
         unread, self._unread = self._unread, []
+        device = unread[0][1].device
+        loss_bad = ~torch.isfinite(torch.stack([entry[1].float() for entry in unread]))
+        norms = [(i, entry[2]) for i, entry in enumerate(unread) if entry[2] is not None]
+        norm_bad = torch.zeros_like(loss_bad)
+        if norms:
+            values = torch.stack([norm.to(device, torch.float32).reshape(()) for _, norm in norms])
+            norm_bad[torch.tensor([i for i, _ in norms], device=device)] = ~torch.isfinite(values)
         # The loss flag differs between ranks; the gradient norm is global already.
-        flags = collectives.all_reduce(torch.stack([entry[1] for entry in unread]), "max").tolist()
-        for (step, _, norm_known, applied, skipped), (loss_bad, norm_bad) in zip(unread, flags):
+        flags = collectives.all_reduce(torch.stack([loss_bad, norm_bad], dim=1).int(), "max").tolist()
+        for (step, _, _, norm_known, applied, skipped), (bad_loss, bad_norm) in zip(unread, flags):
             reasons = []
-            if loss_bad:
+            if bad_loss:
                 reasons.append("loss")
-            if norm_bad or norm_known:
+            if bad_norm or norm_known:
                 reasons.append("gradient norm")
             if not reasons and applied:
                 if self.consecutive and self.verbose:
