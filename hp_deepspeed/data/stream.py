@@ -317,11 +317,15 @@ class TrainStream:
         in_len, tgt_len = self._flat_inputs.lengths[flat], self._flat_targets.lengths[flat]
         # (input, target) length pairs, numbered densely in increasing order
         code = in_len * (int(tgt_len.max()) + 1) + tgt_len
-        present = np.zeros(int(code.max()) + 1, dtype=bool)
-        present[code] = True
-        dense = np.cumsum(present) - 1
-        codes = int(dense[-1]) + 1
-        code_tm = dense[code].astype(np.uint16 if codes <= 2**16 else np.int64)
+        if int(code.max()) < 2**24:  # a table of the codes that occur
+            present = np.zeros(int(code.max()) + 1, dtype=bool)
+            present[code] = True
+            dense = np.cumsum(present) - 1
+            codes, code = int(dense[-1]) + 1, dense[code]
+        else:
+            unique, code = np.unique(code, return_inverse=True)
+            codes = len(unique)
+        code_tm = code.astype(np.uint16 if codes <= 2**16 else np.int64)
         examples = np.empty(size, dtype=np.int64)
         examples[by_task] = examples_tm
         length_code = np.empty(size, dtype=code_tm.dtype)
