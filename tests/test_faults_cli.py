@@ -101,28 +101,45 @@ def test_validate_refuses_non_finite_and_out_of_range_optimizer_settings_in_one_
 
 @pytest.fixture(scope="module")
 def diverged(tmp_path_factory):
-    """lr=1e6 runs, checkpointing every step: step 1 is finite, from step 2 the loss is NaN.
-    ZeRO-3 (DeepSpeed skips the updates) and stage 0 (torch applies them: NaN weights)."""
-    runs = {"zero3": "ds_configs/zero3_cpu_test.json", "zero0": "ds_configs/zero0_cpu_test.json"}
+    """lr=1e6 runs: step 1 is finite, from step 2 the loss is NaN. ZeRO-3 (DeepSpeed skips the
+    updates), checking every step (a checkpoint and a log record each); stage 0 (torch applies
+    them: NaN weights), checking only every 5 steps (log and checkpoint interval 5)."""
+    runs = {"zero3": ("ds_configs/zero3_cpu_test.json", "checkpoint.interval=1", "training.log_every=1"),
+            "zero0": ("ds_configs/zero0_cpu_test.json", "checkpoint.interval=5", "training.log_every=5")}
     dirs = {name: tmp_path_factory.mktemp(name) for name in runs}
     with ThreadPoolExecutor(len(runs)) as pool:
-        futures = {name: pool.submit(train, dirs[name], "optim.lr=1e6", "optim.warmup_steps=0", "checkpoint.interval=1",
-                                     f"training.ds_config={config}") for name, config in runs.items()}
+        futures = {name: pool.submit(train, dirs[name], "optim.lr=1e6", "optim.warmup_steps=0", *overrides,
+                                     f"training.ds_config={config}")
+                   for name, (config, *overrides) in runs.items()}
         return {name: (dirs[name], future.result()) for name, future in futures.items()}
 
 
-@pytest.mark.parametrize("stage", ["zero3", "zero0"])
-def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_finite_checkpoint(diverged, stage):
-    run_dir, result = diverged[stage]
+def test_a_diverged_run_checked_every_step_stops_at_the_third_bad_step_and_keeps_the_last_finite_checkpoint(diverged):
+    run_dir, result = diverged["zero3"]
     assert result.returncode == EXIT_NON_FINITE, result.output[-3000:]
     line = error_line(result)
     assert ("hp-deepspeed train: error: training stopped at step 4: non-finite loss or gradients for 3 step(s) in a "
-            "row since step 2 (training.max_nonfinite_steps=3)") in line
-    # No checkpoint at or after the first non-finite step; the finite step 1 stays latest.
+            "row since step 2 (training.max_nonfinite_steps=3); ") in line
+    # No checkpoint at or after the first non-finite step (steps 2 and 3 were due); step 1 stays latest.
     assert steps_on_disk(run_dir) == ["step-1"] and latest(run_dir) == "step-1"
     records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
     assert sorted(records) == [1, 2, 3, 4] and math.isfinite(records[1]["loss"])
     assert all(math.isnan(records[s]["loss"]) for s in (2, 3, 4))
+
+
+def test_a_diverged_run_stops_at_its_first_check_point_after_the_third_bad_step_and_saves_nothing_non_finite(diverged):
+    run_dir, result = diverged["zero0"]
+    assert result.returncode == EXIT_NON_FINITE, result.output[-3000:]
+    line = error_line(result)
+    assert ("hp-deepspeed train: error: training stopped at step 5: non-finite loss or gradients for 3 step(s) in a "
+            "row since step 2 (training.max_nonfinite_steps=3; reached at step 4, checked at step 5); ") in line
+    # Step 5 was a save step with NaN weights: the guard was read before the save.
+    assert not (run_dir / "checkpoints").exists() or steps_on_disk(run_dir) == []
+    # The warnings of the unread steps come out at the check, in step order.
+    for step, count in ((2, 1), (3, 2), (4, 3)):
+        assert f"step {step}: non-finite loss ({count} in a row" in result.output, result.output[-3000:]
+    records = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+    assert sorted(records) == [5] and math.isnan(records[5]["loss"])
 
 
 def test_updates_deepspeed_skips_are_counted_in_the_log(diverged):

@@ -1,12 +1,15 @@
-"""Batches built ahead of the training step: a background producer and a bounded queue.
+"""Batches built ahead of the training step: a background producer and a bounded hand-over.
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
 and collates them (while a helper thread builds the stream's next pool), pins them in
 page-locked memory and starts their host-to-device copies on a side CUDA stream with
 ``non_blocking=True``, while the main thread runs the current step; at most ``depth`` batches
-wait in the queue. The consumer's ``next`` then only takes a ready
-batch; the time it still blocks is ``last_wait_s`` (the data time left on the critical path).
+wait, ready, in a deque. The consumer's ``next`` then only pops a ready batch (and, on a GPU,
+queues a wait for its copy): no condition variable, no Python-level lock. The
+two threads wake each other through two plain locks used as level-triggered signals, touched
+only when the deque is empty or was full. The time ``next`` still takes is ``last_wait_s``
+(the data time left on the critical path).
 
 Exact resume: the stream itself runs ahead of the model by up to ``depth + 1`` batches, so its
 own ``state_dict`` is the *producer's* position. ``Prefetcher.state_dict`` is the consumer's: the
@@ -24,14 +27,14 @@ Not owned here: what the batches are (``data.stream``), when the trainer saves.
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 import time
 from typing import Any, Iterator, Mapping
 
 import torch
 
-_POLL_S = 0.1  # how often a producer blocked on a full queue checks for close()
+_POLL_S = 0.1  # how often a thread blocked on the hand-over checks for close() or a dead producer
 
 
 class _Job(threading.Thread):
@@ -47,6 +50,57 @@ class _Job(threading.Thread):
             self.result = self.fn()
         except BaseException as error:  # noqa: BLE001 - re-raised by the producer
             self.error = error
+
+
+def _signal(flag: threading.Lock) -> None:
+    """Set a level-triggered signal: an unlocked lock means "look again". Only one thread
+    releases a given flag and only the other acquires it, so a locked flag stays locked
+    between the test and the release."""
+    if flag.locked():
+        flag.release()
+
+
+class _Handoff:
+    """A bounded single-producer, single-consumer hand-over of ready batches.
+
+    The consumer's fast path is a deque pop and a length test; each side blocks only when it
+    must (empty, or ``depth`` items waiting), on a lock the other side releases after its own
+    deque operation, with a timeout so a stop or a dead producer is noticed. A wake-up is
+    never lost: the flag stays released until the waiter takes it, and a stale release only
+    makes the waiter look at the deque once more. The consumer wakes a producer blocked on a
+    full deque only once at most ``depth // 2`` items are left, so the producer refills in
+    bursts: fewer wake-ups (a system call on the consumer's path) and fewer GIL hand-overs,
+    and a full deque always drains to that mark, so the producer is always woken in time."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.low = depth // 2
+        self.items: collections.deque = collections.deque()
+        self.filled = threading.Lock()  # released by the producer after an append
+        self.space = threading.Lock()  # released by the consumer after a pop
+
+    def put(self, item, stop: threading.Event) -> bool:
+        """Append once fewer than ``depth`` items wait; False if ``stop`` was set first."""
+        while len(self.items) >= self.depth:
+            if stop.is_set():
+                return False
+            self.space.acquire(timeout=_POLL_S)
+        self.items.append(item)
+        _signal(self.filled)
+        return True
+
+    def get(self, producer: threading.Thread):
+        """The oldest item, waiting for one; RuntimeError if the producer died without one."""
+        while True:
+            try:
+                item = self.items.popleft()
+            except IndexError:
+                if not self.filled.acquire(timeout=_POLL_S) and not producer.is_alive() and not self.items:
+                    raise RuntimeError("the batch prefetch thread stopped without a batch or an error") from None
+                continue
+            if len(self.items) <= self.low:
+                _signal(self.space)
+            return item
 
 
 class _Failure:
@@ -81,7 +135,7 @@ class Prefetcher:
         self.last_wait_s = 0.0
         self.consumed = 0
         self._state = stream.state_dict()  # nothing consumed yet: the stream's own position
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._handoff = _Handoff(depth)
         self._stop = threading.Event()
         self._done = False
         self._pool_job: _Job | None = None
@@ -91,17 +145,11 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ producer (background thread)
     def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return self._handoff.put(item, self._stop)
 
     def _build_pools_ahead(self) -> None:
         """Keep one build of the stream's next pool running in a helper thread (numpy's sorts
-        release the GIL), so crossing into a pool does not stall the queue for a whole pool's
+        release the GIL), so crossing into a pool does not stall the hand-over for a whole pool's
         construction; at the boundary, wait for that build rather than start another."""
         job = self._pool_job
         # A failed build is reported when its pool is needed, at the batch that would use it.
@@ -149,14 +197,11 @@ class Prefetcher:
         if self._done:
             raise StopIteration
         started = time.perf_counter()
-        while True:
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    self._done = True
-                    raise RuntimeError("the batch prefetch thread stopped without a batch or an error") from None
+        try:
+            item = self._handoff.get(self._thread)
+        except RuntimeError:
+            self._done = True
+            raise
         if item is _END or isinstance(item, _Failure):
             self._done = True
             self.close()
@@ -185,11 +230,8 @@ class Prefetcher:
         not in ``state_dict``, so a resume replays them)."""
         self._stop.set()
         while self._thread.is_alive():
-            try:  # unblock a producer waiting on a full queue
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
+            self._handoff.items.clear()  # unblock a producer waiting on a full deque
+            _signal(self._handoff.space)
             self._thread.join(timeout=_POLL_S)
         if self._pool_job is not None:
             self._pool_job.join()

@@ -149,39 +149,27 @@ def collate(
     }
 
 
-def _length_rank(in_len: np.ndarray, tgt_len: np.ndarray) -> np.ndarray:
-    """Per pool position, its rank in (input length, target length, position) order."""
-    size = len(in_len)
-    code = in_len * (int(tgt_len.max()) + 1) + tgt_len  # increasing in (input, target) length
-    if int(code.max()) < 2**24:
-        present = np.zeros(int(code.max()) + 1, dtype=np.int64)
-        present[code] = 1
-        dense = np.cumsum(present) - 1  # the length pairs that occur, numbered in order
-        if dense[-1] < 2**16:
-            # A stable sort keeps positions in order; numpy sorts 16-bit keys stably by radix.
-            order = np.argsort(dense[code].astype(np.uint16), kind="stable")
-            rank = np.empty(size, dtype=np.int64)
-            rank[order] = np.arange(size)
-            return rank
-    bits = [int(in_len.max()).bit_length(), int(tgt_len.max()).bit_length(), size.bit_length()]
-    if sum(bits) <= 62:  # one int64 key: a single argsort instead of a three-key lexsort
-        key = (in_len << (bits[1] + bits[2])) | (tgt_len << bits[2]) | np.arange(size)
-        order = np.argsort(key)
-    else:
-        order = np.lexsort((np.arange(size), tgt_len, in_len))
-    rank = np.empty(size, dtype=np.int64)
-    rank[order] = np.arange(size)
-    return rank
+def _draw_tasks(rng: np.random.Generator, rates: np.ndarray, size: int) -> np.ndarray:
+    """``rng.choice(len(rates), size, p=rates)``, the same draws: numpy draws one uniform per
+    position and takes the number of cumulative rates at or below it. With few tasks that count
+    is a few comparisons per draw, several times cheaper than numpy's binary search."""
+    cdf = rates.cumsum()
+    cdf /= cdf[-1]
+    uniform = rng.random(size)
+    if len(rates) > 32:
+        return cdf.searchsorted(uniform, side="right")
+    draws = np.zeros(size, dtype=np.uint8)
+    for bound in cdf[:-1]:  # the last bound is 1.0, above every uniform
+        np.add(draws, uniform >= bound, out=draws, casting="unsafe")
+    return draws
 
 
-def _by_value_then_task(values: np.ndarray, tasks: np.ndarray, num_tasks: int) -> np.ndarray:
-    """``np.lexsort((tasks, values))`` for (value, task) pairs that are all distinct, at the cost
-    of one float and one int64 argsort: equal values get one dense rank, the task breaks ties."""
-    by_value = np.argsort(values)
-    sorted_values = values[by_value]
-    dense = np.empty(len(values), dtype=np.int64)
-    dense[by_value] = np.concatenate([[0], np.cumsum(sorted_values[1:] != sorted_values[:-1])])
-    return np.argsort(dense * num_tasks + tasks)
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """Indices that sort ``keys`` (non-negative, below ``bound``) stably; numpy sorts keys of
+    16 bits or less by radix, in linear time."""
+    if bound <= 2**16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    return np.argsort(keys, kind="stable")
 
 
 class _FlatIds:
@@ -210,18 +198,19 @@ class _FlatIds:
 class _Pool:
     """One pool: its draws, how many examples it took of each task, and its cut into global
     batches (in consumption order). A batch's length order, or only one rank's slice of it, is
-    computed when asked for, so a rank sorts nothing of the batches it does not take part in."""
+    computed when asked for, so a rank sorts nothing of the batches it does not take part in.
+    ``length_code`` numbers the pool's (input length, target length) pairs in increasing order."""
 
-    def __init__(self, draws, examples, counts, parts, length_rank, global_batch):
+    def __init__(self, draws, examples, counts, parts, length_code, global_batch):
         self.draws, self.examples, self.counts = draws, examples, counts
-        self.parts, self.length_rank, self.global_batch = parts, length_rank, global_batch
+        self.parts, self.length_code, self.global_batch = parts, length_code, global_batch
 
     def batch(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of the ``i``-th batch in (input, target length) order, as a
-        [rows, 2] array of (task index, example index)."""
+        """Rows ``start:stop`` of the ``i``-th batch in (input length, target length, pool
+        position) order, as a [rows, 2] array of (task index, example index)."""
         part = self.parts[i]
         stop = len(part) if stop is None else stop
-        key = self.length_rank[part]
+        key = self.length_code[part].astype(np.int64) * len(self.draws) + part  # distinct keys
         if 0 < start or stop < len(part):
             # Only the slice: partition it out (linear), then sort just its rows.
             kth = [k for k in (start, stop - 1) if 0 <= k < len(part)]
@@ -230,7 +219,7 @@ class _Pool:
         else:
             chosen = np.argsort(key)
         rows = part[chosen]
-        return np.stack([self.draws[rows], self.examples[rows]], axis=1)
+        return np.stack([self.draws[rows].astype(np.int64), self.examples[rows]], axis=1)
 
 
 class TrainStream:
@@ -312,39 +301,47 @@ class TrainStream:
         return out
 
     def _make_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int, pool_batches: int) -> _Pool:
-        """Pool ``pool_index`` cut into global batches of ``global_batch`` (module docstring)."""
-        size = global_batch * pool_batches
-        draws = np.random.default_rng([self.seed, pool_index, 0]).choice(len(self.tasks), size=size, p=self.rates)
+        """Pool ``pool_index`` cut into global batches of ``global_batch`` (module docstring).
+
+        Works in task-major order (each task's draws in pool order, task after task), where each
+        task's examples are one contiguous slice of its sequence; lengths are small integers, so
+        the orders are radix sorts of dense length codes, and stratified's quantiles, increasing
+        within each task, are merged by a stable sort of already sorted runs."""
+        size, num_tasks = global_batch * pool_batches, len(self.tasks)
+        draws = _draw_tasks(np.random.default_rng([self.seed, pool_index, 0]), self.rates, size)
+        counts = np.bincount(draws, minlength=num_tasks)
+        by_task = _stable_order(draws, num_tasks)  # positions, task-major
+        task_major = np.repeat(np.arange(num_tasks), counts)
+        examples_tm = np.concatenate([self._examples(k, offsets[k], int(c)) for k, c in enumerate(counts)])
+        flat = self._example_base[task_major] + examples_tm
+        in_len, tgt_len = self._flat_inputs.lengths[flat], self._flat_targets.lengths[flat]
+        # (input, target) length pairs, numbered densely in increasing order
+        code = in_len * (int(tgt_len.max()) + 1) + tgt_len
+        if int(code.max()) < 2**24:  # a table of the codes that occur
+            present = np.zeros(int(code.max()) + 1, dtype=bool)
+            present[code] = True
+            dense = np.cumsum(present) - 1
+            codes, code = int(dense[-1]) + 1, dense[code]
+        else:
+            unique, code = np.unique(code, return_inverse=True)
+            codes = len(unique)
+        code_tm = code.astype(np.uint16 if codes <= 2**16 else np.int64)
         examples = np.empty(size, dtype=np.int64)
-        in_len = np.empty(size, dtype=np.int64)
-        tgt_len = np.empty(size, dtype=np.int64)
-        counts = []
-        for k, split in enumerate(self.splits):
-            where = np.flatnonzero(draws == k)
-            examples[where] = self._examples(k, offsets[k], len(where))
-            in_len[where] = split.input_lengths[examples[where]]
-            tgt_len[where] = split.target_lengths[examples[where]]
-            counts.append(len(where))
-        length_rank = _length_rank(in_len, tgt_len)
+        examples[by_task] = examples_tm
+        length_code = np.empty(size, dtype=code_tm.dtype)
+        length_code[by_task] = code_tm
         if self.batch_mixing == "stratified":
             # Each draw's midpoint length quantile among its task's draws (ties by position);
-            # the pool is ordered by quantile, then task.
-            by_task = np.empty(size, dtype=np.int64)
-            by_task[length_rank] = np.arange(size)  # positions in length order
-            # (task, length rank); a stable sort of small ints is a radix sort in numpy
-            by_task = by_task[np.argsort(draws[by_task].astype(np.int16), kind="stable")]
-            task_counts = np.bincount(draws, minlength=len(self.tasks))
-            task_start = np.concatenate([[0], np.cumsum(task_counts)[:-1]])
-            rank_in_task = np.arange(size) - task_start[draws[by_task]]
-            quantile = np.empty(size)
-            quantile[by_task] = (rank_in_task + 0.5) / task_counts[draws[by_task]]
-            order = _by_value_then_task(quantile, draws, len(self.tasks))
+            # the pool is ordered by quantile, ties by task: within a task the quantiles
+            # increase, so a stable sort of the task-major runs breaks ties by task.
+            by_length = by_task[_stable_order(task_major * codes + code_tm, num_tasks * codes)]
+            quantile = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])
+            order = by_length[np.argsort(quantile, kind="stable")]
         else:
-            order = np.empty(size, dtype=np.int64)
-            order[length_rank] = np.arange(size)
+            order = _stable_order(length_code, codes)
         parts = np.split(order, pool_batches)
         shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
-        return _Pool(draws, examples, counts, [parts[i] for i in shuffle], length_rank, global_batch)
+        return _Pool(draws, examples, counts.tolist(), [parts[i] for i in shuffle], length_code, global_batch)
 
     def _current(self) -> tuple[_Pool, int]:
         """The pool and index of the global batch at the position."""

@@ -243,25 +243,23 @@ class Trainer:
                 self.step += 1
                 progress.update(1)
                 last = self.step == cfg.steps
-                try:
-                    self.nonfinite.observe(self.step, loss_sum, self.engine.get_global_grad_norm(),
-                                           self.engine.was_step_applied())
-                    if last and not self.nonfinite.finite:  # the final weights are not worth saving
-                        raise NonFiniteLoss(self.nonfinite.stop_line(self.step))
-                except NonFiniteLoss as err:
-                    self.log_train(window)
-                    if self.is_main:
-                        print(f"hp-deepspeed train: error: {err}", file=sys.stderr, flush=True)
-                    return EXIT_NON_FINITE
-                if self.step % cfg.log_every == 0 or last:
-                    self.log_train(window)
+                # Device work only; read at the check points below, before any eval or save.
+                self.nonfinite.observe(self.step, loss_sum, self.engine.get_global_grad_norm(),
+                                       self.engine.was_step_applied())
+                logging_step = self.step % cfg.log_every == 0 or last
                 save = last or self.checkpoints.due(self.step)
                 evaluate = last or (self.cfg.eval.every and self.step % self.cfg.eval.every == 0)
+                if (logging_step or save or evaluate) and self._stopped_non_finite(window, last):
+                    return EXIT_NON_FINITE
+                if logging_step:
+                    self.log_train(window)
                 if evaluate and self.nonfinite.finite:
                     improved = self.evaluate()
                     # The paper keeps the best checkpoint per task: a new best must be on disk.
                     save = save or (bool(improved) and self.cfg.checkpoint.keep_best)
                 stop = self.preemption.should_stop(self.step)  # collective: every rank, every step
+                if stop and self._stopped_non_finite(window, last):
+                    return EXIT_NON_FINITE
                 # Non-finite weights, or those of a step whose update was skipped, are never saved.
                 if (save or stop) and self.nonfinite.finite:
                     self.save()
@@ -279,6 +277,19 @@ class Trainer:
             terminal.close()
             self.preemption.restore()
             self.metrics.close()
+
+    def _stopped_non_finite(self, window: WindowStats, last: bool) -> bool:
+        """Settle the non-finite guard (collective); on a stop, log the window and print the one line."""
+        try:
+            self.nonfinite.settle()
+            if last and not self.nonfinite.finite:  # the final weights are not worth saving
+                raise NonFiniteLoss(self.nonfinite.stop_line(self.step))
+        except NonFiniteLoss as err:
+            self.log_train(window)
+            if self.is_main:
+                print(f"hp-deepspeed train: error: {err}", file=sys.stderr, flush=True)
+            return True
+        return False
 
     def train_step(self, batches, window: WindowStats) -> None:
         """One optimizer step over ``gradient_accumulation`` micro-batches per rank.

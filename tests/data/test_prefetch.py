@@ -97,15 +97,16 @@ class Counting:
         return {"n": self.n}
 
 
-def test_close_stops_a_producer_blocked_on_a_full_queue_and_the_queue_is_bounded():
+def test_close_stops_a_producer_blocked_on_a_full_hand_over_and_the_hand_over_is_bounded():
     source = Counting()
     prefetched = Prefetcher(source, depth=3)
     next(prefetched)
-    for _ in range(100):  # let the producer fill the queue
-        if prefetched._queue.full():
+    for _ in range(100):  # let the producer fill the hand-over
+        if len(prefetched._handoff.items) == 3:
             break
         threading.Event().wait(0.01)
-    assert prefetched._queue.full()
+    threading.Event().wait(0.05)  # a producer that ignored the bound would go on
+    assert len(prefetched._handoff.items) == 3
     assert source.n <= 1 + 3 + 1  # consumed + queued + the one waiting to be queued
     prefetched.close()
     assert not prefetched._thread.is_alive()
@@ -190,3 +191,32 @@ def test_the_trainer_step_counts_its_data_wait_and_checkpoints_the_consumers_pos
         assert trainer.trainer_state() == {"step": 1, "data": {"n": 2}}
     finally:
         trainer.batches.close()
+
+
+def test_no_wake_up_is_lost_between_producer_and_consumer_at_any_depth(monkeypatch):
+    """Each side sleeps on its lock only after finding the deque empty (consumer) or full
+    (producer); a lost wake-up would cost a whole poll period, here made 20 s."""
+    import random
+    import time
+
+    from hp_deepspeed.data import prefetch
+
+    monkeypatch.setattr(prefetch, "_POLL_S", 20.0)
+    rng = random.Random(0)
+
+    class Jittery(Counting):
+        def __next__(self):
+            if rng.random() < 0.3:
+                time.sleep(rng.random() * 1e-4)
+            return super().__next__()
+
+    for depth in (1, 2, 5):
+        started = time.monotonic()
+        prefetched = Prefetcher(Jittery(last=400), depth=depth)
+        got = []
+        for batch in prefetched:
+            got.append(int(batch["x"]))
+            if rng.random() < 0.3:
+                time.sleep(rng.random() * 1e-4)
+        assert got == list(range(1, 401))
+        assert time.monotonic() - started < 10, depth
