@@ -148,8 +148,18 @@ def _json_text(data: Any) -> str:
 
 
 def _broadcast(obj: Any, group: Any = None) -> Any:
-    """Rank 0's ``obj`` on every rank (small, picklable decisions only)."""
+    """Rank 0's ``obj`` on every rank (small, picklable decisions only); ``group``: a background
+    save's own group, None for the training's."""
+    if group is None:
+        return collectives.broadcast_object(obj, src=0)
     return collectives.broadcast_object(obj, src=0, group=group)
+
+
+def _gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (see ``_broadcast`` for ``group``)."""
+    if group is None:
+        return collectives.all_gather_objects(obj)
+    return collectives.all_gather_objects(obj, group=group)
 
 
 class CheckpointManager:
@@ -314,7 +324,7 @@ class CheckpointManager:
                           meta: dict[str, Any] | None, best: dict, started: float, group: Any) -> None:
         """Steps 3 and 4 of the protocol; ``group``: the collectives' group (a background save's own)."""
         # The agreement point: every rank learns what every other rank wrote, or why it could not.
-        reports: list[RankReport] = collectives.all_gather_objects(ledger.report, group=group)
+        reports: list[RankReport] = _gather(ledger.report, group)
         failures = [failure for report in reports for failure in report.failures]
         if failures:
             if self.rank == 0:  # nobody writes into it any more; a full disk is not left fuller

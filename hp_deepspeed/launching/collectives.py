@@ -84,8 +84,10 @@ def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    device = torch.device("cpu") if group is not None else comm_device()
-    dist.broadcast_object_list(box, src=src, group=group, device=device)
+    if group is None:
+        dist.broadcast_object_list(box, src=src, device=comm_device())
+    else:
+        dist.broadcast_object_list(box, src=src, group=group, device=torch.device("cpu"))
     return box[0]
 
 
@@ -97,7 +99,10 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     # all_gather_object has no device argument: it uses the current CUDA device under NCCL,
     # which init_distributed sets to this rank's device (see launching/distributed.py), and the
     # CPU on a gloo group.
-    dist.all_gather_object(gathered, obj, group=group)
+    if group is None:
+        dist.all_gather_object(gathered, obj)
+    else:
+        dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
