@@ -40,8 +40,8 @@ def _file_digests(step_dir: str) -> dict[str, str]:
     return out
 
 
-def _slow_writer() -> None:
-    """Every file the background thread writes starts WRITER_DELAY_S late."""
+def _slow_writer():
+    """Every file the background thread writes starts WRITER_DELAY_S late; returns the undo."""
     real = SaveLedger.torch_save
 
     def torch_save(self, obj, path):
@@ -52,6 +52,7 @@ def _slow_writer() -> None:
         return real(self, obj, path)
 
     SaveLedger.torch_save = torch_save
+    return lambda: setattr(SaveLedger, "torch_save", real)
 
 
 def async_saves(run_dir: str) -> dict:
@@ -66,7 +67,7 @@ def async_saves(run_dir: str) -> dict:
     sync_dir = CheckpointManager(config("never"), os.path.join(run_dir, "sync"), model_config=MODEL_CONFIG).save(
         engine, 2, {"sampler": {"offset": 8}}, job_config={"toy": True})
 
-    _slow_writer()
+    undo = _slow_writer()
     manager = CheckpointManager(config("always"), os.path.join(run_dir, "async"), model_config=MODEL_CONFIG)
     started = time.monotonic()
     async_dir = manager.save(engine, 2, {"sampler": {"offset": 8}}, job_config={"toy": True}, wait=False)
@@ -74,6 +75,7 @@ def async_saves(run_dir: str) -> dict:
     out["official_on_return"] = read_marker(async_dir) is not None
     losses[3] = train_step(engine, 3)  # updates the weights and moments in place, before the write
     manager.wait()
+    undo()
     out["official_after_wait"] = read_marker(async_dir) is not None and read_latest(async_dir.parent) == "step-2"
     if dist.get_rank() == 0:
         out["sync_files"], out["async_files"] = _file_digests(str(sync_dir)), _file_digests(str(async_dir))
@@ -181,3 +183,30 @@ def test_a_host_snapshot_keeps_shared_storage_and_ignores_later_in_place_updates
     assert (tmp_path / "copy" / "state.pt").read_bytes() == (tmp_path / "live" / "state.pt").read_bytes()
     loaded = torch.load(tmp_path / "copy" / "state.pt", weights_only=False)
     assert loaded["views"][0].untyped_storage().data_ptr() == loaded["flat"].untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: pinned host buffers, side-stream copies")
+def test_a_host_snapshot_of_gpu_tensors_is_pinned_complete_and_reused(tmp_path):
+    flat = torch.randn(1 << 20, device="cuda")
+    state = {"flat": flat, "view": flat[10:20], "step": torch.tensor(3.0)}
+    (tmp_path / "live").mkdir()
+    (tmp_path / "copy").mkdir()
+    torch.save({k: v.cpu() if v.is_cuda else v for k, v in state.items()}, tmp_path / "live" / "state.pt")
+    snapshot = HostSnapshot()
+    copied, ready = snapshot.take(state)
+    flat.mul_(-1.0)  # queued on the training stream behind the copies
+    ready.synchronize()
+    assert copied["flat"].is_pinned() and not copied["flat"].is_cuda
+    assert copied["view"].untyped_storage().data_ptr() == copied["flat"].untyped_storage().data_ptr()
+    assert torch.equal(copied["flat"].cuda(), -flat)
+    torch.save(copied, tmp_path / "copy" / "state.pt")
+    # The view's storage offset and the CPU tensor survive, so a load gives the same values.
+    loaded = torch.load(tmp_path / "copy" / "state.pt")
+    reference = torch.load(tmp_path / "live" / "state.pt")
+    assert all(torch.equal(loaded[k], reference[k]) for k in reference)
+    buffer = copied["flat"].untyped_storage().data_ptr()
+    del copied
+    snapshot.recycle()
+    again, ready = snapshot.take(state)
+    ready.synchronize()
+    assert again["flat"].untyped_storage().data_ptr() == buffer  # the pinned buffer was reused
