@@ -176,13 +176,19 @@ def test_a_host_snapshot_keeps_shared_storage_and_ignores_later_in_place_updates
     (tmp_path / "live").mkdir()
     (tmp_path / "copy").mkdir()  # torch names the archive's records after the file: one name
     torch.save(state, tmp_path / "live" / "state.pt")
-    copied, ready = HostSnapshot().take(state)
+    snapshot = HostSnapshot()
+    copied, ready = snapshot.take(state)
     assert ready is None
     flat.add_(100.0)  # training's in-place update, after the snapshot
     torch.save(copied, tmp_path / "copy" / "state.pt")
     assert (tmp_path / "copy" / "state.pt").read_bytes() == (tmp_path / "live" / "state.pt").read_bytes()
     loaded = torch.load(tmp_path / "copy" / "state.pt", weights_only=False)
     assert loaded["views"][0].untyped_storage().data_ptr() == loaded["flat"].untyped_storage().data_ptr()
+    # Once written, the next save copies into the same buffer, and sees the new values.
+    buffer = copied["flat"].untyped_storage().data_ptr()
+    snapshot.recycle()
+    again, _ = snapshot.take(state)
+    assert again["flat"].untyped_storage().data_ptr() == buffer and torch.equal(again["flat"], flat)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: pinned host buffers, side-stream copies")
