@@ -7,12 +7,14 @@ Per world size, fresh gloo rank processes build one ZeRO-3 fp32 engine (``--pres
 initialisation, HyperPrompt-Global, torch AdamW, as ``bench.checkpoint_io``), take one training
 step so Adam's moments exist, and hold two ``CheckpointManager``s on two folders of the same
 disk: ``async_save="never"`` and ``"always"``. Each round saves once with each (the order
-alternates between rounds: interleaved), and after each save runs ``--steps`` training steps:
+rotates between rounds: interleaved, with a third entry that only trains), and after each save
+runs ``--steps`` training steps:
 
 * **stall**: wall time of ``save(..., wait=False)``, the time the loop is blocked (synchronous:
   the whole save; asynchronous: the copy to host memory and the queueing);
-* **steps**: the ``--steps`` training steps after it (asynchronous: while the background thread
-  writes, so on a machine with few cores they pay for the writing too), then **wait**: what is left
+* **step**: the time per training step of the ``--steps`` steps after it (asynchronous: while the
+  background thread writes, so on a machine with few cores they pay for the writing too), against
+  the same steps in the round's entry without a save; then **wait**: what is left
   of the background save after them (``manager.wait()``, 0 for a synchronous save);
 * **to COMPLETE**: from the call to the moment rank 0 wrote ``COMPLETE`` (the marker's time).
 
@@ -76,16 +78,20 @@ def rank_body(preset: str, rounds: int, steps: int, root: str) -> dict:
         return collectives.all_reduce(torch.tensor([seconds], dtype=torch.float64), "max").item()
 
     train_step()
-    quiet_steps = []  # training steps with no save in flight: the reference step time
-    for _ in range(steps):
-        collectives.barrier()
-        start = time.perf_counter()
-        train_step()
-        quiet_steps.append(slowest(time.perf_counter() - start))
     out: dict = {mode: {"stall_s": [], "steps_s": [], "wait_s": [], "to_complete_s": []} for mode in MODES}
+    out["quiet_step_s"] = []  # steps with no save in flight, in the same rounds: the reference
     step = 1
     for r in range(rounds + 1):  # round 0 warms up (first save allocates the host copies)
-        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+        order = MODES + ("none",)
+        for mode in order[r % 3:] + order[:r % 3]:
+            if mode == "none":
+                collectives.barrier()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    train_step()
+                if r > 0:
+                    out["quiet_step_s"].append(slowest(time.perf_counter() - start) / steps)
+                continue
             manager = managers[mode]
             collectives.barrier()
             called_at, start = time.time(), time.perf_counter()
@@ -103,7 +109,7 @@ def rank_body(preset: str, rounds: int, steps: int, root: str) -> dict:
             if r > 0:
                 row = out[mode]
                 row["stall_s"].append(slowest(stall))
-                row["steps_s"].append(slowest(steps_s))
+                row["steps_s"].append(slowest(steps_s) / steps)
                 row["wait_s"].append(slowest(wait_s))
                 row["to_complete_s"].append(slowest(to_complete))
             step += 1
@@ -111,7 +117,6 @@ def rank_body(preset: str, rounds: int, steps: int, root: str) -> dict:
         manager.finish_deletions()
     step_dir = max((Path(root) / "sync" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     out["checkpoint_bytes"] = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
-    out["quiet_step_s"] = quiet_steps
     out["params"] = sum(int(p.ds_numel) for p in engine.module.parameters())
     return out
 
@@ -133,7 +138,7 @@ def run(preset: str = "t5-small", ranks=(1, 2), rounds: int = 3, steps: int = 3,
                 m.update({name[:-2] + "_s_median": median(m[name])
                           for name in ("stall_s", "steps_s", "wait_s", "to_complete_s")})
                 rows.append([world, mode, m["stall_s_median"], ", ".join(f"{t:.2f}" for t in m["stall_s"]),
-                             m["steps_s_median"] / steps, quiet, m["wait_s_median"], m["to_complete_s_median"]])
+                             m["steps_s_median"], quiet, m["wait_s_median"], m["to_complete_s_median"]])
             r["stall_async_over_sync"] = r["async"]["stall_s_median"] / r["sync"]["stall_s_median"]
             results[world] = r
             print(f"{world} rank(s): {r['params'] / 1e6:.1f}M params, checkpoint {r['checkpoint_bytes'] / 1e6:.0f} MB, "
