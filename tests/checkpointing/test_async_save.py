@@ -216,3 +216,19 @@ def test_a_host_snapshot_of_gpu_tensors_is_pinned_complete_and_reused(tmp_path):
     again, ready = snapshot.take(state)
     ready.synchronize()
     assert again["flat"].untyped_storage().data_ptr() == buffer  # the pinned buffer was reused
+
+
+@pytest.mark.slow
+def test_a_trainer_whose_background_save_fails_stops_with_one_line_and_no_partial_checkpoint(tmp_path):
+    # The run dir's own files fit in 1 MiB, the first checkpoint (~5 MB) does not: the interval
+    # save at step 2 fails in the background, and the save at step 4 reports it.
+    from tests.test_faults_cli import error_line, tmpfs, train
+
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        result = train(disk / "run", "training.steps=4", "checkpoint.interval=2", "checkpoint.async_save=always")
+        assert result.returncode != 0, result.output[-3000:]
+        line = error_line(result)
+        assert "checkpoint step-2 not saved" in line or "no space left on device" in line, line
+        assert "no space left on device" in result.output and str(disk / "run" / "checkpoints") in result.output
+        assert not list((disk / "run" / "checkpoints").glob("*.staging"))
+        assert not (disk / "run" / "checkpoints" / "latest").exists()
