@@ -43,6 +43,16 @@ class CheckpointConfig:
     """A training file that changed since the checkpoint (size or content) refuses the resume, since
     the saved data position would then point at other rows; ``true`` resumes anyway, with a warning."""
 
+    async_save: Literal["auto", "always", "never"] = "auto"
+    """Where a save's files are written. ``"always"``: ``save`` copies the state into host memory
+    (pinned buffers on a GPU, reused between saves), returns, and a background thread writes,
+    fsyncs and commits the checkpoint while training continues; ``COMPLETE`` and ``latest`` still
+    appear only once every rank's files are durable, and the last save of a run, a preemption
+    save and every exit path wait for that. Costs one host copy of the rank's checkpoint shard.
+    ``"never"``: training waits for the whole save. ``"auto"``: ``always`` when the job trains on
+    GPUs, where the copy to host memory is a fraction of the disk write; ``never`` on CPU, where
+    the copy competes with training for the same cores and memory."""
+
     def __post_init__(self) -> None:
         if self.interval < 1:
             raise ValueError(f"checkpoint.interval must be >= 1, got {self.interval}")
@@ -51,5 +61,7 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
         if not self.resume:
             raise ValueError('checkpoint.resume must be "auto", "none" or a path to a step-N folder')
+        if self.async_save not in ("auto", "always", "never"):
+            raise ValueError(f'checkpoint.async_save must be "auto", "always" or "never", got {self.async_save!r}')
         if self.conversion_timeout_s <= 0:
             raise ValueError(f"checkpoint.conversion_timeout_s must be > 0, got {self.conversion_timeout_s}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -121,22 +122,28 @@ class RankReport:
 
 
 class SaveLedger:
-    """One rank's record of the files it wrote into ``staging`` during one save."""
+    """One rank's record of the files it wrote into ``staging`` during one save.
+
+    Safe to use from two threads at once (an asynchronous save writes the shards from its
+    background thread while the training thread records the failures of its own writes)."""
 
     def __init__(self, staging: str | Path, rank: int) -> None:
         self.staging = Path(staging)
         self.report = RankReport(rank)
+        self._lock = threading.Lock()
 
     def _record(self, path: Path, size: int, digest: str) -> None:
-        self.report.files[str(path.relative_to(self.staging))] = {
-            "size": size, "digest": digest, "rank": self.report.rank}
+        with self._lock:
+            self.report.files[str(path.relative_to(self.staging))] = {
+                "size": size, "digest": digest, "rank": self.report.rank}
 
     def fail(self, path: str | Path | None, err: BaseException) -> None:
         if isinstance(err, OSError) and err.errno is not None:
             where, cause = err.filename or path, describe_os_error(OSError(err.errno, err.strerror))
         else:
             where, cause = path, describe_os_error(err)
-        self.report.failures.append(WriteFailure(self.report.rank, str(where), cause))
+        with self._lock:
+            self.report.failures.append(WriteFailure(self.report.rank, str(where), cause))
 
     @property
     def failed(self) -> bool:

@@ -28,6 +28,15 @@ Save protocol (see ``layout`` for the folder layout, ``integrity`` for the files
     outcome is broadcast so every rank returns (or raises) together: a rank that exits right
     after ``save`` (preemption) does so only once the checkpoint is official.
 
+Asynchronous save (``checkpoint.async_save``, see ``async_save``): in step 2 each file DeepSpeed
+hands over is copied to host memory and queued, and ``save(..., wait=False)`` returns once all
+are copied; a background thread per rank writes them through the same ledger, then runs steps 3
+and 4 over a gloo group of their own. Only one save is in flight: the next ``save`` first waits
+for the previous one and raises its ``CheckpointError``, as does ``wait()``. The trainer waits at
+the last save, at a preemption save and on every way out of the loop, so the contract above
+holds: a process that exits after such a save leaves an official checkpoint. A crash during the
+background write leaves a ``.staging`` folder, removed as debris by the next save.
+
 Resume: rank 0 lists the candidates from the markers; every rank checks its share of each
 candidate's files against the manifest until one verifies; a candidate that fails is skipped with
 one warning naming the file and the step used instead.
@@ -52,6 +61,7 @@ import yaml
 
 from hp_deepspeed.checkpointing import data_files as data_record
 from hp_deepspeed.checkpointing import rng
+from hp_deepspeed.checkpointing.async_save import BackgroundSave, HostSnapshot
 from hp_deepspeed.checkpointing.config import CheckpointConfig
 from hp_deepspeed.checkpointing.integrity import (
     MANIFEST,
@@ -137,9 +147,19 @@ def _json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (small, picklable decisions only)."""
-    return collectives.broadcast_object(obj, src=0)
+def _broadcast(obj: Any, group: Any = None) -> Any:
+    """Rank 0's ``obj`` on every rank (small, picklable decisions only); ``group``: a background
+    save's own group, None for the training's."""
+    if group is None:
+        return collectives.broadcast_object(obj, src=0)
+    return collectives.broadcast_object(obj, src=0, group=group)
+
+
+def _gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` (see ``_broadcast`` for ``group``)."""
+    if group is None:
+        return collectives.all_gather_objects(obj)
+    return collectives.all_gather_objects(obj, group=group)
 
 
 class CheckpointManager:
@@ -175,6 +195,12 @@ class CheckpointManager:
         self._on_disk_step: int | None = None
         best_path = self.root / BEST
         self.best: dict[str, dict[str, float | int]] = read_json(best_path) if best_path.is_file() else {}
+        mode = config.async_save
+        self._async = mode == "always" or (mode == "auto" and torch.cuda.is_available())
+        # Created here, where every rank constructs its manager, since creating a group is collective.
+        self._group = collectives.background_group() if self._async else None
+        self._snapshot = HostSnapshot()
+        self._in_flight: BackgroundSave | None = None
 
     # ------------------------------------------------------------------ saving
 
@@ -199,13 +225,20 @@ class CheckpointManager:
         step: int,
         trainer_state: Mapping[str, Any] | None = None,
         job_config: str | Mapping[str, Any] | None = None,
+        wait: bool = True,
     ) -> Path:
-        """Write checkpoint ``step-N`` on every rank; returns its folder once it is complete.
+        """Write checkpoint ``step-N`` on every rank; returns its folder.
 
         ``trainer_state`` must be JSON-serialisable and the same on every rank (rank 0 writes it);
         ``step`` is added to it. ``job_config``: the resolved job config (YAML text or a mapping),
         stored as ``config.yaml`` so every checkpoint says exactly how it was trained.
+
+        ``wait``: return only once the checkpoint is complete (always so for a synchronous save).
+        With ``config.async_save`` and ``wait=False`` it returns once the state is copied to host
+        memory; the files are written and committed in the background, and :meth:`wait` (called
+        by the next save too) returns once that is done or raises its ``CheckpointError``.
         """
+        self.wait()  # one save in flight; the previous one's failure is reported here
         final = self.root / step_tag(step)
         # Skipped only while `latest` names it: after an explicit resume from an older checkpoint
         # the save must run, so that the new commit outranks the abandoned continuation.
@@ -234,26 +267,64 @@ class CheckpointManager:
         if prepared[0]:
             raise CheckpointError(f"checkpoint {final.name} not saved:\n  - " + "\n  - ".join(failure_lines(prepared[0])))
 
+        background = BackgroundSave(ledger, self._snapshot) if self._async else None
+        writer = background or ledger  # both take torch_save and write_text
         meta = None
         try:
-            with route_checkpoint_writes(engine, ledger.torch_save, ledger.guard):
+            with route_checkpoint_writes(engine, writer.torch_save, ledger.guard):
                 engine.save_checkpoint(str(self.root), tag=staging_tag,
                                        client_state={CLIENT_STEP_KEY: step}, save_latest=False)
-            if not ledger.failed:  # after a failed write, more writes only repeat its cause
-                ledger.guard(rng.rank_file(staging, self.rank), lambda: ledger.adopt(rng.save(staging, self.rank)))
+            rng_file = rng.rank_file(staging, self.rank)
+            if background is not None:  # written, or skipped after a failed write, by the thread
+                background.torch_save(rng.capture(), rng_file)
+            elif not ledger.failed:  # after a failed write, more writes only repeat its cause
+                ledger.guard(rng_file, lambda: ledger.adopt(rng.save(staging, self.rank)))
             if self.rank == 0 and not ledger.failed:
                 meta = {**self.describe(engine), "data_files": self._record_data_files()}
-                ledger.write_text(staging / TRAINER_STATE, _json_text(state))
-                ledger.write_text(staging / PARAMS, _json_text(_param_shapes(engine)))
-                ledger.write_text(staging / OPTIMIZER_GROUPS, _json_text(_group_hyperparameters(engine)))
+                writer.write_text(staging / TRAINER_STATE, _json_text(state))
+                writer.write_text(staging / PARAMS, _json_text(_param_shapes(engine)))
+                writer.write_text(staging / OPTIMIZER_GROUPS, _json_text(_group_hyperparameters(engine)))
                 if job_config is not None:
                     text = job_config if isinstance(job_config, str) else yaml.safe_dump(
                         dict(job_config), sort_keys=False)
-                    ledger.write_text(staging / CONFIG, text)
+                    writer.write_text(staging / CONFIG, text)
         except Exception as err:  # raised by DeepSpeed's own code, not by a write: reported like one
             ledger.fail(staging, err)
+        except BaseException:
+            if background is not None:  # an interrupt: the thread stops after the queued writes
+                background.close(None)
+            raise
+        # Retention after this commit pins the best steps known now, whatever is recorded meanwhile.
+        best = {task: dict(entry) for task, entry in self.best.items()}
+        if background is None:
+            self._agree_and_commit(ledger, staging, final, step, meta, best, started, group=None)
+            return final
+        background.close(lambda: self._agree_and_commit(ledger, staging, final, step, meta, best, started,
+                                                        group=self._group))
+        self._in_flight = background
+        log.debug("checkpoint %s copied to host memory in %.2fs; writing it in the background",
+                  final.name, time.monotonic() - started)
+        if wait:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Collective: return once the save in flight (if any) is complete, or raise its error.
+
+        The same ``CheckpointError`` is raised on every rank: the agreement and commit that decide
+        it ran on every rank. A no-op for a synchronous save, which is complete when it returns."""
+        background, self._in_flight = self._in_flight, None
+        if background is None:
+            return
+        error = background.join()
+        if error is not None:
+            raise error
+
+    def _agree_and_commit(self, ledger: SaveLedger, staging: Path, final: Path, step: int,
+                          meta: dict[str, Any] | None, best: dict, started: float, group: Any) -> None:
+        """Steps 3 and 4 of the protocol; ``group``: the collectives' group (a background save's own)."""
         # The agreement point: every rank learns what every other rank wrote, or why it could not.
-        reports: list[RankReport] = collectives.all_gather_objects(ledger.report)
+        reports: list[RankReport] = _gather(ledger.report, group)
         failures = [failure for report in reports for failure in report.failures]
         if failures:
             if self.rank == 0:  # nobody writes into it any more; a full disk is not left fuller
@@ -265,15 +336,15 @@ class CheckpointManager:
         outcome = None
         if self.rank == 0:
             try:
-                self._commit(staging, final, step, meta, reports)
+                self._commit(staging, final, step, meta, reports, best)
             except Exception as err:
                 outcome = f"{type(err).__name__}: {err}"
-        outcome = _broadcast(outcome)
+        outcome = _broadcast(outcome, group)
         if outcome is not None:
             raise CheckpointError(f"{final}: rank 0 could not commit the checkpoint: {outcome}")
         self._on_disk_step = step
-        log.info("saved checkpoint %s in %.1fs", final, time.monotonic() - started)
-        return final
+        log.info("saved checkpoint %s in %.1fs%s", final, time.monotonic() - started,
+                 " (in the background)" if group is not None else "")
 
     def _record_data_files(self) -> dict[str, dict[str, Any]]:
         """Rank 0: the training files' records (read once, then re-read only when size or mtime move)."""
@@ -286,7 +357,8 @@ class CheckpointManager:
         self._data_records = records
         return records
 
-    def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any], reports: list[RankReport]) -> None:
+    def _commit(self, staging: Path, final: Path, step: int, meta: dict[str, Any], reports: list[RankReport],
+                best: Mapping[str, Mapping[str, Any]]) -> None:
         """Rank 0: make ``staging`` the official ``step-N`` (manifest, marker, rename, pointer), then rotate."""
         missing = [
             str(path.relative_to(staging))
@@ -322,12 +394,12 @@ class CheckpointManager:
         os.replace(staging, final)
         fsync_path(self.root)
         atomic_write_text(self.root / LATEST, final.name + "\n")
-        self._apply_retention(protect=step)
+        self._apply_retention(protect=step, best=best)
 
-    def _apply_retention(self, protect: int) -> None:
+    def _apply_retention(self, protect: int, best: Mapping[str, Mapping[str, Any]]) -> None:
         """Retire the checkpoints retention drops now; delete their files in the background."""
         steps = [info.step for info in by_commit_order(complete_checkpoints(self.root))]
-        pinned = {int(entry["step"]) for entry in self.best.values()} if self.config.keep_best else set()
+        pinned = {int(entry["step"]) for entry in best.values()} if self.config.keep_best else set()
         trash = []
         for step in select_for_deletion(steps, self.config.keep_last, pinned, protect=(protect,)):
             path = self.root / step_tag(step)

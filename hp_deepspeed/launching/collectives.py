@@ -10,6 +10,11 @@ checks the source tree), so the CPU suite guards the GPU rule.
 
 Without an initialised process group every helper is the single-process identity, so callers
 need no ``if dist.is_initialized()`` of their own.
+
+:func:`background_group` is a second, gloo, group over the same ranks for collectives made from a
+background thread (the asynchronous checkpoint save's agreement and commit). Two threads calling
+collectives on one group would interleave their messages; on a group of their own they cannot.
+The object helpers take it as ``group``; gloo moves CPU tensors only, so they then use the CPU.
 """
 
 from __future__ import annotations
@@ -74,21 +79,44 @@ def all_reduce_flag(value: bool | int, op: ReduceOp) -> int:
     return int(all_reduce(torch.tensor([int(value)], dtype=torch.int32), op).item())
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s picklable ``obj`` on every rank."""
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (of ``group``: one of :func:`background_group`)."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=comm_device())
+    if group is None:
+        dist.broadcast_object_list(box, src=src, device=comm_device())
+    else:
+        dist.broadcast_object_list(box, src=src, group=group, device=torch.device("cpu"))
     return box[0]
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's picklable ``obj``, in rank order."""
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (of ``group``: one of :func:`background_group`)."""
     if not is_distributed():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()
     # all_gather_object has no device argument: it uses the current CUDA device under NCCL,
-    # which init_distributed sets to this rank's device (see launching/distributed.py).
-    dist.all_gather_object(gathered, obj)
+    # which init_distributed sets to this rank's device (see launching/distributed.py), and the
+    # CPU on a gloo group.
+    if group is None:
+        dist.all_gather_object(gathered, obj)
+    else:
+        dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+_background: dict[int, Any] = {}
+
+
+def background_group() -> Any:
+    """The gloo group over every rank for a background thread's collectives (None without a
+    process group). Collective the first time per process group: every rank must ask at the
+    same point of its program, as for any collective."""
+    if not is_distributed():
+        return None
+    world = id(dist.group.WORLD)  # a process group destroyed and created again gets its own
+    if world not in _background:
+        _background.clear()
+        _background[world] = dist.new_group(backend="gloo")
+    return _background[world]

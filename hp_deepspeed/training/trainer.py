@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from hp_deepspeed.checkpointing import CheckpointManager
+from hp_deepspeed.checkpointing import CheckpointError, CheckpointManager
 from hp_deepspeed.compat.deepspeed import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
@@ -262,7 +262,9 @@ class Trainer:
                     return EXIT_NON_FINITE
                 # Non-finite weights, or those of a step whose update was skipped, are never saved.
                 if (save or stop) and self.nonfinite.finite:
-                    self.save()
+                    # The last and a preemption save are official before the process may exit;
+                    # others may finish in the background (checkpoint.async_save).
+                    self.save(wait=last or stop)
                 if stop:
                     if self.is_main:
                         log.warning("%s; stopping with exit code %d (resume with --resume auto)",
@@ -272,6 +274,7 @@ class Trainer:
                     return EXIT_PREEMPTED
             return 0
         finally:
+            self.finish_checkpoint(failing=sys.exc_info()[0] is not None)
             if isinstance(batches, Prefetcher):
                 batches.close()
             terminal.close()
@@ -381,8 +384,18 @@ class Trainer:
         position = batches if isinstance(batches, Prefetcher) else self.stream
         return {"step": self.step, "data": position.state_dict()}
 
-    def save(self) -> None:
-        self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg))
+    def save(self, wait: bool = True) -> None:
+        self.checkpoints.save(self.engine, self.step, self.trainer_state(), to_dict(self.cfg), wait=wait)
+
+    def finish_checkpoint(self, failing: bool) -> None:
+        """On every way out of the loop: a save still in the background completes first. Its
+        failure is raised, unless the loop is already ending on an error (then it is logged)."""
+        try:
+            self.checkpoints.wait()
+        except CheckpointError as err:
+            if not failing:
+                raise
+            log.error("%s", err)
 
     def resume(self) -> None:
         if self.resume_from is None:

@@ -21,8 +21,8 @@ SAVE_UNTIL = 8
 TOTAL_STEPS = 10
 
 
-def config() -> CheckpointConfig:
-    return CheckpointConfig(interval=2, keep_last=2, keep_best=True, resume="auto")
+def config(async_save: str = "never") -> CheckpointConfig:
+    return CheckpointConfig(interval=2, keep_last=2, keep_best=True, resume="auto", async_save=async_save)
 
 
 def train_save_resume(run_dir: str) -> dict:
@@ -173,7 +173,7 @@ def _record_fsyncs() -> list[str]:
     return synced
 
 
-def save_at_every_stage(run_dir: str) -> dict:
+def save_at_every_stage(run_dir: str, async_save: str = "never") -> dict:
     """One save of a real engine at ZeRO stages 0, 1, 2 and 3: every file the save left in the
     step folder, and the paths this rank fsynced before its part of the save was agreed on (rank 0:
     before it wrote ``COMPLETE``)."""
@@ -181,7 +181,8 @@ def save_at_every_stage(run_dir: str) -> dict:
     out = {}
     for stage in (0, 1, 2, 3):
         seed(3)
-        manager = CheckpointManager(config(), os.path.join(run_dir, f"stage{stage}"), model_config=MODEL_CONFIG)
+        manager = CheckpointManager(config(async_save), os.path.join(run_dir, f"stage{stage}"),
+                                    model_config=MODEL_CONFIG)
         engine = make_engine(stage=stage)
         train_step(engine, 1)
         del synced[:]
