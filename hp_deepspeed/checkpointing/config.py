@@ -43,7 +43,7 @@ class CheckpointConfig:
     """A training file that changed since the checkpoint (size or content) refuses the resume, since
     the saved data position would then point at other rows; ``true`` resumes anyway, with a warning."""
 
-    async_save: Literal["auto", "always", "never"] = "auto"
+    async_save: Literal["auto", "always", "never"] = "never"
     """Where a save's files are written. ``"always"``: ``save`` copies the state into host memory
     (pinned buffers on a GPU, reused between saves), returns, and a background thread writes,
     fsyncs and commits the checkpoint while training continues; ``COMPLETE`` and ``latest`` still
@@ -51,7 +51,9 @@ class CheckpointConfig:
     save and every exit path wait for that. Costs one host copy of the rank's checkpoint shard.
     ``"never"``: training waits for the whole save. ``"auto"``: ``always`` when the job trains on
     GPUs, where the copy to host memory is a fraction of the disk write; ``never`` on CPU, where
-    the copy competes with training for the same cores and memory."""
+    the copy competes with training for the same cores and memory. The default is ``never`` until
+    the CUDA snapshot (pinned buffers, side stream, events) has run on a GPU: the GPU smoke check
+    (bench/gpu_smoke.py) saves with ``always`` to verify it."""
 
     def __post_init__(self) -> None:
         if self.interval < 1:
