@@ -256,6 +256,7 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
                 "save_gb_per_s": size / median(r["save_s_all"]) / 1e9,
                 "dd_write_gb_per_s": r["dd_bytes"] / median(r["dd_write_s_all"]) / 1e9,
                 "save_over_dd_per_round": save_ratio, "save_over_dd_median": median(save_ratio),
+                "load_s_median": median([x["verify_s"] + x["load_s"] for x in by_cache["cold"]]),
                 **{cache: _load_rows(loads_r, size) for cache, loads_r in by_cache.items()},
             }
     not_cold = {x["not_cold_because"] for r in rows.values() for x in r["cold"]["rounds"] if x["not_cold_because"]}

@@ -58,9 +58,9 @@ def digest_file(path: str | Path) -> tuple[int, str]:
     """Size and xxh3-128 hex digest of a file, hashed straight from a read-only memory map.
 
     Mapped with sequential read-ahead, the hash runs while the kernel reads the next pages, and
-    no user-space copy is made: at the disk's speed cold and at ``dd``'s from the page cache,
-    where a ``readinto`` loop ran at 0.7x and 0.6x (``bench.checkpoint_io``). The pages it leaves
-    in the page cache are those the resume's memory-mapped load copies from next.
+    no user-space copy is made, so verifying keeps up with ``dd`` cold and from the page cache,
+    where a ``readinto`` loop into a buffer fell behind in both. The pages it leaves in the page
+    cache are those the resume's memory-mapped load copies from next.
     """
     with open(path, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
