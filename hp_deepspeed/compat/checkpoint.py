@@ -172,17 +172,17 @@ def mmap_loading(engine) -> Iterator[None]:
     ``engine.checkpoint_engine.load(path, map_location)``, a plain ``torch.load``, which allocates
     a fresh tensor for every record and copies the file into it; ZeRO then copies the fp32
     partitions once more into the engine's flat buffers, and torch's ``Optimizer.load_state_dict``
-    keeps the loaded moment tensors themselves. Why: on a 752 MB shard the fresh allocations and
-    that first copy were two thirds of the load (0.40 s of 0.66 s, cold cache, one rank), while
-    the resume's verification had just brought the file into the page cache. Mapped, the bytes
-    are copied once, page cache to the engine's buffers.
+    keeps the loaded moment tensors themselves. Why: those fresh allocations and that first copy
+    were most of the load (profiled on a ZeRO-3 shard, cold cache), while the resume's
+    verification had just brought the file into the page cache. Mapped, the bytes are copied
+    once, from the page cache.
 
     A tensor that stays a view of the mapping would keep the file open for the rest of the run
     (retention could then not free its space) and turn the first optimizer step into page-by-page
-    copy-on-write faults; so after the load every optimizer state tensor is copied into the
-    pristine engine's tensor of the same key, shape and dtype (ZeRO creates Adam's moments at
-    initialisation), or else cloned. An engine without a ``checkpoint_engine`` (a test double) is
-    left alone.
+    copy-on-write faults; so after the load every CPU optimizer state tensor is copied into the
+    engine's own tensor of the same key, shape and dtype where it had one before the load, or
+    else cloned (a pristine ZeRO-3 engine has no Adam moments yet: torch creates them at the
+    first step). An engine without a ``checkpoint_engine`` (a test double) is left alone.
     """
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     patched = checkpoint_engine is not None and callable(getattr(checkpoint_engine, "load", None))
