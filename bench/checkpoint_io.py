@@ -1,32 +1,38 @@
 """Checkpoint save and resume throughput against ``dd`` on the same disk with the same writers
-(ZeRO-3, real engines, CheckpointManager).
+and readers (ZeRO-3, real engines, CheckpointManager).
 
-    python -m bench.checkpoint_io [--presets tiny-v1_0 t5-small t5-base] [--saves 3] [--loads 2]
-                                  [--ranks 2] [--out PATH]
+    python -m bench.checkpoint_io [--presets tiny-v1_0 t5-small] [--saves 3] [--loads 2]
+                                  [--ranks 2] [--writer-mb 512] [--out PATH]
+    python -m bench.checkpoint_io --t5-base [--ranks 1]     # the 2.7 GB case, on its own
 
 ``--ranks`` gloo ranks, fp32, ZeRO-3 (``ds_configs/zero3_cpu_test.json`` via ``build_ds_config``,
-torch AdamW), HyperPrompt-Global on each preset, random initialisation. Per preset, fresh rank
-processes build an engine, take one training step (so Adam's moments exist) and save ``--saves``
-checkpoints with ``CheckpointManager.save``: the whole protocol (DeepSpeed shards through the
-ledger: fsync and xxh3-128 per file, RNG files, the gathered reports, manifest, COMPLETE, rename,
-``latest``, retention with ``keep_last=1`` in the background). Before each save, every rank runs
-one ``dd if=/dev/zero bs=16M conv=fsync`` writing as many bytes as it wrote in the previous save,
-at the same time as the other ranks: the disk's speed with the same number of writers, measured
-in the same minute as the save it is compared with (interleaved rounds).
+torch AdamW), HyperPrompt-Global on each preset, random initialisation from the preset's config
+(no hub). Per preset, fresh rank processes build an engine, take one training step (so Adam's
+moments exist) and save ``--saves`` checkpoints with ``CheckpointManager.save``: the whole
+protocol (DeepSpeed shards through the ledger: fsync and xxh3-128 per file, RNG files, the
+gathered reports, manifest, COMPLETE, rename, ``latest``, retention with ``keep_last=1`` in the
+background). Before each save, every rank runs one ``dd if=/dev/zero bs=16M conv=fsync`` writing
+as many bytes as it wrote in the previous save, at the same time as the other ranks: the disk's
+speed with the same number of writers, measured in the same minute as the save it is compared
+with (interleaved rounds).
 
-Then ``--loads`` times, fresh rank processes build a pristine engine; each rank first reads its
-files of the newest checkpoint with ``dd of=/dev/null bs=16M``, then the resume is timed in its
-two parts: ``find_resume_point`` (every rank checks its share of the files against the manifest)
-and ``CheckpointManager.load``. The files were just written, so reads come mostly from the page
-cache for dd and the resume alike: this compares the code paths, not cold-disk bandwidth.
-Times are rank 0's wall clock between barriers. One engine per process keeps t5-base within a
-shared machine.
+Then ``--loads`` rounds, each a cold and a warm resume, every one in fresh rank processes with a
+pristine engine: every rank reads its files of the newest checkpoint with ``dd of=/dev/null
+bs=16M`` (all ranks at once: the same number of readers), then the resume is timed in its two
+parts, ``find_resume_point`` (every rank checks its share of the files against the manifest) and
+``CheckpointManager.load``. Cold: the page cache is dropped (``sync; echo 3 >
+/proc/sys/vm/drop_caches``, root only) before the ``dd`` read and again before the resume; where
+that is not allowed the run says so and the "cold" rows are warm. Warm: the files are in the page
+cache for both. Times are rank 0's wall clock between barriers; the load average is recorded
+around every timed phase. One engine per process keeps t5-base within a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -39,6 +45,10 @@ from bench.common import median, table, write_json
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 8
 DD_BLOCK = 16 << 20
+DEFAULT_PRESETS = ("tiny-v1_0", "t5-small")
+# Free space a t5-base run needs: two checkpoints (retention keeps one while the next is written)
+# and dd's file of one rank's share, 2.7 GB each, with room to spare.
+T5_BASE_FREE_BYTES = 12 * 10**9
 
 
 def _own_files(step_dir: Path, rank: int) -> list[tuple[Path, int]]:
@@ -58,9 +68,21 @@ def _dd_read(paths: list[Path]) -> None:
         subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={DD_BLOCK}"], check=True, capture_output=True)
 
 
+def drop_caches() -> str | None:
+    """Empty the page cache (the whole machine's); None when done, else why not."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as fh:
+            fh.write("3\n")
+    except OSError as err:
+        return f"/proc/sys/vm/drop_caches: {os.strerror(err.errno)}"
+    return None
+
+
 def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
     """``phase`` "save": one training step, then ``saves`` rounds of (dd write, timed save);
-    "load": dd read of this rank's files, then a timed resume (verification, load)."""
+    "load-cold" / "load-warm": dd read of this rank's files, then a timed resume (verification,
+    load), the page cache dropped before each in "load-cold"."""
     import deepspeed
     import torch.distributed as dist
 
@@ -114,8 +136,21 @@ def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
                                                                          // DD_BLOCK)) * DD_BLOCK)])).item()
         return {"save_s_all": saves_s, "dd_write_s_all": dd_s, "checkpoint_bytes": disk, "dd_bytes": dd_bytes,
                 "params": sum(int(p.ds_numel) for p in engine.module.parameters())}
+    cold = phase == "load-cold"
+    not_cold = None
+
+    def maybe_drop() -> None:
+        nonlocal not_cold
+        if cold and rank == 0:
+            not_cold = drop_caches() or not_cold
+        collectives.barrier()
+
     step_dir = max((Path(root) / preset / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    loads = [os.getloadavg()[0]]
+    maybe_drop()
     dd_read = timed_collective(lambda: _dd_read([p for p, _ in _own_files(step_dir, rank)]))
+    loads.append(os.getloadavg()[0])
+    maybe_drop()
     point = None
 
     def find():
@@ -124,7 +159,9 @@ def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
 
     verify_s = timed_collective(find)
     load_s = timed_collective(lambda: manager.load(engine, point))
-    return {"dd_read_s": dd_read, "verify_s": verify_s, "load_s": load_s}
+    loads.append(os.getloadavg()[0])
+    return {"dd_read_s": dd_read, "verify_s": verify_s, "load_s": load_s, "cold": cold and not_cold is None,
+            "not_cold_because": not_cold, "loadavg_1min": loads}
 
 
 def writer_cost(mb: int = 512, rounds: int = 3, folder: str | None = None) -> dict:
@@ -173,52 +210,93 @@ def writer_cost(mb: int = 512, rounds: int = 3, folder: str | None = None) -> di
     return {"bytes": size, "rounds": rounds, "ways": rows}
 
 
-def run(presets=("tiny-v1_0", "t5-small", "t5-base"), saves=3, loads=2, ranks=2, out="checkpoint_io",
+def _load_rows(loads_r: list[dict], size: int) -> dict:
+    """Throughputs of one cache state's resumes, and resume / dd per round (the same processes)."""
+    resume = [x["verify_s"] + x["load_s"] for x in loads_r]
+    return {
+        "rounds": loads_r,
+        "dd_read_gb_per_s": size / median([x["dd_read_s"] for x in loads_r]) / 1e9,
+        "resume_gb_per_s": size / median(resume) / 1e9,
+        "verify_gb_per_s": size / median([x["verify_s"] for x in loads_r]) / 1e9,
+        "load_only_gb_per_s": size / median([x["load_s"] for x in loads_r]) / 1e9,
+        "resume_over_dd_per_round": [x["dd_read_s"] / r for x, r in zip(loads_r, resume)],
+        "resume_over_dd_median": median([x["dd_read_s"] / r for x, r in zip(loads_r, resume)]),
+        "load_only_over_dd_median": median([x["dd_read_s"] / x["load_s"] for x in loads_r]),
+        "loadavg_1min": [min(v for x in loads_r for v in x["loadavg_1min"]),
+                         max(v for x in loads_r for v in x["loadavg_1min"])],
+        "cold": all(x["cold"] for x in loads_r),
+    }
+
+
+def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io", writer_mb=512,
         timeout=1800) -> dict:
     from hp_deepspeed.testing.ranks import run_ranks
 
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    if "t5-base" in presets:
+        free = shutil.disk_usage(results).free
+        if free < T5_BASE_FREE_BYTES:
+            raise SystemExit(f"{results}: {free / 1e9:.1f} GB free, a t5-base checkpoint run needs "
+                             f"{T5_BASE_FREE_BYTES / 1e9:.0f} GB (two checkpoints and dd's file)")
     rows = {}
-    with tempfile.TemporaryDirectory(prefix="hp-bench-ckpt-", dir=str(REPO / "bench" / "results")) as root:
+    with tempfile.TemporaryDirectory(prefix="hp-bench-ckpt-", dir=str(results)) as root:
         for preset in presets:
-            # Fresh rank processes for the saves and for every load: one engine per process.
+            # Fresh rank processes for the saves and for every load: one pristine engine per process.
             r = run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout, args=(preset, "save", saves, root))[0]
-            loads_r = [run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout,
-                                 args=(preset, "load", 0, root))[0] for _ in range(loads)]
+            by_cache: dict[str, list[dict]] = {"cold": [], "warm": []}
+            for _ in range(loads):  # interleaved: a cold and a warm resume per round
+                for cache in by_cache:
+                    by_cache[cache].append(run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout,
+                                                     args=(preset, f"load-{cache}", 0, root))[0])
             size = r["checkpoint_bytes"]
             save_ratio = [(size / s) / (r["dd_bytes"] / d) for s, d in zip(r["save_s_all"], r["dd_write_s_all"])]
             rows[preset] = {
-                **r, "loads": loads_r, "save_s_median": median(r["save_s_all"]),
-                "load_s_median": median([x["verify_s"] + x["load_s"] for x in loads_r]),
+                **r, "save_s_median": median(r["save_s_all"]),
                 "save_gb_per_s": size / median(r["save_s_all"]) / 1e9,
                 "dd_write_gb_per_s": r["dd_bytes"] / median(r["dd_write_s_all"]) / 1e9,
                 "save_over_dd_per_round": save_ratio, "save_over_dd_median": median(save_ratio),
-                "resume_gb_per_s": size / median([x["verify_s"] + x["load_s"] for x in loads_r]) / 1e9,
-                "load_only_gb_per_s": size / median([x["load_s"] for x in loads_r]) / 1e9,
-                "dd_read_gb_per_s": size / median([x["dd_read_s"] for x in loads_r]) / 1e9,
+                "load_s_median": median([x["verify_s"] + x["load_s"] for x in by_cache["cold"]]),
+                **{cache: _load_rows(loads_r, size) for cache, loads_r in by_cache.items()},
             }
-    print(table(["preset", "params (M)", "checkpoint MB", "save GB/s", "dd write GB/s", "save/dd (median of rounds)",
-                 "resume GB/s (verify+load)", "load only GB/s", "dd read GB/s"],
+    not_cold = {x["not_cold_because"] for r in rows.values() for x in r["cold"]["rounds"] if x["not_cold_because"]}
+    if not_cold:
+        print("the page cache could not be dropped (" + "; ".join(sorted(not_cold)) + "): the 'cold' rows are warm")
+    print(table(["preset", "params (M)", "checkpoint MB", "save GB/s", "dd write GB/s", "save/dd (median of rounds)"],
                 [[p, r["params"] / 1e6, r["checkpoint_bytes"] / 1e6, r["save_gb_per_s"], r["dd_write_gb_per_s"],
-                  r["save_over_dd_median"], r["resume_gb_per_s"], r["load_only_gb_per_s"], r["dd_read_gb_per_s"]]
-                 for p, r in rows.items()]))
+                  r["save_over_dd_median"]] for p, r in rows.items()]))
+    print(table(["preset", "cache", "resume GB/s (verify+load)", "verify GB/s", "load only GB/s", "dd read GB/s",
+                 "resume/dd per round", "load only/dd", "load avg (1 min)"],
+                [[p, cache, c["resume_gb_per_s"], c["verify_gb_per_s"], c["load_only_gb_per_s"], c["dd_read_gb_per_s"],
+                  ", ".join(f"{x:.2f}" for x in c["resume_over_dd_per_round"]), c["load_only_over_dd_median"],
+                  f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}"]
+                 for p, r in rows.items() for cache, c in (("cold", r["cold"]), ("warm", r["warm"]))]))
     result = {"benchmark": "checkpoint_io", "ranks": ranks, "zero_stage": 3, "precision": "fp32",
               "variant": "hyperprompt_global", "saves": saves, "loads": loads, "models": rows,
-              "writer": writer_cost(writer_mb, folder=str(REPO / "bench" / "results")) if writer_mb else None}
+              "writer": writer_cost(writer_mb, folder=str(results)) if writer_mb else None}
     write_json(out, result)
     return result
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny-v1_0", "t5-small", "t5-base"])
-    parser.add_argument("--saves", type=int, default=3)
+    parser.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+    parser.add_argument("--t5-base", action="store_true",
+                        help="measure t5-base alone (2.7 GB checkpoint; needs 12 GB free; deleted afterwards): "
+                             "--presets t5-base --ranks 1 --saves 2 --writer-mb 0 unless given")
+    parser.add_argument("--saves", type=int)
     parser.add_argument("--loads", type=int, default=2)
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--writer-mb", type=int, default=512,
-                        help="size of the one-process serialisation comparison (0: skip it)")
-    parser.add_argument("--out", default="checkpoint_io")
+    parser.add_argument("--ranks", type=int)
+    parser.add_argument("--writer-mb", type=int,
+                        help="size of the one-process serialisation comparison (0: skip it; default 512)")
+    parser.add_argument("--out")
     args = parser.parse_args(argv)
-    run(args.presets, args.saves, args.loads, args.ranks, args.out, writer_mb=args.writer_mb)
+    if args.t5_base:
+        presets, saves, ranks, writer_mb, out = ["t5-base"], 2, 1, 0, "checkpoint_io_t5_base"
+    else:
+        presets, saves, ranks, writer_mb, out = args.presets, 3, 2, 512, "checkpoint_io"
+    run(presets, args.saves or saves, args.loads, args.ranks or ranks, args.out or out,
+        writer_mb=writer_mb if args.writer_mb is None else args.writer_mb)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ from hp_deepspeed.compat.checkpoint import (
     ParamGroupMismatch,
     base_optimizer,
     implementation_flags,
+    mmap_loading,
     own_step,  # noqa: F401  (re-exported: the GPU rule tests import it from here)
     repair_universal_load,
     restore_implementation_flags,
@@ -528,7 +529,9 @@ class CheckpointManager:
         else:
             load_dir, tag = step_dir.parent, step_dir.name
         own_flags = implementation_flags(engine)
-        with universal_loading(engine, universal):
+        # Memory-mapped: verification just brought this rank's files into the page cache, so the
+        # bytes are copied once, from there into the engine's buffers.
+        with universal_loading(engine, universal), mmap_loading(engine):
             load_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

@@ -5,12 +5,14 @@ Owns every use of a private or undocumented attribute the checkpoint manager nee
 ``engine.checkpoint_engine`` and ``engine._copy_recovery_script`` (routing the writes of a save),
 ``engine._config.load_universal_checkpoint`` (choosing native or universal loading per call),
 ``engine.optimizer.optimizer`` (the wrapped torch optimizer), the two defects of DeepSpeed's
-universal ZeRO-3 loader, and torch's CRC32 switch. Does not own the save protocol or the
-checks of what is loaded (``hp_deepspeed.checkpointing.manager``).
+universal ZeRO-3 loader, and torch's CRC32 switch; on the load side, ``engine.checkpoint_engine.load``
+(memory-mapped reads, ``mmap_loading``). Does not own the save protocol or the checks of what is
+loaded (``hp_deepspeed.checkpointing.manager``).
 """
 
 from __future__ import annotations
 
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -149,3 +151,71 @@ def own_step(step: torch.Tensor, moment: torch.Tensor | None, on_device: bool) -
     if on_device and moment is not None:
         return step.to(device=moment.device, dtype=torch.float32, copy=True)
     return step.clone()
+
+
+# ---------------------------------------------------------------------------------- load side
+
+
+def _torch_load_mapped(path: str, map_location=None):
+    """``torch.load`` of a DeepSpeed checkpoint file, memory-mapped where the format allows it
+    (torch 2.13: ``mmap=True`` needs the zip format; older pickled files are read as before)."""
+    mapped = zipfile.is_zipfile(path)
+    return torch.load(path, map_location=map_location, weights_only=False, mmap=mapped)
+
+
+@contextmanager
+def mmap_loading(engine) -> Iterator[None]:
+    """During ``engine.load_checkpoint``: DeepSpeed's files are memory-mapped, and the optimizer
+    state it loads ends in the engine's own state tensors, not in the mapped file.
+
+    DeepSpeed 0.19.8 reads every file of ``load_checkpoint`` through
+    ``engine.checkpoint_engine.load(path, map_location)``, a plain ``torch.load``, which allocates
+    a fresh tensor for every record and copies the file into it; ZeRO then copies the fp32
+    partitions once more into the engine's flat buffers, and torch's ``Optimizer.load_state_dict``
+    keeps the loaded moment tensors themselves. Why: those fresh allocations and that first copy
+    were most of the load (profiled on a ZeRO-3 shard, cold cache), while the resume's
+    verification had just brought the file into the page cache. Mapped, the bytes are copied
+    once, from the page cache.
+
+    A tensor that stays a view of the mapping would keep the file open for the rest of the run
+    (retention could then not free its space) and turn the first optimizer step into page-by-page
+    copy-on-write faults; so after the load every CPU optimizer state tensor is copied into the
+    engine's own tensor of the same key, shape and dtype where it had one before the load, or
+    else cloned (a pristine ZeRO-3 engine has no Adam moments yet: torch creates them at the
+    first step). An engine without a ``checkpoint_engine`` (a test double) is left alone.
+    """
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    patched = checkpoint_engine is not None and callable(getattr(checkpoint_engine, "load", None))
+    if patched:
+        checkpoint_engine.load = _torch_load_mapped
+    optimizer = base_optimizer(engine) if getattr(engine, "optimizer", None) is not None else None
+    own = {} if optimizer is None else {
+        param: {key: value for key, value in state.items() if torch.is_tensor(value)}
+        for param, state in optimizer.state.items()}
+    try:
+        yield
+    finally:
+        if patched:
+            del checkpoint_engine.load  # the class's method shows again
+    if optimizer is not None:
+        rehome_optimizer_state(optimizer, own)
+
+
+def rehome_optimizer_state(optimizer, own: dict) -> None:
+    """Put each CPU state tensor of ``optimizer`` into ``own``'s tensor for the same param and key
+    (same shape, dtype, device), else into a private copy: no state tensor is left sharing memory
+    with what ``torch.load`` returned."""
+    for param, state in optimizer.state.items():
+        pristine = own.get(param, {})
+        for key, value in list(state.items()):
+            if not torch.is_tensor(value) or value.device.type != "cpu":
+                continue  # moved to an accelerator by load_state_dict: already a copy
+            target = pristine.get(key)
+            if target is value:
+                continue
+            if (target is not None and target.shape == value.shape and target.dtype == value.dtype
+                    and target.device == value.device):
+                target.copy_(value)
+                state[key] = target
+            else:
+                state[key] = value.clone()
