@@ -167,7 +167,9 @@ class SaveLedger:
 
     def fail(self, path: str | Path | None, err: BaseException) -> None:
         if isinstance(err, OSError) and err.errno is not None:
-            where, cause = err.filename or path, describe_os_error(OSError(err.errno, err.strerror))
+            # A copy's error (shutil) names the source first and the file being written second.
+            where = err.filename2 or err.filename or path
+            cause = describe_os_error(OSError(err.errno, err.strerror))
         else:
             where, cause = path, describe_os_error(err)
         with self._lock:

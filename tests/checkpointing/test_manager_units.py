@@ -1151,3 +1151,14 @@ def test_resource_errors_are_named_in_words_with_their_path(code, words):
     ledger = integrity.SaveLedger("/ckpt", 3)
     ledger.fail("/ckpt/z.pt", OSError(code, os.strerror(code)))
     assert integrity.failure_lines(ledger.report.failures) == [f"rank 3 could not write /ckpt/z.pt: {words}"]
+
+
+
+def test_a_failed_copy_is_reported_against_the_file_being_written_not_its_source():
+    # shutil's copy sets filename to the source and filename2 to the destination of a failed write.
+    err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/venv/deepspeed/zero_to_fp32.py", None,
+                  "/ckpt/step-2.staging/zero_to_fp32.py")
+    ledger = integrity.SaveLedger("/ckpt", 0)
+    ledger.guard("/ckpt/step-2.staging", lambda: (_ for _ in ()).throw(err))
+    assert integrity.failure_lines(ledger.report.failures) == [
+        "rank 0 could not write /ckpt/step-2.staging/zero_to_fp32.py: no space left on device"]
