@@ -15,11 +15,12 @@ need no ``if dist.is_initialized()`` of their own.
 background thread (the asynchronous checkpoint save's agreement and commit). Two threads calling
 collectives on one group would interleave their messages; on a group of their own they cannot.
 The object helpers take it as ``group``; gloo moves CPU tensors only, so they then use the CPU.
+:func:`start_flag_agreement` has a gloo group of its own too, so a per-step flag never waits for a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,10 @@ def comm_device() -> torch.device:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def barrier() -> None:
@@ -106,17 +111,44 @@ def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return gathered
 
 
-_background: dict[int, Any] = {}
+_gloo_groups: dict[tuple[int, str], Any] = {}
 
 
-def background_group() -> Any:
-    """The gloo group over every rank for a background thread's collectives (None without a
-    process group). Collective the first time per process group: every rank must ask at the
-    same point of its program, as for any collective."""
+def _gloo_group(purpose: str) -> Any:
+    """A gloo group over every rank, one per ``purpose`` (None without a process group).
+    Collective the first time per process group: every rank must ask at the same point of its
+    program, as for any collective."""
     if not is_distributed():
         return None
     world = id(dist.group.WORLD)  # a process group destroyed and created again gets its own
-    if world not in _background:
-        _background.clear()
-        _background[world] = dist.new_group(backend="gloo")
-    return _background[world]
+    if (world, purpose) not in _gloo_groups:
+        for key in [key for key in _gloo_groups if key[0] != world]:
+            del _gloo_groups[key]
+        _gloo_groups[world, purpose] = dist.new_group(backend="gloo")
+    return _gloo_groups[world, purpose]
+
+
+def background_group() -> Any:
+    """The gloo group for a background thread's collectives (None without a process group)."""
+    return _gloo_group("background")
+
+
+def start_flag_agreement(value: bool | int, op: ReduceOp) -> Callable[[], int]:
+    """Start agreeing on a small integer over ranks; the returned function waits for the result.
+
+    For a flag checked every step (preemption): the reduction runs in host memory on a gloo
+    group of its own while the caller goes on, so neither the host nor a GPU stream waits for a
+    step to finish, and read one step later the result has long arrived. Every rank must start,
+    and read, its agreements in the same order. Without a process group, or alone, it is ``value``.
+    """
+    if world_size() == 1:
+        result = int(value)
+        return lambda: result
+    flag = torch.tensor([int(value)], dtype=torch.int32)
+    work = dist.all_reduce(flag, op=_OPS[op], group=_gloo_group("control"), async_op=True)
+
+    def result() -> int:
+        work.wait()
+        return int(flag[0])
+
+    return result

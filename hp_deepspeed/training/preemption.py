@@ -10,7 +10,9 @@ reach only some ranks, at different moments, so acting on it locally would make 
  * the handler only records the signal number (nothing else is safe inside a handler: logging or
    I/O could deadlock on a lock the interrupted code holds);
  * at a step boundary every rank calls ``should_stop(step)``, which all-reduces the flag with MAX,
-   so all ranks see the same answer at the same step;
+   so all ranks see the same answer at the same step. The reduction runs on the host in the
+   background and is read at the next step boundary: the ranks stop one step after the signal,
+   and no step waits for the GPU to finish so that a flag can be read;
  * the trainer then saves, and exits with ``EXIT_PREEMPTED`` (75, ``EX_TEMPFAIL`` from sysexits.h):
    "preempted, checkpoint written, requeue me". Launch scripts requeue on 75 and treat every other
    non-zero code as a real failure.
@@ -51,8 +53,9 @@ class PreemptionConfig:
     """Signal names that request a save-and-exit; their previous handlers are restored by ``restore()``."""
 
     check_every: int = 1
-    """Agree on the flag every this many steps. One all-reduce of one scalar per step is noise next
-    to a T5 step; raise this only if steps are tiny. Must be the same on every rank."""
+    """Send the flag every this many steps. One background all-reduce of one scalar per step, on
+    the host, is noise next to a T5 step; raise this only if steps are tiny. Must be the same on
+    every rank."""
 
     def __post_init__(self) -> None:
         if self.check_every < 1:
@@ -82,6 +85,8 @@ class PreemptionHandler:
         """Whether this rank prints the lines a person reads: rank 0 (the trainer sets it once the
         process group is up; until then the launcher's environment says)."""
         self._previous: dict[int, object] = {}
+        self._agreement = None
+        """The flag agreement started at the last check, read at the next call."""
 
     def _say(self, text: str) -> None:
         # os.write, not logging: a handler may run while the interrupted code holds logging's lock.
@@ -120,20 +125,39 @@ class PreemptionHandler:
         self.restore()
 
     def should_stop(self, step: int) -> bool:
-        """Collective at a step boundary: True on every rank iff any rank has received a signal.
+        """Collective at a step boundary: True on every rank, at the same step, once any rank has
+        received a signal.
 
-        Every rank must call it at every step with the same ``step``; on steps skipped by
-        ``check_every`` it returns False without communicating.
+        Every rank must call it at every step with the same ``step``. The ranks' flags are
+        reduced on the host in the background (``collectives.start_flag_agreement``) and the
+        answer is read at the next call, so the ranks agree one step after the signal arrived and
+        no step waits for the GPU to tell. Alone, a rank decides at once. A flag is sent every
+        ``check_every`` steps.
         """
         if self.stop_step is not None:
             return True
-        if step % self.config.check_every != 0:
-            return False
-        local = 0 if self.received is None else 1
-        stop = bool(collectives.all_reduce_flag(local, "max"))
-        if stop:
-            self.stop_step = step
-            cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
-            if self.speaks:
-                log.warning("preemption requested (%s): all ranks save at step %d and stop", cause, step)
-        return stop
+        if self._agreement is not None:
+            agreed, self._agreement = self._agreement(), None
+            if agreed:
+                return self._stop(step)
+        if step % self.config.check_every == 0:
+            agreement = collectives.start_flag_agreement(self.received is not None, "max")
+            if collectives.world_size() == 1:
+                return bool(agreement()) and self._stop(step)
+            self._agreement = agreement
+        return False
+
+    def _stop(self, step: int) -> bool:
+        self.stop_step = step
+        cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
+        if self.speaks:
+            log.warning("preemption requested (%s): all ranks save at step %d and stop", cause, step)
+        return True
+
+    def finish(self, failing: bool = False) -> None:
+        """At the end of training, before the process group goes: wait for an agreement still in
+        flight, so no collective is left running on it. Not when ``failing``: a rank that raised
+        may not have started its part, and waiting would hang until the collective timeout."""
+        agreement, self._agreement = self._agreement, None
+        if agreement is not None and not failing:
+            agreement()

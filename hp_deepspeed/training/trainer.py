@@ -257,7 +257,7 @@ class Trainer:
                     improved = self.evaluate()
                     # The paper keeps the best checkpoint per task: a new best must be on disk.
                     save = save or (bool(improved) and self.cfg.checkpoint.keep_best)
-                stop = self.preemption.should_stop(self.step)  # collective: every rank, every step
+                stop = self.preemption.should_stop(self.step)  # every rank, every step; reads the last step's flags
                 if stop and self._stopped_non_finite(window, last):
                     return EXIT_NON_FINITE
                 # Non-finite weights, or those of a step whose update was skipped, are never saved.
@@ -274,7 +274,9 @@ class Trainer:
                     return EXIT_PREEMPTED
             return 0
         finally:
-            self.finish_checkpoint(failing=sys.exc_info()[0] is not None)
+            failing = sys.exc_info()[0] is not None
+            self.preemption.finish(failing)
+            self.finish_checkpoint(failing=failing)
             if isinstance(batches, Prefetcher):
                 batches.close()
             terminal.close()
