@@ -168,3 +168,46 @@ def test_the_supervisor_and_the_trainer_agree_on_the_preemption_exit_code():
     from hp_deepspeed.training import preemption
 
     assert supervise.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED
+
+
+def test_a_pass_on_a_host_signals_each_rank_of_the_run_once_and_the_last_pass_leaves_nothing(tmp_path, capsys):
+    """What the supervisor runs on every host of a multi-node run over pdsh (``--on-node``):
+    here on this machine, with a stand-in rank (``python -m MODULE``) and a stand-in launcher
+    that carry the run's tag, and a rank of another run that must not be touched."""
+    import sys
+
+    from hp_deepspeed.launching import supervise
+
+    tag, other = uuid.uuid4().hex, uuid.uuid4().hex
+    # A stand-in rank: records a save-and-stop on SIGTERM (as the trainer does) and exits.
+    (tmp_path / "standin_rank.py").write_text(
+        "import os, signal, sys, time\n"
+        "from hp_deepspeed.launching.supervise import record_preempted\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(record_preempted(75)))\n"
+        "time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    env.pop(supervise.STATUS_DIR_ENV, None)
+    rank = subprocess.Popen([sys.executable, "-m", "standin_rank"], env=dict(env, **{supervise.RUN_TAG_ENV: tag}))
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                env=dict(env, **{supervise.RUN_TAG_ENV: tag}))
+    stranger = subprocess.Popen([sys.executable, "-m", "standin_rank"], env=dict(env, **{supervise.RUN_TAG_ENV: other}))
+    try:
+        deadline = time.monotonic() + 30
+        while len(supervise.run_processes(tag)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(supervise.run_processes(tag)) == sorted([rank.pid, launcher.pid])
+        time.sleep(1)  # the stand-in has installed its handler
+        for _ in range(2):  # the second pass finds the rank signalled already
+            supervise.signal_node(tag, "standin_rank", signal.SIGTERM)
+        assert capsys.readouterr().out.split() == ["signalled=1", "signalled=0"]
+        assert rank.wait(timeout=30) == 0  # recorded, so it reports success to its launcher
+        assert launcher.poll() is None and stranger.poll() is None
+        supervise.finish_node(tag, signal.SIGTERM)
+        assert capsys.readouterr().out.split() == ["saved=1", "stopped=1"]
+        assert launcher.wait(timeout=30) == -signal.SIGTERM
+        assert stranger.poll() is None and supervise.run_processes(tag) == []
+        assert not os.path.exists(supervise.node_status_dir(tag))
+    finally:
+        for proc in (rank, launcher, stranger):
+            proc.kill()
+            proc.wait()
