@@ -250,7 +250,10 @@ class Hosts:
 
     def __init__(self, hosts: list[str], module: str, tag: str, ssh_port: str | None) -> None:
         self.hosts, self.module, self.tag = hosts, module, tag
-        self.env = dict(os.environ, PDSH_RCMD_TYPE="ssh")
+        # Without the tag: these pdsh and ssh processes are not the run's, and a pass on this
+        # host (a hostfile may name it) must not stop them.
+        self.env = {k: v for k, v in os.environ.items() if k != RUN_TAG_ENV}
+        self.env["PDSH_RCMD_TYPE"] = "ssh"
         if ssh_port:
             self.env["PDSH_SSH_ARGS_APPEND"] = f"{self.env.get('PDSH_SSH_ARGS_APPEND', '')} -p {ssh_port}"
 

@@ -22,17 +22,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from hp_deepspeed.launching.supervise import RUN_TAG_ENV
 from hp_deepspeed.testing.ranks import free_port
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import (
     NETNS_NODES,
     OPENMPI_PREFIX,
     REPO,
+    clean_env,
     launch,
     node_pids,
     sbatch,
@@ -245,17 +248,80 @@ def workload_args(run_dir: Path) -> list[str]:
     return ["train", "--resume", "auto", f"run.dir={run_dir}", "train.steps=3"]
 
 
-def test_deepspeed_pdsh_runner_across_two_nodes(netns_cluster, tmp_path):
+def run_pids(node: str, tag: str) -> list[int]:
+    """Processes in ``node``'s namespace that carry run ``tag`` (supervise.RUN_TAG_ENV) in their
+    environment: every process of the run there, whatever started it."""
+    needle = f"{RUN_TAG_ENV}={tag}".encode()
+    found = []
+    for pid in node_pids(node, ""):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != b"Z":
+            found.append(pid)
+    return found
+
+
+def test_sigterm_to_the_pdsh_runner_saves_on_both_nodes_and_leaves_no_process(netns_cluster, tmp_path):
     """pdsh sshes from this machine to node1 and node2, each starts deepspeed's per-node launcher
-    with its node rank. No interface is named: gloo finds each node's address from its host name."""
-    run_dir = tmp_path / "run"
-    out = launch([str(REPO / "launch" / "multinode.sh"), *workload_args(run_dir)], timeout=400,
-                 HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER="pdsh", MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS=NO_SSH_CHECK, **netns_cluster).output
-    for rank, node in enumerate(NETNS_NODES):
-        assert any(line.startswith(f"{node}: ") and f"[workload] rank {rank}/2" in line
-                   for line in out.splitlines()), out[-4000:]
-    check_two_nodes(run_dir, "deepspeed", out)
+    with its node rank; no interface is named: gloo finds each node's address from its host
+    name. Once the trainer has logged a step, SIGTERM goes to the process launch/multinode.sh
+    became, only: an ssh session carries no signal to the remote side, so the supervisor reaches
+    the nodes over pdsh itself. Every rank saves at the agreed step, the run exits 75 within a
+    bounded time, and nothing of the run is left in either node."""
+    run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    env = clean_env(**netns_cluster, HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER="pdsh",
+                    MASTER_PORT=str(free_port()), HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_MODULE="tests.scripts.trainer_probe",
+                    HP_STOP_TIMEOUT="120", **{RUN_TAG_ENV: tag})
+    args = ["train", *TRAIN_ARGS[:2], "--resume", "auto", f"run.dir={run_dir}", "training.steps=2000",
+            "checkpoint.interval=1000", "eval.every=0"]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:  # a file: nobody reads a pipe while the run trains
+        proc = subprocess.Popen([str(REPO / "launch" / "multinode.sh"), *args], env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while step_of_metrics(run_dir) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        ranks_on = {node: [p for p in run_pids(node, tag) if "tests.scripts.trainer_probe" in
+                           Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")] for node in NETNS_NODES}
+        os.kill(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        proc.wait(timeout=180)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10  # a zombie being reaped by its parent may show for a moment
+    while any(run_pids(node, tag) for node in NETNS_NODES) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {node: run_pids(node, tag) for node in NETNS_NODES}
+    for pid in sum(left.values(), []):
+        os.kill(pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    # Each node ran one rank of the run before the signal (the ranks' processes, not only their logs).
+    assert all(len(pids) >= 1 for pids in ranks_on.values()), (ranks_on, text[-4000:])
+    assert left == {node: [] for node in NETNS_NODES}, text[-4000:]
+    assert proc.returncode == 75, text[-4000:]
+    assert "Traceback" not in text and text.count("received: every rank saves a checkpoint") == 1, text[-4000:]
+    step = step_of_metrics(run_dir)
+    assert re.search(rf"all ranks save at step {step}\b", text), text[-4000:]
+    assert latest(run_dir) == f"step-{step}", text[-4000:]
+    assert (run_dir / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+    assert not list((run_dir / "checkpoints").glob("*.staging"))
+    assert took < 90, f"{took:.0f}s from the signal to the exit"
+    # Rank r ran on node r+1 as the only rank there, meeting at node1 (its host name).
+    records = [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("*.json"))]
+    assert [(r["rank"], r["local_rank"], r["world_size"], r["local_world_size"], r["master_addr"], r["source"])
+            for r in records] == [(0, 0, 2, 1, "node1", "deepspeed"), (1, 0, 2, 1, "node1", "deepspeed")], records
+
+
+def step_of_metrics(run_dir: Path) -> int:
+    return max((r["step"] for r in train_records(run_dir)), default=0)
 
 
 def openmpi_over_ssh(openmpi_env: dict, netns_cluster: dict) -> dict:
