@@ -191,8 +191,11 @@ def _signal(pid: int, signum: int) -> None:
 
 def run_processes(tag: str) -> list[int]:
     """Live processes on this host that carry run ``tag`` in their environment, except those under
-    a supervisor on this host (it stops them itself) and the supervisor."""
+    a supervisor on this host (it stops them itself) and the supervisor. "This host" is this
+    process's UTS namespace (its host name, which also names the status folder): nodes that share
+    one kernel's process table, as containers may, each see only their own ranks."""
     needle, spared = f"{RUN_TAG_ENV}={tag}".encode(), f"{STATUS_DIR_ENV}=".encode()
+    here = os.readlink("/proc/self/ns/uts")
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -202,6 +205,8 @@ def run_processes(tag: str) -> list[int]:
                 environ = f.read().split(b"\0")
             with open(f"/proc/{entry}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
+            if os.readlink(f"/proc/{entry}/ns/uts") != here:
+                continue
         except (OSError, IndexError):
             continue
         if (needle in environ and state != b"Z" and not any(v.startswith(spared) for v in environ)
@@ -394,12 +399,15 @@ class Supervisor:
             launcher_status = self._reap()
             if launcher_status is None:
                 time.sleep(0.2)
+        if self.remote_pass is not None:  # a pass over the hosts is this process's, not a stray of the run
+            try:
+                self.remote_pass.communicate(timeout=REMOTE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.remote_pass.kill()
+                self.remote_pass.communicate()
         self._clean_up()
         saved_remote = 0
         if self.hosts is not None:
-            if self.remote_pass is not None:
-                self.remote_pass.kill()
-                self.remote_pass.communicate()
             saved_remote = self.hosts.finish(signal.SIGKILL if self.forced else signal.SIGTERM)
         if self.killed_by is not None:
             return 128 + self.killed_by
