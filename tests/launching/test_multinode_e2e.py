@@ -8,7 +8,9 @@ pdsh run), ssh to another host, and a node dying.
 
 Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
-(2), the job is preempted with USR1 (3); all three end in a run equal to an uninterrupted one.
+(2), SIGTERM goes to the job's srun only (3: a person's or a wrapper's `kill` on the command it
+started; the batch shell's USR1 is test_slurm_trainer.py's); all three end in a run equal to an
+uninterrupted one.
 ``test_wrong_interface_fails_fast`` injects a fourth (a loopback interface across nodes), which
 ends the job with a message instead of a hang.
 """
@@ -92,6 +94,7 @@ class Chain:
     kill: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     logs: dict = field(default_factory=dict)
+    srun_signalled_at: int = -1
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +138,19 @@ def trained_over_two_nodes(netns_cluster, tmp_path_factory) -> Chain:
     chain.logs["killed"] = log.read_text()
 
     # 3. Requeued (what SLURM does after a node failure with --requeue), it resumes; once it has
-    #    trained a step it is preempted with USR1 (as --signal=B:USR1 does), requeues
-    #    itself, resumes again and finishes.
+    #    trained a step, SIGTERM goes to its srun on node1 and to nothing else. srun forwards it
+    #    to the tasks on both nodes, which save and exit 75; the batch script requeues the job,
+    #    which resumes again and finishes.
     logged = len(train_records(run_dir))
     scontrol("requeue", job, conf=conf, check=True)
     wait_until("a step after the requeue", lambda: len(train_records(run_dir)) > logged,
                JOB_TIMEOUT, job, conf)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30,
-                   env=dict(os.environ, SLURM_CONF=conf))
+    sruns = [pid for pid in node_pids("node1", "srun") if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+             .endswith(b"srun")]
+    assert sruns, "no srun on node1"
+    for pid in sruns:
+        os.kill(pid, signal.SIGTERM)
+    chain.srun_signalled_at = step_of(latest(run_dir))
     info = wait_for_job(job, 2 * JOB_TIMEOUT, tmp / "hp-train-*.out", conf=conf)
     chain.final = {"state": info["JobState"], "restarts": info["Restarts"], "latest": latest(run_dir)}
     chain.logs["final"] = log.read_text()
@@ -179,7 +187,11 @@ def test_preempted_requeued_and_finished_on_both_nodes(trained_over_two_nodes):
     chain = trained_over_two_nodes
     text = chain.logs["final"]
     assert chain.final == {"state": "COMPLETED", "restarts": "2", "latest": f"step-{STEPS}"}, text[-4000:]
-    assert "caught SIGUSR1" in text and "training step exited with 75" in text
+    # SIGTERM to srun reached both ranks: they agreed on a step, saved it, and the job requeued.
+    saved = re.findall(r"preemption requested \(SIGTERM\): all ranks save at step (\d+)", text)
+    assert len(saved) == 1 and int(saved[0]) > chain.srun_signalled_at, text[-4000:]
+    assert f"resumed from {chain.run_dir / 'checkpoints' / f'step-{saved[0]}'} at step {saved[0]}" in text
+    assert "training step exited with 75" in text and "caught SIG" not in text, text[-4000:]
     assert (chain.run_dir / "checkpoints" / f"step-{STEPS}" / "COMPLETE").is_file()
     # Every start of the job put rank r on node r+1, as node rank r, meeting at node1 over eth0.
     records = [json.loads(p.read_text()) for p in sorted((chain.run_dir / "ranks").glob("*.json"))]
