@@ -483,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--hostfile {args.hostfile}: {err.strerror}")
         if not names:
             parser.error(f"--hostfile {args.hostfile}: no host in it (expected lines \"host slots=N\")")
-        if not shutil.which("pdsh"):
-            parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
-        hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
+        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi.
+        if len(names) > 1 or "--force_multi" in command:
+            if not shutil.which("pdsh"):
+                parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
+            hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
     try:
         return Supervisor(command, args.module, stop_timeout, tag, hosts).run()
     except FileNotFoundError as err:

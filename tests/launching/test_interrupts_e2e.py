@@ -116,6 +116,8 @@ def test_a_signal_to_the_launch_script_saves_at_the_interrupted_step_and_leaves_
     took = time.monotonic() - sent
     assert proc.returncode == 75, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+    if script == "local.sh":  # the deepspeed launcher's info lines are off (--log_level warning)
+        assert "Setting CUDA_VISIBLE_DEVICES" not in output and "[INFO] [launch.py" not in output, output[-3000:]
     # One line from the supervisor for the signal, one from rank 0 for the agreed step.
     assert output.count("received: every rank saves a checkpoint") == 1, output[-3000:]
     assert output.count("all ranks save at step") == 1, output[-3000:]
@@ -211,3 +213,20 @@ def test_a_pass_on_a_host_signals_each_rank_of_the_run_once_and_the_last_pass_le
         for proc in (rank, launcher, stranger):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("hostfile,expected", [
+    ("missing", "--hostfile {path}: No such file or directory"),
+    ("# only a comment\n", "--hostfile {path}: no host in it"),
+])
+def test_a_hostfile_the_supervisor_cannot_use_is_refused_in_one_line_before_anything_starts(
+        tmp_path, capsys, hostfile, expected):
+    from hp_deepspeed.launching.supervise import main
+
+    path = tmp_path / "hostfile"
+    if hostfile != "missing":
+        path.write_text(hostfile)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hostfile", str(path), "--", "true"])
+    assert exit_info.value.code == 2
+    assert expected.format(path=path) in capsys.readouterr().err.splitlines()[-1]
