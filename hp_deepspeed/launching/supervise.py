@@ -47,9 +47,13 @@ this module in ``--on-node`` mode there:
    timeout): reports how many ranks there recorded a save, then SIGTERM and SIGKILL to every
    process of the run still alive on that host, and removes the folder.
 
-What it does not do: restart anything, reach ranks on other nodes for the openmpi and mpich
-runners or srun (mpirun and srun forward SIGINT/SIGTERM to their ranks themselves), or survive
-its own SIGKILL (then the run is left as the launcher leaves it).
+A launcher that forwards one signal to every rank itself (``--launcher-forwards USR1`` for srun,
+which slurmstepd delivers to every process of the step on every node) gets that signal instead,
+once: srun answers SIGINT with a status report and SIGTERM by killing the step without a save,
+so those two never reach it from here.
+
+What it does not do: restart anything, reach the ranks on other nodes for the mpich runner, or
+survive its own SIGKILL (then the run is left as the launcher leaves it).
 """
 
 from __future__ import annotations
@@ -301,9 +305,11 @@ def read_hostfile(path: str) -> list[str]:
 
 class Supervisor:
     def __init__(self, command: list[str], module: str, stop_timeout: float, tag: str,
-                 hosts: Hosts | None = None) -> None:
+                 hosts: Hosts | None = None, launcher_forwards: int | None = None) -> None:
         self.command, self.module, self.stop_timeout = command, module, stop_timeout
-        self.tag, self.hosts = tag, hosts
+        self.tag, self.hosts, self.launcher_forwards = tag, hosts, launcher_forwards
+        self.launcher_told = False
+        """Whether the launcher got ``launcher_forwards`` (it is sent once)."""
         self.remote_pass: subprocess.Popen | None = None
         """The ``--on-node signal`` pass over the hosts in flight, if any."""
         self.remote_pass_at = 0.0
@@ -339,6 +345,9 @@ class Supervisor:
             _signal(pid, signum)
 
     def _forward_to_ranks(self) -> None:
+        if self.launcher_forwards is not None and not self.launcher_told and self.child is not None:
+            self.launcher_told = True
+            _signal(self.child.pid, self.launcher_forwards)
         for pid in descendants(os.getpid()):
             if pid not in self.signalled and is_rank(_cmdline(pid), self.module):
                 self.signalled.add(pid)
@@ -454,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the module every rank runs (default: $HP_MODULE or hp_deepspeed.cli)")
     parser.add_argument("--hostfile", help="the run's deepspeed hostfile: its hosts are reached over pdsh "
                         "to stop the ranks there (launch/multinode.sh gives it for the pdsh runner)")
+    parser.add_argument("--launcher-forwards", metavar="SIGNAL", help="a stop request goes to the launcher as "
+                        "this signal, which it forwards to every rank (srun: USR1), besides the ranks below this process")
     parser.add_argument("--on-node", choices=("signal", "finish"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
     parser.add_argument("--signal", type=int, default=int(signal.SIGTERM), help=argparse.SUPPRESS)
@@ -488,8 +499,16 @@ def main(argv: list[str] | None = None) -> int:
             if not shutil.which("pdsh"):
                 parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
             hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
+    forwards = None
+    if args.launcher_forwards:
+        name = args.launcher_forwards.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in ("SIGUSR1", "SIGUSR2"):
+            parser.error(f"--launcher-forwards {args.launcher_forwards}: expected USR1 or USR2 "
+                         "(a signal the launcher passes on without acting on it)")
+        forwards = int(getattr(signal, name))
     try:
-        return Supervisor(command, args.module, stop_timeout, tag, hosts).run()
+        return Supervisor(command, args.module, stop_timeout, tag, hosts, forwards).run()
     except FileNotFoundError as err:
         print(f"hp-deepspeed: error: cannot start {command[0]!r}: {err.strerror}", file=sys.stderr)
         return 127

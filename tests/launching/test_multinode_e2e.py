@@ -8,8 +8,8 @@ pdsh run), ssh to another host, and a node dying.
 
 Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
-(2), SIGTERM goes to the job's srun only (3: a person's or a wrapper's `kill` on the command it
-started; the batch shell's USR1 is test_slurm_trainer.py's); all three end in a run equal to an
+(2), SIGTERM goes to the top process of the job's step only (3: a person's or a wrapper's `kill`;
+the batch shell's USR1 is test_slurm_trainer.py's); all three end in a run equal to an
 uninterrupted one.
 ``test_wrong_interface_fails_fast`` injects a fourth (a loopback interface across nodes), which
 ends the job with a message instead of a hang.
@@ -138,18 +138,16 @@ def trained_over_two_nodes(netns_cluster, tmp_path_factory) -> Chain:
     chain.logs["killed"] = log.read_text()
 
     # 3. Requeued (what SLURM does after a node failure with --requeue), it resumes; once it has
-    #    trained a step, SIGTERM goes to its srun on node1 and to nothing else. srun forwards it
-    #    to the tasks on both nodes, which save and exit 75; the batch script requeues the job,
-    #    which resumes again and finishes.
+    #    trained a step, SIGTERM goes to the step's top process on node1 (the supervisor around
+    #    srun) and to nothing else. It becomes USR1 to srun, which reaches the tasks on both
+    #    nodes; they save and stop, the batch script requeues the job, which resumes and finishes.
     logged = len(train_records(run_dir))
     scontrol("requeue", job, conf=conf, check=True)
     wait_until("a step after the requeue", lambda: len(train_records(run_dir)) > logged,
                JOB_TIMEOUT, job, conf)
-    sruns = [pid for pid in node_pids("node1", "srun") if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-             .endswith(b"srun")]
-    assert sruns, "no srun on node1"
-    for pid in sruns:
-        os.kill(pid, signal.SIGTERM)
+    tops = node_pids("node1", "hp_deepspeed.launching.supervise")
+    assert len(tops) == 1, tops
+    os.kill(tops[0], signal.SIGTERM)
     chain.srun_signalled_at = step_of(latest(run_dir))
     info = wait_for_job(job, 2 * JOB_TIMEOUT, tmp / "hp-train-*.out", conf=conf)
     chain.final = {"state": info["JobState"], "restarts": info["Restarts"], "latest": latest(run_dir)}
@@ -187,8 +185,10 @@ def test_preempted_requeued_and_finished_on_both_nodes(trained_over_two_nodes):
     chain = trained_over_two_nodes
     text = chain.logs["final"]
     assert chain.final == {"state": "COMPLETED", "restarts": "2", "latest": f"step-{STEPS}"}, text[-4000:]
-    # SIGTERM to srun reached both ranks: they agreed on a step, saved it, and the job requeued.
-    saved = re.findall(r"preemption requested \(SIGTERM\): all ranks save at step (\d+)", text)
+    # SIGTERM to the step reached both ranks (as srun's USR1): they agreed on a step, saved it,
+    # and the job requeued.
+    assert text.count("SIGTERM received: every rank saves a checkpoint") == 1, text[-4000:]
+    saved = re.findall(r"preemption requested \(SIGUSR1\): all ranks save at step (\d+)", text)
     assert len(saved) == 1 and int(saved[0]) > chain.srun_signalled_at, text[-4000:]
     assert f"resumed from {chain.run_dir / 'checkpoints' / f'step-{saved[0]}'} at step {saved[0]}" in text
     assert "training step exited with 75" in text and "caught SIG" not in text, text[-4000:]
