@@ -31,13 +31,13 @@ that folder and exits 0; this process then exits 75. It exits with the launcher'
 that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the launcher was killed by
 signal N.
 
-Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner): the
-runner's ssh sessions do not carry a signal to the remote side (without a tty, sshd does not
-signal the remote command when the client dies), and deepspeed's own SIGTERM handler kills the
-remote ranks without a save. So every process of the run carries a run tag in its environment
-(``PYTHON_HP_RUN``: the pdsh runner exports ``PYTHON*`` variables to the hosts, and no other
-name), and this process reaches the hosts itself, over pdsh with the runner's ssh options, to run
-this module in ``--on-node`` mode there:
+Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner, and for
+its openmpi runner when pdsh is installed): the runner's ssh sessions do not carry a signal to
+the remote side (without a tty, sshd does not signal the remote command when the client dies),
+and deepspeed's own SIGTERM handler kills the remote ranks without a save. So every process of
+the run carries a run tag in its environment (``RUN_TAG_ENV``), and this process reaches the
+hosts itself, over pdsh with the runner's ssh options, to run this module in ``--on-node`` mode
+there:
 
  * ``--on-node signal``: on that host, the stop signal to every rank of the run not signalled
    before (ranks that appear later get it on the next pass, every ``REMOTE_PASS_S``); a rank's
