@@ -143,8 +143,14 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     assert "again: stopping every process now, without saving" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     checkpoints = tmp_path / "checkpoints"
-    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
-    if (checkpoints / "latest").exists():
+    staging = [p.name for p in checkpoints.glob("*.staging")]
+    if staging:
+        # The second Ctrl-C came in the middle of the first one's save (a loaded machine): the
+        # half-written folder is never named by `latest`, and the next start removes it.
+        assert len(staging) == 1 and "all ranks save at step" in output, (staging, output[-3000:])
+        latest = checkpoints / "latest"
+        assert not latest.exists() or f"{latest.read_text().strip()}.staging" != staging[0]
+    if (checkpoints / "latest").exists() and not staging:
         # A tiny model saves within the half second between the two signals: then the first
         # Ctrl-C's checkpoint was whole before the second arrived, and rank 0 said so.
         assert "checkpoint of step" in output, output[-3000:]
