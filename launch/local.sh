@@ -11,7 +11,8 @@
 #                      GPU, 1 rank, and a line says so
 #   HP_STOP_TIMEOUT    seconds a save-and-stop may take after SIGINT/SIGTERM (default 300)
 #   MASTER_PORT        rendezvous port (default 29500)
-#   HP_LAUNCHER_ARGS   extra deepspeed launcher options, e.g. "--include localhost:0,1"
+#   HP_LAUNCHER_ARGS   extra deepspeed launcher options, e.g. "--include localhost:0,1", or
+#                      "--log_level info" for the launcher's info lines
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank --module)
@@ -27,4 +28,8 @@ else
   fi
 fi
 # shellcheck disable=SC2086  # HP_LAUNCHER_ARGS is a list of options
-exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- deepspeed ${HP_LAUNCHER_ARGS:-} "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"
+# --log_level warning: the launcher's info lines (its command, the ranks' pids, a
+# CUDA_VISIBLE_DEVICES it sets even on a CPU machine) say nothing to a person; the ranks' own
+# logging is not affected. HP_LAUNCHER_ARGS="--log_level info" brings them back.
+exec "${PYTHON:-python}" -m hp_deepspeed.launching.supervise -- deepspeed --log_level warning ${HP_LAUNCHER_ARGS:-} \
+  "${args[@]}" "${HP_MODULE:-hp_deepspeed.cli}" "$@"

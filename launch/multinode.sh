@@ -30,6 +30,14 @@
 #                      "Multi-node"); with openmpi it and GLOO_/NCCL_SOCKET_IFNAME and
 #                      HP_DIST_TIMEOUT are passed to the ranks with -x. The pdsh runner passes
 #                      only NCCL_*/PYTHON* variables: put others in .deepspeed_env
+#   HP_STOP_TIMEOUT    seconds a save-and-stop may take after SIGINT/SIGTERM (default 300)
+#
+# SIGINT or SIGTERM to this script saves a checkpoint on every rank of every node and stops (exit
+# 75); a second one stops at once. The supervisor (hp_deepspeed/launching/supervise.py) reaches
+# the hosts over pdsh itself, with PDSH_SSH_ARGS_APPEND, since an ssh session carries no signal
+# to the remote side: the pdsh runner, and the openmpi runner when pdsh is on PATH (the run's
+# tag goes to the ranks with -x). Not the mpich runner: there only the ranks on this host are
+# signalled.
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 hostfile=${HP_HOSTFILE:?set HP_HOSTFILE to a hostfile of \"host slots=N\" lines}
@@ -54,6 +62,8 @@ if [ "$launcher" = openmpi ]; then
   for var in HP_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME HP_DIST_TIMEOUT; do
     [ -n "${!var:-}" ] && mpirun_args="-x $var $mpirun_args"
   done
+  # The run's tag, set by the supervisor, by which it finds the ranks on each host.
+  command -v pdsh > /dev/null && mpirun_args="-x PYTHON_HP_RUN $mpirun_args"
 fi
 if [ -n "$mpirun_args" ]; then
   args+=(--launcher_args "$mpirun_args")
@@ -64,4 +74,8 @@ if [ "$launcher" = mpich ]; then
 else
   program=(--module "$module")
 fi
-exec deepspeed "${extra[@]}" "${args[@]}" "${program[@]}" "$@"
+supervise=("${PYTHON:-python}" -m hp_deepspeed.launching.supervise --module "$module")
+if [ "$launcher" = pdsh ] || { [ "$launcher" = openmpi ] && command -v pdsh > /dev/null; }; then
+  supervise+=(--hostfile "$hostfile")
+fi
+exec "${supervise[@]}" -- deepspeed "${extra[@]}" "${args[@]}" "${program[@]}" "$@"

@@ -114,6 +114,10 @@ hp_run() {
     sleep 60
     return 75
   fi
+  # Under the supervisor, SIGINT or SIGTERM to the step's top process (a person's or a wrapper's
+  # `kill`) becomes USR1 to srun, which slurmstepd delivers to every rank on every node: they save
+  # and stop. Sent to srun itself they would kill the step without a save (SLURM's srun).
+  step=("$PYTHON" -m hp_deepspeed.launching.supervise --module "$HP_MODULE" --launcher-forwards USR1 -- "${step[@]}")
   hp_log "running: ${step[*]}"
   "${step[@]}" &
   HP_STEP_PID=$!

@@ -29,9 +29,31 @@ traceback and exits 1, DeepSpeed logs ``[ERROR] ... exits with return code = 75`
 started under this process (``HP_SUPERVISOR_DIR`` set) that stopped after its save records 75 in
 that folder and exits 0; this process then exits 75. It exits with the launcher's status when
 that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the launcher was killed by
-signal N. What it does not do: restart anything, reach
-ranks on other nodes (each node's own launcher or scheduler forwards there), or survive its own
-SIGKILL (then the run is left as the launcher leaves it).
+signal N.
+
+Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner, and for
+its openmpi runner when pdsh is installed): the runner's ssh sessions do not carry a signal to
+the remote side (without a tty, sshd does not signal the remote command when the client dies),
+and deepspeed's own SIGTERM handler kills the remote ranks without a save. So every process of
+the run carries a run tag in its environment (``RUN_TAG_ENV``), and this process reaches the
+hosts itself, over pdsh with the runner's ssh options, to run this module in ``--on-node`` mode
+there:
+
+ * ``--on-node signal``: on that host, the stop signal to every rank of the run not signalled
+   before (ranks that appear later get it on the next pass, every ``REMOTE_PASS_S``); a rank's
+   save-and-stop is recorded in a folder on that host (``node_status_dir``) instead of
+   ``HP_SUPERVISOR_DIR``;
+ * ``--on-node finish``, once the launcher has exited (or at a second interrupt or the stop
+   timeout): reports how many ranks there recorded a save, then SIGTERM and SIGKILL to every
+   process of the run still alive on that host, and removes the folder.
+
+A launcher that forwards one signal to every rank itself (``--launcher-forwards USR1`` for srun,
+which slurmstepd delivers to every process of the step on every node) gets that signal instead,
+once: srun answers SIGINT with a status report and SIGTERM by killing the step without a save,
+so those two never reach it from here.
+
+What it does not do: restart anything, reach the ranks on other nodes for the mpich runner, or
+survive its own SIGKILL (then the run is left as the launcher leaves it).
 """
 
 from __future__ import annotations
@@ -39,12 +61,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 """Signals that mean "save and stop" and are passed on to the ranks."""
@@ -57,6 +83,19 @@ STATUS_DIR_ENV = "HP_SUPERVISOR_DIR"
 
 KILL_GRACE_S = 5.0
 """How long stray processes get between SIGTERM and SIGKILL once the run is over."""
+
+RUN_TAG_ENV = "PYTHON_HP_RUN"
+"""The run's tag, in the environment of every process of the run on every node. Its name starts
+with PYTHON because deepspeed's pdsh runner exports only such variables (and NCCL_*, MLFLOW*,
+UCX*, MV2*) to the hosts; Python itself ignores the name."""
+
+REMOTE_PASS_S = 2.0
+"""How often, after a stop request, the hosts are searched again for ranks not yet signalled."""
+
+REMOTE_TIMEOUT_S = 60.0
+"""How long one pass over the hosts (ssh included) may take before it is abandoned."""
+
+SUPERVISOR_MODULE = "hp_deepspeed.launching.supervise"
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -124,10 +163,20 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def node_status_dir(tag: str) -> str:
+    """Where the ranks of run ``tag`` on this host record a save-and-stop that the supervisor of
+    another host asked for (host name included: /tmp may be shared between nodes)."""
+    return os.path.join(tempfile.gettempdir(), f"hp-deepspeed-run-{tag}-{socket.gethostname()}")
+
+
 def record_preempted(exit_code: int) -> int:
     """In a rank: the exit code to give the launcher. Under a supervisor a save-and-stop is
     recorded for it and reported to the launcher as success; otherwise ``exit_code`` unchanged."""
     folder = os.environ.get(STATUS_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        # A rank on another host than the supervisor: the folder its --on-node pass made here.
+        tag = os.environ.get(RUN_TAG_ENV)
+        folder = node_status_dir(tag) if tag else ""
     if exit_code != EXIT_PREEMPTED or not folder or not os.path.isdir(folder):
         return exit_code
     with open(os.path.join(folder, f"rank-{os.getpid()}"), "w") as f:
@@ -142,9 +191,130 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
+# ----------------------------------------------------------------------------- on a host of the run
+
+def run_processes(tag: str) -> list[int]:
+    """Live processes on this host that carry run ``tag`` in their environment, except those under
+    a supervisor on this host (it stops them itself) and the supervisor. "This host" is this
+    process's UTS namespace (its host name, which also names the status folder): nodes that share
+    one kernel's process table, as containers may, each see only their own ranks."""
+    needle, spared = f"{RUN_TAG_ENV}={tag}".encode(), f"{STATUS_DIR_ENV}=".encode()
+    here = os.readlink("/proc/self/ns/uts")
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            if os.readlink(f"/proc/{entry}/ns/uts") != here:
+                continue
+        except (OSError, IndexError):
+            continue
+        if (needle in environ and state != b"Z" and not any(v.startswith(spared) for v in environ)
+                and SUPERVISOR_MODULE not in _cmdline(int(entry))):
+            found.append(int(entry))
+    return found
+
+
+def signal_node(tag: str, module: str, signum: int) -> int:
+    """``--on-node signal``: the stop signal to each rank of the run on this host, once."""
+    signalled = os.path.join(node_status_dir(tag), "signalled")
+    os.makedirs(signalled, exist_ok=True)
+    count = 0
+    for pid in run_processes(tag):
+        marker = os.path.join(signalled, str(pid))
+        if is_rank(_cmdline(pid), module) and not os.path.exists(marker):
+            open(marker, "w").close()
+            _signal(pid, signum)
+            count += 1
+    print(f"signalled={count}", flush=True)
+    return 0
+
+
+def finish_node(tag: str, signum: int) -> int:
+    """``--on-node finish``: how many ranks here recorded a save-and-stop; then nothing of the run
+    is left on this host (``signum`` first, SIGKILL after ``KILL_GRACE_S``)."""
+    folder = node_status_dir(tag)
+    saved = len([n for n in os.listdir(folder) if n.startswith("rank-")]) if os.path.isdir(folder) else 0
+    left = run_processes(tag)
+    for pid in left:
+        _signal(pid, signum)
+    deadline = time.monotonic() + KILL_GRACE_S
+    while run_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in run_processes(tag):
+        _signal(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"saved={saved} stopped={len(left)}", flush=True)
+    return 0
+
+
+class Hosts:
+    """The other hosts of a run, reached the way deepspeed's pdsh runner reaches them: pdsh over
+    ssh with ``PDSH_SSH_ARGS_APPEND`` (and ``-p PORT`` for ``--ssh_port``), the same Python and
+    working directory, the ``PYTHON*`` variables exported."""
+
+    def __init__(self, hosts: list[str], module: str, tag: str, ssh_port: str | None) -> None:
+        self.hosts, self.module, self.tag = hosts, module, tag
+        # Without the tag: these pdsh and ssh processes are not the run's, and a pass on this
+        # host (a hostfile may name it) must not stop them.
+        self.env = {k: v for k, v in os.environ.items() if k != RUN_TAG_ENV}
+        self.env["PDSH_RCMD_TYPE"] = "ssh"
+        if ssh_port:
+            self.env["PDSH_SSH_ARGS_APPEND"] = f"{self.env.get('PDSH_SSH_ARGS_APPEND', '')} -p {ssh_port}"
+
+    def command(self, *args: str) -> list[str]:
+        exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(os.environ.items())
+                          if k.startswith("PYTHON") and k != RUN_TAG_ENV)
+        remote = (f"{exports}cd {shlex.quote(os.getcwd())}; {shlex.quote(sys.executable)} -m "
+                  f"{SUPERVISOR_MODULE} --module {shlex.quote(self.module)} "
+                  f"--on-node {' '.join(map(shlex.quote, args))} --tag {self.tag}")
+        return ["pdsh", "-S", "-w", ",".join(self.hosts), remote]
+
+    def start(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(self.command(*args), env=self.env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self, signum: int) -> int:
+        """Every host's ``--on-node finish``; the number of ranks that recorded a save."""
+        proc = self.start("finish", "--signal", str(signum))
+        try:
+            out, err = proc.communicate(timeout=REMOTE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if proc.returncode != 0:
+            print(f"hp-deepspeed: stopping the run on {','.join(self.hosts)} over pdsh: "
+                  f"{(err or out).strip()[-500:]}", file=sys.stderr, flush=True)
+        return sum(int(n) for n in re.findall(r"saved=(\d+)", out))
+
+
+def read_hostfile(path: str) -> list[str]:
+    """The host names of a deepspeed hostfile (``host slots=N`` lines, ``#`` comments)."""
+    hosts = []
+    with open(path) as f:
+        for line in f:
+            words = line.split("#", 1)[0].split()
+            if words and words[0] not in hosts:
+                hosts.append(words[0])
+    return hosts
+
+
 class Supervisor:
-    def __init__(self, command: list[str], module: str, stop_timeout: float) -> None:
+    def __init__(self, command: list[str], module: str, stop_timeout: float, tag: str,
+                 hosts: Hosts | None = None, launcher_forwards: int | None = None) -> None:
         self.command, self.module, self.stop_timeout = command, module, stop_timeout
+        self.tag, self.hosts, self.launcher_forwards = tag, hosts, launcher_forwards
+        self.launcher_told = False
+        """Whether the launcher got ``launcher_forwards`` (it is sent once)."""
+        self.remote_pass: subprocess.Popen | None = None
+        """The ``--on-node signal`` pass over the hosts in flight, if any."""
+        self.remote_pass_at = 0.0
+        self.forced = False
+        """Whether the run was killed (second interrupt, stop timeout): what is left gets SIGKILL."""
         self.requested: int | None = None
         """The first stop signal received, None until one arrives."""
         self.requested_at = 0.0
@@ -167,6 +337,7 @@ class Supervisor:
             self.killed_by = signum
             print(f"hp-deepspeed: {signal.Signals(signum).name} again: stopping every process now, "
                   "without saving", file=sys.stderr, flush=True)
+            self.forced = True
             self._kill_all(signal.SIGKILL)
 
     def _kill_all(self, signum: int) -> None:
@@ -174,10 +345,25 @@ class Supervisor:
             _signal(pid, signum)
 
     def _forward_to_ranks(self) -> None:
+        if self.launcher_forwards is not None and not self.launcher_told and self.child is not None:
+            self.launcher_told = True
+            _signal(self.child.pid, self.launcher_forwards)
         for pid in descendants(os.getpid()):
             if pid not in self.signalled and is_rank(_cmdline(pid), self.module):
                 self.signalled.add(pid)
                 _signal(pid, self.requested)
+        if self.hosts is None:
+            return
+        if self.remote_pass is not None:
+            if self.remote_pass.poll() is None:
+                if time.monotonic() - self.remote_pass_at < REMOTE_TIMEOUT_S:
+                    return
+                self.remote_pass.kill()
+            self.remote_pass.communicate()
+            self.remote_pass = None
+        if time.monotonic() - self.remote_pass_at >= REMOTE_PASS_S:
+            self.remote_pass_at = time.monotonic()
+            self.remote_pass = self.hosts.start("signal", "--signal", str(int(self.requested)))
 
     def _reap(self) -> int | None:
         """Reap every exited child (orphans re-parented here included); the launcher's status once it exited."""
@@ -207,7 +393,7 @@ class Supervisor:
         # A new session: the terminal's Ctrl-C reaches this process only, which decides what the
         # ranks get. Launchers started by a script in the background have SIGINT ignored; the
         # ranks must not inherit that, or a forwarded SIGINT would do nothing.
-        env = dict(os.environ, **{STATUS_DIR_ENV: self.status_dir})
+        env = dict(os.environ, **{STATUS_DIR_ENV: self.status_dir, RUN_TAG_ENV: self.tag})
         self.child = subprocess.Popen(self.command, start_new_session=True, env=env,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         launcher_status = None
@@ -217,16 +403,26 @@ class Supervisor:
                 if time.monotonic() - self.requested_at > self.stop_timeout:
                     print(f"hp-deepspeed: the ranks did not stop within HP_STOP_TIMEOUT={self.stop_timeout:g}s "
                           "of the signal; killing them", file=sys.stderr, flush=True)
+                    self.forced = True
                     self._kill_all(signal.SIGKILL)
             launcher_status = self._reap()
             if launcher_status is None:
                 time.sleep(0.2)
+        if self.remote_pass is not None:  # a pass over the hosts is this process's, not a stray of the run
+            try:
+                self.remote_pass.communicate(timeout=REMOTE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.remote_pass.kill()
+                self.remote_pass.communicate()
         self._clean_up()
+        saved_remote = 0
+        if self.hosts is not None:
+            saved_remote = self.hosts.finish(signal.SIGKILL if self.forced else signal.SIGTERM)
         if self.killed_by is not None:
             return 128 + self.killed_by
         if launcher_status < 0:
             return 128 - launcher_status
-        if launcher_status == 0 and os.listdir(self.status_dir):
+        if launcher_status == 0 and (os.listdir(self.status_dir) or saved_remote):
             return EXIT_PREEMPTED
         return launcher_status
 
@@ -251,12 +447,34 @@ class Supervisor:
         self._reap()
 
 
+def _option(command: list[str], name: str) -> str | None:
+    """The value of launcher option ``name`` (``--name V`` or ``--name=V``) in ``command``."""
+    for i, word in enumerate(command):
+        if word == name and i + 1 < len(command):
+            return command[i + 1]
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hp_deepspeed.launching.supervise", description=__doc__.split("\n")[0])
     parser.add_argument("--module", default=os.environ.get("HP_MODULE", "hp_deepspeed.cli"),
                         help="the module every rank runs (default: $HP_MODULE or hp_deepspeed.cli)")
+    parser.add_argument("--hostfile", help="the run's deepspeed hostfile: its hosts are reached over pdsh "
+                        "to stop the ranks there (launch/multinode.sh gives it for the pdsh runner)")
+    parser.add_argument("--launcher-forwards", metavar="SIGNAL", help="a stop request goes to the launcher as "
+                        "this signal, which it forwards to every rank (srun: USR1), besides the ranks below this process")
+    parser.add_argument("--on-node", choices=("signal", "finish"), help=argparse.SUPPRESS)
+    parser.add_argument("--tag", help=argparse.SUPPRESS)
+    parser.add_argument("--signal", type=int, default=int(signal.SIGTERM), help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- LAUNCHER [ARGS...]")
     args = parser.parse_args(argv)
+    if args.on_node:
+        if not args.tag:
+            parser.error("--on-node needs --tag")
+        return (signal_node(args.tag, args.module, args.signal) if args.on_node == "signal"
+                else finish_node(args.tag, args.signal))
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no launcher command given")
@@ -264,8 +482,33 @@ def main(argv: list[str] | None = None) -> int:
         stop_timeout = float(os.environ.get("HP_STOP_TIMEOUT", "300"))
     except ValueError:
         parser.error(f"HP_STOP_TIMEOUT={os.environ['HP_STOP_TIMEOUT']!r}: expected seconds")
+    # A tag given by whoever started this (a test, a wrapper that wants to find the run) is kept.
+    tag = os.environ.get(RUN_TAG_ENV) or uuid.uuid4().hex
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        parser.error(f"{RUN_TAG_ENV}={tag!r}: expected letters, digits, '_', '.' or '-'")
+    hosts = None
+    if args.hostfile:
+        try:
+            names = read_hostfile(args.hostfile)
+        except OSError as err:
+            parser.error(f"--hostfile {args.hostfile}: {err.strerror}")
+        if not names:
+            parser.error(f"--hostfile {args.hostfile}: no host in it (expected lines \"host slots=N\")")
+        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi.
+        if len(names) > 1 or "--force_multi" in command:
+            if not shutil.which("pdsh"):
+                parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
+            hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
+    forwards = None
+    if args.launcher_forwards:
+        name = args.launcher_forwards.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        if name not in ("SIGUSR1", "SIGUSR2"):
+            parser.error(f"--launcher-forwards {args.launcher_forwards}: expected USR1 or USR2 "
+                         "(a signal the launcher passes on without acting on it)")
+        forwards = int(getattr(signal, name))
     try:
-        return Supervisor(command, args.module, stop_timeout).run()
+        return Supervisor(command, args.module, stop_timeout, tag, hosts, forwards).run()
     except FileNotFoundError as err:
         print(f"hp-deepspeed: error: cannot start {command[0]!r}: {err.strerror}", file=sys.stderr)
         return 127

@@ -8,7 +8,9 @@ pdsh run), ssh to another host, and a node dying.
 
 Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
-(2), the job is preempted with USR1 (3); all three end in a run equal to an uninterrupted one.
+(2), SIGTERM goes to the top process of the job's step only (3: a person's or a wrapper's `kill`;
+the batch shell's USR1 is test_slurm_trainer.py's); all three end in a run equal to an
+uninterrupted one.
 ``test_wrong_interface_fails_fast`` injects a fourth (a loopback interface across nodes), which
 ends the job with a message instead of a hang.
 """
@@ -22,17 +24,20 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from hp_deepspeed.launching.supervise import RUN_TAG_ENV, is_rank
 from hp_deepspeed.testing.ranks import free_port
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import (
     NETNS_NODES,
     OPENMPI_PREFIX,
     REPO,
+    clean_env,
     launch,
     node_pids,
     sbatch,
@@ -89,6 +94,7 @@ class Chain:
     kill: dict = field(default_factory=dict)
     final: dict = field(default_factory=dict)
     logs: dict = field(default_factory=dict)
+    srun_signalled_at: int = -1
 
 
 @pytest.fixture(scope="module")
@@ -132,14 +138,17 @@ def trained_over_two_nodes(netns_cluster, tmp_path_factory) -> Chain:
     chain.logs["killed"] = log.read_text()
 
     # 3. Requeued (what SLURM does after a node failure with --requeue), it resumes; once it has
-    #    trained a step it is preempted with USR1 (as --signal=B:USR1 does), requeues
-    #    itself, resumes again and finishes.
+    #    trained a step, SIGTERM goes to the step's top process on node1 (the supervisor around
+    #    srun) and to nothing else. It becomes USR1 to srun, which reaches the tasks on both
+    #    nodes; they save and stop, the batch script requeues the job, which resumes and finishes.
     logged = len(train_records(run_dir))
     scontrol("requeue", job, conf=conf, check=True)
     wait_until("a step after the requeue", lambda: len(train_records(run_dir)) > logged,
                JOB_TIMEOUT, job, conf)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30,
-                   env=dict(os.environ, SLURM_CONF=conf))
+    tops = node_pids("node1", "hp_deepspeed.launching.supervise")
+    assert len(tops) == 1, tops
+    os.kill(tops[0], signal.SIGTERM)
+    chain.srun_signalled_at = step_of(latest(run_dir))
     info = wait_for_job(job, 2 * JOB_TIMEOUT, tmp / "hp-train-*.out", conf=conf)
     chain.final = {"state": info["JobState"], "restarts": info["Restarts"], "latest": latest(run_dir)}
     chain.logs["final"] = log.read_text()
@@ -176,7 +185,13 @@ def test_preempted_requeued_and_finished_on_both_nodes(trained_over_two_nodes):
     chain = trained_over_two_nodes
     text = chain.logs["final"]
     assert chain.final == {"state": "COMPLETED", "restarts": "2", "latest": f"step-{STEPS}"}, text[-4000:]
-    assert "caught SIGUSR1" in text and "training step exited with 75" in text
+    # SIGTERM to the step reached both ranks (as srun's USR1): they agreed on a step, saved it,
+    # and the job requeued.
+    assert text.count("SIGTERM received: every rank saves a checkpoint") == 1, text[-4000:]
+    saved = re.findall(r"preemption requested \(SIGUSR1\): all ranks save at step (\d+)", text)
+    assert len(saved) == 1 and int(saved[0]) > chain.srun_signalled_at, text[-4000:]
+    assert f"resumed from {chain.run_dir / 'checkpoints' / f'step-{saved[0]}'} at step {saved[0]}" in text
+    assert "training step exited with 75" in text and "caught SIG" not in text, text[-4000:]
     assert (chain.run_dir / "checkpoints" / f"step-{STEPS}" / "COMPLETE").is_file()
     # Every start of the job put rank r on node r+1, as node rank r, meeting at node1 over eth0.
     records = [json.loads(p.read_text()) for p in sorted((chain.run_dir / "ranks").glob("*.json"))]
@@ -233,29 +248,111 @@ def hostfile(tmp_path: Path) -> Path:
     return path
 
 
-def check_two_nodes(run_dir: Path, source: str, output: str) -> None:
-    ranks = [json.loads(p.read_text()) for p in sorted(run_dir.glob("rank*.json"))]
-    assert [(r["rank"], r["local_rank"], r["world_size"], r["local_world_size"]) for r in ranks] == [
-        (0, 0, 2, 1), (1, 0, 2, 1)], output[-4000:]
-    assert {(r["master_addr"], r["source"], r["end_step"]) for r in ranks} == {("node1", source, 3)}, ranks
-    assert ranks[0]["loss"] != ranks[1]["loss"]
-
-
 def workload_args(run_dir: Path) -> list[str]:
     return ["train", "--resume", "auto", f"run.dir={run_dir}", "train.steps=3"]
 
 
-def test_deepspeed_pdsh_runner_across_two_nodes(netns_cluster, tmp_path):
+def run_pids(node: str, tag: str) -> list[int]:
+    """Processes in ``node``'s namespace that carry run ``tag`` (supervise.RUN_TAG_ENV) in their
+    environment: every process of the run there, whatever started it."""
+    needle = f"{RUN_TAG_ENV}={tag}".encode()
+    found = []
+    for pid in node_pids(node, ""):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state != b"Z":
+            found.append(pid)
+    return found
+
+
+@dataclass
+class Interrupted:
+    """What a two-node run of multinode.sh interrupted by one signal to its top process left."""
+
+    returncode: int
+    output: str
+    run_dir: Path
+    ranks_on: dict  # node -> the run's rank processes there just before the signal
+    left: dict  # node -> the run's processes there afterwards
+    took: float  # seconds from the signal to the script's exit
+
+
+def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, **extra: str) -> Interrupted:
+    """launch/multinode.sh over node1 and node2 with the real trainer; once it has logged step 2,
+    ``signum`` goes to the script's process (the supervisor it became) and to nothing else."""
+    run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    env = clean_env(**extra, HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER=launcher,
+                    MASTER_PORT=str(free_port()), HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_MODULE="tests.scripts.trainer_probe",
+                    HP_STOP_TIMEOUT="120", **{RUN_TAG_ENV: tag})
+    args = ["train", *TRAIN_ARGS[:2], "--resume", "auto", f"run.dir={run_dir}", "training.steps=2000",
+            "checkpoint.interval=1000", "eval.every=0"]
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:  # a file: nobody reads a pipe while the run trains
+        # SIGINT at its default, as in a terminal (a script's background job has it ignored).
+        proc = subprocess.Popen([str(REPO / "launch" / "multinode.sh"), *args], env=env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while step_of_metrics(run_dir) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        ranks_on = {node: [p for p in run_pids(node, tag) if is_rank(
+            Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0"), "tests.scripts.trainer_probe")]
+            for node in NETNS_NODES}
+        os.kill(proc.pid, signum)
+        sent = time.monotonic()
+        proc.wait(timeout=180)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10  # a zombie being reaped by its parent may show for a moment
+    while any(run_pids(node, tag) for node in NETNS_NODES) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {node: run_pids(node, tag) for node in NETNS_NODES}
+    for pid in sum(left.values(), []):
+        os.kill(pid, signal.SIGKILL)
+    return Interrupted(proc.returncode, log.read_text(errors="replace"), run_dir, ranks_on, left, took)
+
+
+def check_saved_and_gone(run: Interrupted, source: str) -> list[dict]:
+    text = run.output
+    # Each node ran a rank of the run before the signal (its process, not only its log lines).
+    assert all(len(pids) == 1 for pids in run.ranks_on.values()), (run.ranks_on, text[-4000:])
+    assert run.left == {node: [] for node in NETNS_NODES}, text[-4000:]
+    assert run.returncode == 75, text[-4000:]
+    assert "Traceback" not in text and text.count("received: every rank saves a checkpoint") == 1, text[-4000:]
+    step = step_of_metrics(run.run_dir)
+    assert re.search(rf"all ranks save at step {step}\b", text), text[-4000:]
+    assert latest(run.run_dir) == f"step-{step}", text[-4000:]
+    assert (run.run_dir / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+    assert not list((run.run_dir / "checkpoints").glob("*.staging"))
+    assert run.took < 90, f"{run.took:.0f}s from the signal to the exit"
+    # Rank r ran on node r+1 as the only rank there, meeting at node1.
+    records = [json.loads(p.read_text()) for p in sorted((run.run_dir / "ranks").glob("*.json"))]
+    assert [(r["rank"], r["local_rank"], r["world_size"], r["local_world_size"], r["source"]) for r in records] == [
+        (0, 0, 2, 1, source), (1, 0, 2, 1, source)], records
+    return records
+
+
+def test_sigterm_to_the_pdsh_runner_saves_on_both_nodes_and_leaves_no_process(netns_cluster, tmp_path):
     """pdsh sshes from this machine to node1 and node2, each starts deepspeed's per-node launcher
-    with its node rank. No interface is named: gloo finds each node's address from its host name."""
-    run_dir = tmp_path / "run"
-    out = launch([str(REPO / "launch" / "multinode.sh"), *workload_args(run_dir)], timeout=400,
-                 HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER="pdsh", MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS=NO_SSH_CHECK, **netns_cluster).output
-    for rank, node in enumerate(NETNS_NODES):
-        assert any(line.startswith(f"{node}: ") and f"[workload] rank {rank}/2" in line
-                   for line in out.splitlines()), out[-4000:]
-    check_two_nodes(run_dir, "deepspeed", out)
+    with its node rank; no interface is named: gloo finds each node's address from its host
+    name. An ssh session carries no signal to the remote side, so the supervisor reaches the
+    nodes over pdsh itself: every rank saves at the agreed step, the run exits 75 within a
+    bounded time, and nothing of the run is left in either node."""
+    run = interrupt_two_node_run(tmp_path, "pdsh", signal.SIGTERM, **netns_cluster)
+    records = check_saved_and_gone(run, "deepspeed")
+    assert {r["master_addr"] for r in records} == {"node1"}, records
+
+
+def step_of_metrics(run_dir: Path) -> int:
+    return max((r["step"] for r in train_records(run_dir)), default=0)
 
 
 def openmpi_over_ssh(openmpi_env: dict, netns_cluster: dict) -> dict:
@@ -267,14 +364,15 @@ def openmpi_over_ssh(openmpi_env: dict, netns_cluster: dict) -> dict:
 OPENMPI_ACROSS_NODES = f"--prefix {OPENMPI_PREFIX}"
 
 
-def test_deepspeed_openmpi_runner_across_two_nodes(netns_cluster, openmpi_env, tmp_path):
-    run_dir = tmp_path / "run"
-    out = launch([str(REPO / "launch" / "multinode.sh"), *workload_args(run_dir)], timeout=400,
-                 HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER="openmpi", MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_SOCKET_IFNAME="eth0", HP_MPIRUN_ARGS=OPENMPI_ACROSS_NODES,
-                 **openmpi_over_ssh(openmpi_env, netns_cluster)).output
-    assert "btl_tcp_if_include eth0" in out and "-x HP_SOCKET_IFNAME" in out, out[-4000:]
-    check_two_nodes(run_dir, "mpi", out)
+def test_ctrl_c_to_the_openmpi_runner_saves_on_both_nodes_and_leaves_no_process(netns_cluster, openmpi_env, tmp_path):
+    """deepspeed's openmpi runner: mpirun starts Open MPI's daemons on the nodes over ssh, and they
+    the ranks, which get the run's tag with -x; the supervisor reaches them over pdsh as for the
+    pdsh runner."""
+    run = interrupt_two_node_run(tmp_path, "openmpi", signal.SIGINT, HP_SOCKET_IFNAME="eth0",
+                                 HP_MPIRUN_ARGS=OPENMPI_ACROSS_NODES, **openmpi_over_ssh(openmpi_env, netns_cluster))
+    assert all(opt in run.output for opt in ("btl_tcp_if_include eth0", "-x HP_SOCKET_IFNAME", "-x PYTHON_HP_RUN")), \
+        run.output[-4000:]
+    check_saved_and_gone(run, "mpi")
 
 
 def test_mpirun_script_across_two_nodes(netns_cluster, openmpi_env, tmp_path):
