@@ -97,8 +97,9 @@ class PreemptionHandler:
         # The first signal wins so the log names the real cause.
         if self.received is None:
             self.received = signum
-            # Under the launch scripts' supervisor, which forwards the signal, it has said this already.
-            if signum == signal.SIGINT and not os.environ.get("HP_SUPERVISOR_DIR"):
+            # Under the launch scripts' supervisor, which forwards the signal, it has said this
+            # already; ranks on other nodes know it by the run tag (launching/supervise.py).
+            if signum == signal.SIGINT and not (os.environ.get("HP_SUPERVISOR_DIR") or os.environ.get("PYTHON_HP_RUN")):
                 self._say("interrupted: saving a checkpoint at the next step, then stopping "
                           "(Ctrl-C again stops at once without saving)")
         elif signum == signal.SIGINT:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 BODY = r"""
@@ -23,9 +25,11 @@ if sys.argv[1] == "twice":
 """
 
 
-def run(mode: str) -> subprocess.CompletedProcess:
+def run(mode: str, **supervisor) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("HP_SUPERVISOR_DIR", None)
+    env.pop("PYTHON_HP_RUN", None)
+    env.update(supervisor)
     return subprocess.run([sys.executable, "-c", BODY, mode], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -43,3 +47,12 @@ def test_a_second_ctrl_c_exits_130_at_once_without_a_traceback():
     assert "still running" not in proc.stdout
     assert "interrupted again: stopping now without saving" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("supervisor", [{"HP_SUPERVISOR_DIR": "/tmp/x"}, {"PYTHON_HP_RUN": "tag"}],
+                         ids=["this node", "another node"])
+def test_under_the_supervisor_a_rank_leaves_the_ctrl_c_line_to_it(supervisor):
+    proc = run("once", **supervisor)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "recorded SIGINT"
+    assert "interrupted" not in proc.stderr
