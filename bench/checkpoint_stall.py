@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import median, table, write_json
+from bench.common import cpu_zero3_engine, median, table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 8
@@ -41,28 +41,14 @@ MODES = ("sync", "async")
 
 
 def rank_body(preset: str, rounds: int, steps: int, root: str) -> dict:
-    import deepspeed
     import torch.distributed as dist
 
     from hp_deepspeed.checkpointing import CheckpointManager
     from hp_deepspeed.checkpointing.config import CheckpointConfig
     from hp_deepspeed.checkpointing.layout import read_marker
     from hp_deepspeed.launching import collectives
-    from hp_deepspeed.model.builder import ModelConfig, resolve_t5_config
-    from hp_deepspeed.model.conditioning import ConditioningConfig
-    from hp_deepspeed.model.hyperprompt_t5 import build_model
-    from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
-    from hp_deepspeed.training.optim import OptimConfig
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    model_cfg = ModelConfig(name_or_path=preset, load_weights=False)
-    t5_config = resolve_t5_config(model_cfg)
-    ds_config = build_ds_config(
-        read_ds_config(REPO / "ds_configs" / "zero3_cpu_test.json"), micro_batch_size=1,
-        gradient_accumulation=1, world_size=dist.get_world_size(), optim=OptimConfig(),
-        d_model=t5_config.d_model, log_every=1000, on_cpu=True)
-    model = build_model(model_cfg, ConditioningConfig(variant="hyperprompt_global"), NUM_TASKS, ds_config=ds_config)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
+    engine, t5_config = cpu_zero3_engine(preset, NUM_TASKS)
     managers = {mode: CheckpointManager(CheckpointConfig(interval=1, keep_last=1, resume="auto",
                                                          async_save="never" if mode == "sync" else "always"),
                                         Path(root) / mode, model_config={"preset": preset})

@@ -117,3 +117,27 @@ def write_json(name_or_path: str | Path, result: dict) -> Path:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def cpu_zero3_engine(preset: str, num_tasks: int):
+    """(engine, T5 config): a random-init HyperPrompt-Global T5 of ``preset`` under ZeRO-3 on
+    gloo ranks, the model the checkpoint benchmarks save and load. Call it in every rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from hp_deepspeed.model.builder import ModelConfig, resolve_t5_config
+    from hp_deepspeed.model.conditioning import ConditioningConfig
+    from hp_deepspeed.model.hyperprompt_t5 import build_model
+    from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
+    from hp_deepspeed.training.optim import OptimConfig
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    model_cfg = ModelConfig(name_or_path=preset, load_weights=False)
+    t5_config = resolve_t5_config(model_cfg)
+    ds_config = build_ds_config(
+        read_ds_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu_test.json"),
+        micro_batch_size=1, gradient_accumulation=1, world_size=dist.get_world_size(), optim=OptimConfig(),
+        d_model=t5_config.d_model, log_every=1000, on_cpu=True)
+    model = build_model(model_cfg, ConditioningConfig(variant="hyperprompt_global"), num_tasks, ds_config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config)
+    return engine, t5_config
