@@ -22,7 +22,7 @@ from hp_deepspeed.checkpointing.integrity import SaveLedger
 from hp_deepspeed.checkpointing.layout import MARKER, read_latest, read_marker
 from hp_deepspeed.testing.ranks import run_ranks
 from tests.checkpointing.bodies import config, save_at_every_stage
-from tests.checkpointing.test_durability import committed_name
+from tests.checkpointing.test_durability import fsync_record
 from tests.checkpointing.toy import MODEL_CONFIG, make_engine, seed, snapshot, train_step
 
 WRITER_DELAY_S = 0.5
@@ -161,12 +161,9 @@ def test_a_save_that_waits_is_official_on_every_rank_when_it_returns(results):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_file_an_async_save_writes_is_fsynced_before_complete(results, stage):
     _, ranks = results
-    written = ranks[0]["stages"][stage]["files"]
-    step_dir = ranks[0]["stages"][stage]["step_dir"]
-    synced = {committed_name(path) for rank in ranks for path in rank["stages"][stage]["synced"]}
-    files = [path for path in written if Path(path).name != MARKER]
+    files, folders, synced = fsync_record(ranks, stage)
     assert files and [path for path in files if path not in synced] == []
-    assert {str(Path(path).parent) for path in files} <= synced
+    assert folders <= synced
 
 
 def test_a_host_snapshot_keeps_shared_storage_and_ignores_later_in_place_updates(tmp_path):

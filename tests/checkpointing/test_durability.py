@@ -36,15 +36,21 @@ def committed_name(path: str) -> str:
     return re.sub(r"/\.([^/]+)\.[^./]+\.tmp$", r"/\1", path.replace(".staging", ""))
 
 
+def fsync_record(ranks: list[dict], stage: int) -> tuple[list[str], set[str], set[str]]:
+    """What the save at ``stage`` wrote (but its marker), the folders holding it, and every path
+    fsynced before the marker, named as committed."""
+    written = ranks[0]["stages"][stage]["files"]
+    synced = {committed_name(path) for rank in ranks for path in rank["stages"][stage]["synced"]}
+    files = [path for path in written if Path(path).name != MARKER]
+    return files, {str(Path(path).parent) for path in files}, synced
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_file_and_folder_a_save_writes_is_fsynced_before_complete(results, stage):
     _, ranks = results
-    written = ranks[0]["stages"][stage]["files"]
     step_dir = ranks[0]["stages"][stage]["step_dir"]
-    synced = {committed_name(path) for rank in ranks for path in rank["stages"][stage]["synced"]}
-    files = [path for path in written if Path(path).name != MARKER]
+    files, folders, synced = fsync_record(ranks, stage)
     assert [path for path in files if path not in synced] == []
-    folders = {str(Path(path).parent) for path in files}
     assert folders == {step_dir, f"{step_dir}/rng"} and folders <= synced
     if stage < 3:  # the weights file every stage below 3 writes once, from rank 0
         assert f"{step_dir}/mp_rank_00_model_states.pt" in files
