@@ -198,8 +198,11 @@ class CheckpointManager:
         self.best: dict[str, dict[str, float | int]] = read_json(best_path) if best_path.is_file() else {}
         mode = config.async_save
         self._async = mode == "always" or (mode == "auto" and torch.cuda.is_available())
-        # Created here, where every rank constructs its manager, since creating a group is collective.
-        self._group = collectives.background_group() if self._async else None
+        if self._async:
+            # Created here, where every rank constructs its manager, since creating a group is
+            # collective. Not kept: a group's threads end only when its last reference goes, at
+            # the exit's ``shutdown_distributed``; the save looks it up when it needs it.
+            collectives.background_group()
         self._snapshot = HostSnapshot()
         self._in_flight: BackgroundSave | None = None
 
@@ -301,7 +304,7 @@ class CheckpointManager:
             self._agree_and_commit(ledger, staging, final, step, meta, best, started, group=None)
             return final
         background.close(lambda: self._agree_and_commit(ledger, staging, final, step, meta, best, started,
-                                                        group=self._group))
+                                                        group=collectives.background_group()))
         self._in_flight = background
         log.debug("checkpoint %s copied to host memory in %.2fs; writing it in the background",
                   final.name, time.monotonic() - started)

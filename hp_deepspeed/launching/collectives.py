@@ -128,6 +128,12 @@ def _gloo_group(purpose: str) -> Any:
     return _gloo_groups[world, purpose]
 
 
+def forget_groups() -> None:
+    """Drop this module's references to its gloo groups (after ``destroy_process_group``): a
+    group's threads end only when its last reference goes (``launching/shutdown.py``)."""
+    _gloo_groups.clear()
+
+
 def background_group() -> Any:
     """The gloo group for a background thread's collectives (None without a process group)."""
     return _gloo_group("background")

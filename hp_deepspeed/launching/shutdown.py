@@ -9,6 +9,7 @@ DeepSpeed and torch behaviours and live in ``hp_deepspeed/compat/``; nor start-u
 from __future__ import annotations
 
 from hp_deepspeed.compat.deepspeed import destroy_engines, release_group_holders, remove_cpu_allreduce_buffer
+from hp_deepspeed.launching import collectives
 
 
 def shutdown_distributed() -> None:
@@ -31,5 +32,6 @@ def shutdown_distributed() -> None:
         rank = dist.get_rank()
         destroy_engines()  # needs the groups: DeepSpeed logs by rank while it does
         dist.destroy_process_group()
+        collectives.forget_groups()  # the project's own gloo groups, destroyed with the rest
         release_group_holders()
         remove_cpu_allreduce_buffer(rank)

@@ -96,7 +96,8 @@ def test_a_clean_exit_leaves_no_communication_thread_running(tmp_path, mode):
     """After ``shutdown_distributed`` no gloo or TCP-store thread is left on either rank: ``toy``,
     a ZeRO-3 engine whose owner returned (its hooks, DeepSpeed's module stack and a memoised
     method keep it alive) and ``torch.distributed.nn.functional`` imported after the group,
-    binding it as a default; ``cli``, a real 2-rank ``train``. A thread left running to
+    binding it as a default; ``cli``, a real 2-rank ``train`` that saves asynchronously (the
+    project's own gloo groups, for the preemption flag and the background save). A thread left running to
     interpreter exit is what aborted a rank after a 2-rank resume in CI (exit -6; 3 runs in 35 of
     that test's body before this was fixed, none in 40 after)."""
     import json
@@ -110,7 +111,7 @@ def test_a_clean_exit_leaves_no_communication_thread_running(tmp_path, mode):
     command = [sys.executable, str(repo / "tests/scripts/shutdown_threads.py"), mode, str(tmp_path)]
     if mode == "cli":
         command += ["train", "--config", "tests/training/tiny_job.yaml", f"run.dir={tmp_path / 'run'}",
-                    "training.steps=2"]
+                    "training.steps=2", "checkpoint.async_save=always"]  # its gloo group must end too
     port, procs = free_port(), []
     for rank in range(2):
         env = base_env(None)
