@@ -16,10 +16,14 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Reject a bad config before any rank starts.
 hp-deepspeed validate --config configs/demo.yaml "run.dir=$RUN_DIR" > /dev/null
 
+# Under the launch scripts' supervisor, as launch/local.sh: Ctrl-C saves and stops every rank
+# (exit 75; `make demo` again resumes), a second Ctrl-C stops at once, and nothing is left behind.
+# The launcher's own info lines are left out (--log_level warning).
 train() {  # RUN_DIR [overrides...]
   local dir=$1; shift
-  deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
-    --module hp_deepspeed.cli train --config configs/demo.yaml "run.dir=$dir" "$@" --resume auto
+  python -m hp_deepspeed.launching.supervise -- deepspeed --log_level warning --num_gpus 2 \
+    --master_port "${MASTER_PORT:-29533}" --module hp_deepspeed.cli \
+    train --config configs/demo.yaml "run.dir=$dir" "$@" --resume auto
 }
 
 echo "== HyperPrompt-Global, ZeRO-3 over 2 ranks =="
