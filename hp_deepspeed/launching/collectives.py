@@ -20,6 +20,7 @@ The object helpers take it as ``group``; gloo moves CPU tensors only, so they th
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Literal
 
 import torch
@@ -124,7 +125,10 @@ def _gloo_group(purpose: str) -> Any:
     if (world, purpose) not in _gloo_groups:
         for key in [key for key in _gloo_groups if key[0] != world]:
             del _gloo_groups[key]
-        _gloo_groups[world, purpose] = dist.new_group(backend="gloo")
+        # A new group does not inherit the world's timeout: give it the same bound (HP_DIST_TIMEOUT).
+        from hp_deepspeed.launching.startup import collective_timeout
+
+        _gloo_groups[world, purpose] = dist.new_group(backend="gloo", timeout=collective_timeout(os.environ))
     return _gloo_groups[world, purpose]
 
 

@@ -121,3 +121,18 @@ def test_one_rank_gloo_group(tmp_path):
         collectives.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_projects_own_gloo_groups_are_bounded_by_hp_dist_timeout(monkeypatch):
+    from datetime import timedelta
+
+    made = []
+    monkeypatch.setattr(collectives, "is_distributed", lambda: True)
+    monkeypatch.setattr(collectives, "_gloo_groups", {})
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs) or object())
+    monkeypatch.setenv("HP_DIST_TIMEOUT", "123")
+    group = collectives.background_group()
+    assert collectives.background_group() is group  # created once, then looked up
+    assert made == [{"backend": "gloo", "timeout": timedelta(seconds=123)}]
+    collectives.forget_groups()
+    assert collectives.background_group() is not group and len(made) == 2
