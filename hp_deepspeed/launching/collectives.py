@@ -26,6 +26,8 @@ from typing import Any, Callable, Literal
 import torch
 import torch.distributed as dist
 
+from hp_deepspeed.launching.environment import collective_timeout
+
 ReduceOp = Literal["sum", "min", "max"]
 _OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
@@ -126,8 +128,6 @@ def _gloo_group(purpose: str) -> Any:
         for key in [key for key in _gloo_groups if key[0] != world]:
             del _gloo_groups[key]
         # A new group does not inherit the world's timeout: give it the same bound (HP_DIST_TIMEOUT).
-        from hp_deepspeed.launching.startup import collective_timeout
-
         _gloo_groups[world, purpose] = dist.new_group(backend="gloo", timeout=collective_timeout(os.environ))
     return _gloo_groups[world, purpose]
 

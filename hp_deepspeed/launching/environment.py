@@ -1,9 +1,10 @@
 """Where this process sits in the job, read from whichever launcher started it.
 
 Owns: :class:`DistInfo` and the pure ``info_from_*`` readers of each launcher's environment
-(a mapping, and for MPI a communicator), and :func:`resolve`, which picks the source. Does not
-own: the network interface (``network.py``), starting the process group (``startup.py``), or
-tearing it down (``shutdown.py``).
+(a mapping, and for MPI a communicator), :func:`resolve`, which picks the source, and
+:func:`collective_timeout` (``HP_DIST_TIMEOUT``), shared by the world and the project's own
+groups. Does not own: the network interface (``network.py``), starting the process group
+(``startup.py``), or tearing it down (``shutdown.py``).
 
 Sources, tried in this order (the first that applies wins):
 
@@ -42,10 +43,27 @@ import shutil
 import socket
 import subprocess
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Callable, Mapping, Protocol
 
 from hp_deepspeed.errors import LaunchEnvironmentError
 from hp_deepspeed.launching.network import advertised_host
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def collective_timeout(env: Mapping[str, str]) -> timedelta:
+    """HP_DIST_TIMEOUT seconds (default :data:`DEFAULT_TIMEOUT_S`): the longest any collective
+    may wait for a peer before it fails."""
+    raw = env.get("HP_DIST_TIMEOUT") or str(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise LaunchEnvironmentError(f"HP_DIST_TIMEOUT={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
 
 SOURCES = ("env", "mpi", "slurm", "single")
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")

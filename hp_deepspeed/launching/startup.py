@@ -2,9 +2,10 @@
 
 Owns: the order of start-up (resolve the launcher environment, choose the device, check the
 network interface, export the torch.distributed variables, call ``deepspeed.init_distributed``
-with nccl on CUDA and gloo on the CPU), the collective timeout, and the table of peers that
-names a lost rank. Does not own: reading the launcher's environment (``environment.py``), the
-interface rules (``network.py``), the device rule (``device.py``) or the exit (``shutdown.py``).
+with nccl on CUDA and gloo on the CPU) and the table of peers that names a lost rank. Does not
+own: reading the launcher's environment and the collective timeout's variable
+(``environment.py``), the interface rules (``network.py``), the device rule (``device.py``) or
+the exit (``shutdown.py``).
 
 ``HP_DIST_BACKEND`` forces the backend; ``HP_DEVICE=cpu`` selects gloo even where CUDA exists.
 
@@ -25,24 +26,8 @@ from typing import Mapping
 
 from hp_deepspeed.compat.deepspeed import export_device_index
 from hp_deepspeed.errors import LaunchEnvironmentError
-from hp_deepspeed.launching.environment import DistInfo, resolve
+from hp_deepspeed.launching.environment import DEFAULT_TIMEOUT_S, DistInfo, collective_timeout, resolve
 from hp_deepspeed.launching.network import HP_IFNAME_VAR, NetworkView, socket_ifname_env
-
-DEFAULT_TIMEOUT_S = 1800.0
-
-
-def collective_timeout(env: Mapping[str, str]) -> timedelta:
-    """HP_DIST_TIMEOUT seconds (default :data:`DEFAULT_TIMEOUT_S`): the longest any collective
-    may wait for a peer before it fails."""
-    raw = env.get("HP_DIST_TIMEOUT") or str(DEFAULT_TIMEOUT_S)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise LaunchEnvironmentError(f"HP_DIST_TIMEOUT={raw!r}: expected a number of seconds > 0")
-    return timedelta(seconds=seconds)
-
 
 # (host name, address) of every rank, by rank; filled by init_distributed.
 _PEERS: list[tuple[str, str]] = []
