@@ -37,8 +37,11 @@ shm-op:
 demo: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)
 
+# Two pytest-xdist workers: one runs the tests that start ranks, launchers or clusters one after
+# another, the other the single-process tests beside them (tests/conftest.py groups them).
+TEST_WORKERS ?= 2
 test: $(STAMP) shm-op
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests --durations=30
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 test-fast: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests -m "not distributed and not e2e"

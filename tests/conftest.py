@@ -10,6 +10,8 @@ failure, with the skip's reason.
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -63,19 +65,32 @@ def pytest_make_collect_report(collector):
         report.longrepr = f"CI=true: module {collector.nodeid} skipped at import: {reason}"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _remove_leaked_cpu_allreduce_buffers():
+def pytest_collection_modifyitems(config, items):
+    # `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``: the tests
+    # that start ranks, launchers or clusters (marked e2e or distributed) share one group, so they
+    # run one after another on one worker, as they did before, while the other worker takes the
+    # single-process tests. Two multi-rank tests at once would put four busy ranks on two cores,
+    # and the launcher tests share machine-wide state (network namespaces, sshd, the SLURM cluster).
+    for item in items:
+        if any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+def pytest_sessionstart(session):
+    session.config._hp_started = time.time()
+
+
+def pytest_sessionfinish(session):
     """Ranks the tests kill (SIGKILL, a crash mid-save, a node lost) never reach the CLI's clean
     exit, which removes DeepSpeed's 69 MB /dev/shm all-reduce buffer of each rank
-    (launching/shutdown.shutdown_distributed); remove those this session left."""
-    import time
-    from pathlib import Path
-
-    start = time.time()
-    yield
+    (launching/shutdown.shutdown_distributed); remove those this session left. Only the process
+    that started the session does this (xdist's controller, or pytest alone): a worker that
+    finishes first must not remove the buffers of ranks still running on the other."""
+    if hasattr(session.config, "workerinput"):
+        return
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"):
         try:
-            if path.stat().st_mtime >= start:
+            if path.stat().st_mtime >= session.config._hp_started:
                 path.unlink()
         except FileNotFoundError:
             pass
