@@ -156,6 +156,36 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
         assert "checkpoint of step" in output, output[-3000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_sigterm_to_a_raw_deepspeed_runner_alone_saves_and_stops_its_orphaned_ranks(tmp_path):
+    """The deepspeed runner started by hand (no launch script, no supervisor) dies on SIGTERM and
+    leaves its launch.py and the ranks running; the ranks notice their launcher is gone and save
+    and stop as on a signal."""
+    tag = uuid.uuid4().hex
+    env = clean_env(HP_MODULE="hp_deepspeed.cli", HP_DEVICE="cpu", DS_ACCELERATOR="cpu", **{MARKER: tag})
+    cmd = ["deepspeed", "--log_level", "warning", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--no_local_rank", "--module", "hp_deepspeed.cli", "train", "--config", str(JOB), f"run.dir={tmp_path}",
+           "training.steps=2000", "checkpoint.interval=1000", "training.log_every=1"]
+    with open(tmp_path / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(proc, tmp_path, 2, timeout=300)
+    signalled_at = last_logged_step(tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # the runner itself passes nothing on
+    deadline = time.monotonic() + 60  # its orphans: launch.py and the ranks
+    while run_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    output = finish(proc, tmp_path, tag, timeout=0)
+    assert output.count("exited: all ranks save at step") == 1, output[-3000:]
+    step = last_logged_step(tmp_path)
+    # The watch polls once a second and the ranks agree one step later: a few steps at most.
+    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
+    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["/venv/bin/python", "-u", "-m", "hp_deepspeed.cli", "train"], True),  # deepspeed's, torchrun's, mpirun's rank
     (["python3.11", "-X", "faulthandler", "-m", "hp_deepspeed.cli"], True),
