@@ -194,6 +194,11 @@ def test_sigterm_to_a_raw_deepspeed_runner_alone_saves_and_stops_its_orphaned_ra
     (["/venv/bin/python", "/venv/bin/deepspeed", "--module", "hp_deepspeed.cli", "train"], False),
     (["/venv/bin/hydra_pmi_proxy", "-m", "hp_deepspeed.cli"], False),
     (["python", "-c", "-m hp_deepspeed.cli"], False),
+    # deepspeed's mpich runner: its helper starts the rank from launching/entry.py.
+    (["/venv/bin/python", "-u", "/repo/hp_deepspeed/launching/entry.py", "hp_deepspeed.cli", "train"], True),
+    (["/venv/bin/python", "-u", "/venv/deepspeed/launcher/launcher_helper.py", "--launcher", "mpich",
+      "/repo/hp_deepspeed/launching/entry.py", "hp_deepspeed.cli"], False),
+    (["/venv/bin/python", "/repo/hp_deepspeed/launching/entry.py", "tests.other_module"], False),
 ])
 def test_the_supervisor_signals_ranks_and_not_the_launchers_that_name_the_module(argv, expected):
     from hp_deepspeed.launching.supervise import is_rank
@@ -266,3 +271,20 @@ def test_a_hostfile_the_supervisor_cannot_use_is_refused_in_one_line_before_anyt
         main(["--hostfile", str(path), "--", "true"])
     assert exit_info.value.code == 2
     assert expected.format(path=path) in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_per_node_launcher_s_info_lines_are_left_out_and_everything_else_passes_in_order(capfd):
+    """What launch/multinode.sh asks of the supervisor: DeepSpeed's launch.py info lines (pdsh
+    prefixes each with its node) go; its warnings, the ranks' lines and a last line without a
+    newline pass."""
+    from hp_deepspeed.launching.supervise import main
+
+    lines = ["node1: [2026-12-06 10:30:21,402] [INFO] [launch.py:256:main] process 123 spawned with command: [...]",
+             "node2: [2026-12-06 10:30:21,402] [INFO] [launch.py:163:main] Setting CUDA_VISIBLE_DEVICES=0",
+             "[2026-12-06 10:30:21,402] [INFO] [launch.py:146:main] WORLD INFO DICT: {'node1': [0]}",
+             "node1: [2026-12-06 10:30:22,000] [WARNING] [launch.py:259:main] a warning stays",
+             "node1: 2026-12-06 10:30:23,000 INFO hp_deepspeed.training.trainer: step 1 loss=2.5",
+             "node2: [INFO] [launch.py:1:x] not DeepSpeed's format, stays"]
+    script = "".join(f"echo {line!r}; " for line in lines) + "printf 'no newline'"
+    assert main(["--drop-node-launcher-info", "--", "sh", "-c", script]) == 0
+    assert capfd.readouterr().out == "\n".join(lines[3:]) + "\nno newline"
