@@ -65,7 +65,7 @@ if [ "$launcher" = openmpi ]; then
     [ -n "${!var:-}" ] && mpirun_args="-x $var $mpirun_args"
   done
   # The run's tag, set by the supervisor, by which it finds the ranks on each host.
-  if command -v pdsh > /dev/null; then mpirun_args="-x PYTHON_HP_RUN $mpirun_args"; fi
+  if command -v pdsh > /dev/null; then mpirun_args="-x PYTHON_HP_RUN -x PYTHON_HP_RUN_NODES $mpirun_args"; fi
 fi
 if [ -n "$mpirun_args" ]; then
   args+=(--launcher_args "$mpirun_args")

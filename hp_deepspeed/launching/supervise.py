@@ -93,6 +93,11 @@ RUN_TAG_ENV = "PYTHON_HP_RUN"
 with PYTHON because deepspeed's pdsh runner exports only such variables (and NCCL_*, MLFLOW*,
 UCX*, MV2*) to the hosts; Python itself ignores the name."""
 
+NODES_ENV = "PYTHON_HP_RUN_NODES"
+"""Set ("1") in the environment of every process of a run whose supervisor reaches its hosts
+(``--hostfile``): a rank there records a save-and-stop on its host even when the supervisor's
+pass has not reached that host yet (another node's rank got the signal first)."""
+
 REMOTE_PASS_S = 2.0
 """How often, after a stop request, the hosts are searched again for ranks not yet signalled."""
 
@@ -183,12 +188,18 @@ def node_status_dir(tag: str) -> str:
 def record_preempted(exit_code: int) -> int:
     """In a rank: the exit code to give the launcher. Under a supervisor a save-and-stop is
     recorded for it and reported to the launcher as success; otherwise ``exit_code`` unchanged."""
+    if exit_code != EXIT_PREEMPTED:
+        return exit_code
     folder = os.environ.get(STATUS_DIR_ENV)
     if not folder or not os.path.isdir(folder):
-        # A rank on another host than the supervisor: the folder its --on-node pass made here.
+        # A rank on another host than the supervisor: the folder of the run on this host, which
+        # the supervisor's last pass counts. It may stop before a pass made the folder: the
+        # ranks agree on the stop, and another host's rank may have been signalled first.
         tag = os.environ.get(RUN_TAG_ENV)
         folder = node_status_dir(tag) if tag else ""
-    if exit_code != EXIT_PREEMPTED or not folder or not os.path.isdir(folder):
+        if folder and os.environ.get(NODES_ENV) == "1":
+            os.makedirs(folder, exist_ok=True)
+    if not folder or not os.path.isdir(folder):
         return exit_code
     with open(os.path.join(folder, f"rank-{os.getpid()}"), "w") as f:
         f.write(str(exit_code))
@@ -296,14 +307,14 @@ class Hosts:
         self.hosts, self.module, self.tag = hosts, module, tag
         # Without the tag: these pdsh and ssh processes are not the run's, and a pass on this
         # host (a hostfile may name it) must not stop them.
-        self.env = {k: v for k, v in os.environ.items() if k != RUN_TAG_ENV}
+        self.env = {k: v for k, v in os.environ.items() if k not in (RUN_TAG_ENV, NODES_ENV)}
         self.env["PDSH_RCMD_TYPE"] = "ssh"
         if ssh_port:
             self.env["PDSH_SSH_ARGS_APPEND"] = f"{self.env.get('PDSH_SSH_ARGS_APPEND', '')} -p {ssh_port}"
 
     def command(self, *args: str) -> list[str]:
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(os.environ.items())
-                          if k.startswith("PYTHON") and k != RUN_TAG_ENV)
+                          if k.startswith("PYTHON") and k not in (RUN_TAG_ENV, NODES_ENV))
         remote = (f"{exports}cd {shlex.quote(os.getcwd())}; {shlex.quote(sys.executable)} -m "
                   f"{SUPERVISOR_MODULE} --module {shlex.quote(self.module)} "
                   f"--on-node {' '.join(map(shlex.quote, args))} --tag {self.tag}")
@@ -433,6 +444,8 @@ class Supervisor:
         # ranks get. Launchers started by a script in the background have SIGINT ignored; the
         # ranks must not inherit that, or a forwarded SIGINT would do nothing.
         env = dict(os.environ, **{STATUS_DIR_ENV: self.status_dir, RUN_TAG_ENV: self.tag})
+        if self.hosts is not None:
+            env[NODES_ENV] = "1"
         self.child = subprocess.Popen(self.command, start_new_session=True, env=env,
                                       stdout=subprocess.PIPE if self.drop_line else None,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

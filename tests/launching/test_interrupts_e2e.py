@@ -288,3 +288,27 @@ def test_the_per_node_launcher_s_info_lines_are_left_out_and_everything_else_pas
     script = "".join(f"echo {line!r}; " for line in lines) + "printf 'no newline'"
     assert main(["--drop-node-launcher-info", "--", "sh", "-c", script]) == 0
     assert capfd.readouterr().out == "\n".join(lines[3:]) + "\nno newline"
+
+
+def test_a_rank_on_a_host_no_pass_reached_yet_records_its_save_when_the_hosts_are_supervised(monkeypatch):
+    """The ranks agree on the stop, so a rank on one host may save and stop before the
+    supervisor's pass has reached its host: it makes the run's folder there itself and reports
+    success to its launcher, as a signalled rank would, but only where a supervisor reaches the
+    hosts (one that does not would never count the folder)."""
+    import shutil
+
+    from hp_deepspeed.launching import supervise
+
+    tag = uuid.uuid4().hex
+    monkeypatch.delenv(supervise.STATUS_DIR_ENV, raising=False)
+    monkeypatch.setenv(supervise.RUN_TAG_ENV, tag)
+    folder = supervise.node_status_dir(tag)
+    try:
+        monkeypatch.delenv(supervise.NODES_ENV, raising=False)
+        assert supervise.record_preempted(75) == 75 and not os.path.exists(folder)
+        monkeypatch.setenv(supervise.NODES_ENV, "1")
+        assert supervise.record_preempted(1) == 1 and not os.path.exists(folder)
+        assert supervise.record_preempted(75) == 0
+        assert os.listdir(folder) == [f"rank-{os.getpid()}"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
