@@ -4,7 +4,7 @@
 What one node hides and these tests see: the master address from SLURM_JOB_NODELIST on the
 second node, node ranks, the rendezvous over a real interface (``eth0`` of each node, named by
 HP_SOCKET_IFNAME in the SLURM and Open MPI runs, found by gloo from the node's host name in the
-pdsh run), ssh to another host, and a node dying.
+pdsh and MPICH runs), ssh to another host, and a node dying.
 
 Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
