@@ -140,3 +140,20 @@ def test_a_rank_whose_launcher_is_killed_hears_of_it_once_within_seconds(tmp_pat
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_gone_launcher_stops_training_like_a_signal_with_one_line_naming_it(caplog):
+    """The preemption handler turns the watch's call into the stop flag, and rank 0 names the
+    launcher in its one line (alone, a rank decides at once)."""
+    import logging
+
+    from hp_deepspeed.training.preemption import PreemptionHandler
+
+    handler = PreemptionHandler()
+    handler.speaks = True
+    assert not handler.should_stop(1)
+    handler._on_launcher_gone(Process(4242, 1, 7, "S", (PY, "/venv/bin/deepspeed", "--num_gpus", "2")))
+    with caplog.at_level(logging.WARNING, logger="hp_deepspeed.training.preemption"):
+        assert handler.should_stop(2) and handler.stop_step == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "the launcher deepspeed (pid 4242) exited: all ranks save at step 2 and stop"]
