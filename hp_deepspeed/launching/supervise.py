@@ -569,8 +569,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--hostfile {args.hostfile}: {err.strerror}")
         if not names:
             parser.error(f"--hostfile {args.hostfile}: no host in it (expected lines \"host slots=N\")")
-        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi.
-        if len(names) > 1 or "--force_multi" in command:
+        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi;
+        # an MPI runner's mpirun starts the ranks of this machine below itself, without ssh.
+        on_this_machine = set(names) <= {"localhost", "127.0.0.1", socket.gethostname()}
+        mpi_here = on_this_machine and _option(command, "--launcher") in ("openmpi", "mpich")
+        if (len(names) > 1 or "--force_multi" in command) and not mpi_here:
             if not shutil.which("pdsh"):
                 parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
             hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
