@@ -7,7 +7,6 @@ a real stand-in launcher and kills it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
