@@ -25,7 +25,8 @@
 #                      "-x NCCL_DEBUG=INFO --mca btl_tcp_if_include ib0" (deepspeed's openmpi
 #                      runner adds `--mca btl_tcp_if_include eth0` unless this names that option)
 #   HP_LAUNCHER_ARGS   extra deepspeed options, e.g. "--force_multi --no_ssh_check" for a
-#                      one-host hostfile (mpirun options go in HP_MPIRUN_ARGS, not here)
+#                      one-host hostfile (mpirun options go in HP_MPIRUN_ARGS, not here), or
+#                      "--log_level info" for the launchers' info lines (left out by default)
 #   HP_SOCKET_IFNAME   the interface between the nodes, for gloo and NCCL (see README,
 #                      "Multi-node"); with openmpi it and GLOO_/NCCL_SOCKET_IFNAME and
 #                      HP_DIST_TIMEOUT are passed to the ranks with -x. The pdsh runner passes
@@ -35,9 +36,10 @@
 # SIGINT or SIGTERM to this script saves a checkpoint on every rank of every node and stops (exit
 # 75); a second one stops at once. The supervisor (hp_deepspeed/launching/supervise.py) reaches
 # the hosts over pdsh itself, with PDSH_SSH_ARGS_APPEND, since an ssh session carries no signal
-# to the remote side: the pdsh runner, and the openmpi runner when pdsh is on PATH (the run's
-# tag goes to the ranks with -x). Not the mpich runner: there only the ranks on this host are
-# signalled.
+# to the remote side: with every runner when pdsh is on PATH (the run's tag reaches the ranks
+# as PYTHON_HP_RUN: pdsh exports PYTHON* variables, Open MPI gets -x, MPICH's mpiexec passes its
+# whole environment). Without pdsh, only the ranks on this host are signalled for openmpi and
+# mpich; a rank whose launcher has gone saves and stops by itself in any case.
 set -euo pipefail
 source "$(dirname "$0")/preflight.sh" "$@"
 hostfile=${HP_HOSTFILE:?set HP_HOSTFILE to a hostfile of \"host slots=N\" lines}
@@ -63,7 +65,7 @@ if [ "$launcher" = openmpi ]; then
     [ -n "${!var:-}" ] && mpirun_args="-x $var $mpirun_args"
   done
   # The run's tag, set by the supervisor, by which it finds the ranks on each host.
-  command -v pdsh > /dev/null && mpirun_args="-x PYTHON_HP_RUN $mpirun_args"
+  if command -v pdsh > /dev/null; then mpirun_args="-x PYTHON_HP_RUN -x PYTHON_HP_RUN_NODES $mpirun_args"; fi
 fi
 if [ -n "$mpirun_args" ]; then
   args+=(--launcher_args "$mpirun_args")
@@ -75,7 +77,18 @@ else
   program=(--module "$module")
 fi
 supervise=("${PYTHON:-python}" -m hp_deepspeed.launching.supervise --module "$module")
-if [ "$launcher" = pdsh ] || { [ "$launcher" = openmpi ] && command -v pdsh > /dev/null; }; then
+if [ "$launcher" = pdsh ] || command -v pdsh > /dev/null; then
   supervise+=(--hostfile "$hostfile")
 fi
-exec "${supervise[@]}" -- deepspeed "${extra[@]}" "${args[@]}" "${program[@]}" "$@"
+# The launchers' info lines (their commands, the ranks' pids, a CUDA_VISIBLE_DEVICES set even on
+# a CPU node) say nothing to a person: the runner's go with --log_level warning; the per-node
+# launcher of the pdsh runner does not get that option (hp_deepspeed/compat/deepspeed.py), so
+# the supervisor leaves its info lines out. A --log_level in HP_LAUNCHER_ARGS keeps them all.
+quiet=(--log_level warning)
+for word in "${extra[@]}"; do
+  case "$word" in --log_level | --log_level=* | -q | --quiet) quiet=() ;; esac
+done
+if [ ${#quiet[@]} -gt 0 ]; then
+  supervise+=(--drop-node-launcher-info)
+fi
+exec "${supervise[@]}" -- deepspeed "${quiet[@]}" "${extra[@]}" "${args[@]}" "${program[@]}" "$@"

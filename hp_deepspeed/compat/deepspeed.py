@@ -199,6 +199,24 @@ def quiet_shm_op_message() -> None:
     ds_comm_torch.build_shm_op = build_shm_op
 
 
+# ----------------------------------------------------------------------------- launcher output
+
+# "[2026-12-06 10:30:21,402] [INFO] [launch.py:163:main] ...", after pdsh's "node1: " prefix.
+_NODE_LAUNCHER_INFO = re.compile(rb"^(?:[\w.-]+: )?\[[\d-]+ [\d:,]+\] \[INFO\] \[launch\.py:\d+:")
+
+
+def is_node_launcher_info(line: bytes) -> bool:
+    """Whether ``line`` is an info line of DeepSpeed's per-node launcher (``launch.py``).
+
+    DeepSpeed 0.19.8's pdsh runner starts ``deepspeed.launcher.launch`` on every node without
+    the ``--log_level`` it was given (only a one-node launch passes it on), and launch.py reads
+    its level from nothing else: each node logs its command, NCCL variables, world info, the
+    ranks' pids and ``Setting CUDA_VISIBLE_DEVICES`` (also on a CPU node) at INFO, which says
+    nothing to a person. The openmpi and mpich runners start no launch.py; their own lines obey
+    the runner's ``--log_level`` (tests/launching/test_multinode_e2e.py)."""
+    return _NODE_LAUNCHER_INFO.match(line) is not None
+
+
 # ----------------------------------------------------------------------------- universal checkpoints
 
 # DeepSpeed 0.19.8's ``ds_to_universal`` gives no progress but its output: a line per phase on

@@ -21,6 +21,8 @@ What this process does:
    when they appear;
  * on a second SIGINT or SIGTERM it kills every process of the run at once (no save) and exits
    130 (143 for SIGTERM);
+ * with ``--drop-node-launcher-info``, leaves DeepSpeed's per-node launcher info lines out of the
+   launcher's standard output (compat/deepspeed.py says why), passing the rest on line by line;
  * when the launcher has exited, or ``HP_STOP_TIMEOUT`` seconds (default 300) after a stop was
    requested, whatever is left of the run gets SIGTERM, then SIGKILL after a few seconds.
 
@@ -32,7 +34,7 @@ that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the laun
 signal N.
 
 Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner, and for
-its openmpi runner when pdsh is installed): the runner's ssh sessions do not carry a signal to
+its openmpi and mpich runners when pdsh is installed): the runner's ssh sessions do not carry a signal to
 the remote side (without a tty, sshd does not signal the remote command when the client dies),
 and deepspeed's own SIGTERM handler kills the remote ranks without a save. So every process of
 the run carries a run tag in its environment (``RUN_TAG_ENV``), and this process reaches the
@@ -52,8 +54,8 @@ which slurmstepd delivers to every process of the step on every node) gets that 
 once: srun answers SIGINT with a status report and SIGTERM by killing the step without a save,
 so those two never reach it from here.
 
-What it does not do: restart anything, reach the ranks on other nodes for the mpich runner, or
-survive its own SIGKILL (then the run is left as the launcher leaves it).
+What it does not do: restart anything, or survive its own SIGKILL (then the run is left as the
+launcher leaves it).
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from typing import Callable
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 """Signals that mean "save and stop" and are passed on to the ranks."""
@@ -88,6 +92,11 @@ RUN_TAG_ENV = "PYTHON_HP_RUN"
 """The run's tag, in the environment of every process of the run on every node. Its name starts
 with PYTHON because deepspeed's pdsh runner exports only such variables (and NCCL_*, MLFLOW*,
 UCX*, MV2*) to the hosts; Python itself ignores the name."""
+
+NODES_ENV = "PYTHON_HP_RUN_NODES"
+"""Set ("1") in the environment of every process of a run whose supervisor reaches its hosts
+(``--hostfile``): a rank there records a save-and-stop on its host even when the supervisor's
+pass has not reached that host yet (another node's rank got the signal first)."""
 
 REMOTE_PASS_S = 2.0
 """How often, after a stop request, the hosts are searched again for ranks not yet signalled."""
@@ -108,11 +117,18 @@ def _become_subreaper() -> bool:
         return False
 
 
+ENTRY_SCRIPT = os.path.join("hp_deepspeed", "launching", "entry.py")
+"""launching/entry.py, which runs a module for a launcher that starts only script files
+(deepspeed's mpich runner): ``python [options] .../hp_deepspeed/launching/entry.py MODULE ...``."""
+
+
 def is_rank(argv: list[str], module: str) -> bool:
     """Whether ``argv`` is a Python interpreter running ``module`` as a rank: ``python [options]
-    -m MODULE ...``. A launcher that merely names the module (``torchrun ... -m MODULE``,
-    ``deepspeed --module MODULE``, ``python -m deepspeed.launcher.launch ... --module MODULE``)
-    has a script or another module before it, so it is not a rank."""
+    -m MODULE ...``, or ``python [options] .../hp_deepspeed/launching/entry.py MODULE ...``. A
+    launcher that merely names the module (``torchrun ... -m MODULE``, ``deepspeed --module
+    MODULE``, ``python -m deepspeed.launcher.launch ... --module MODULE``, deepspeed's
+    ``launcher_helper.py ... entry.py MODULE``) has a script or another module before it, so it
+    is not a rank."""
     if len(argv) < 3 or not os.path.basename(argv[0]).startswith("python"):
         return False
     i = 1
@@ -124,7 +140,7 @@ def is_rank(argv: list[str], module: str) -> bool:
                 return False
             i += 1
         i += 1
-    return False
+    return i + 1 < len(argv) and argv[i].endswith(os.sep + ENTRY_SCRIPT) and argv[i + 1] == module
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -172,12 +188,18 @@ def node_status_dir(tag: str) -> str:
 def record_preempted(exit_code: int) -> int:
     """In a rank: the exit code to give the launcher. Under a supervisor a save-and-stop is
     recorded for it and reported to the launcher as success; otherwise ``exit_code`` unchanged."""
+    if exit_code != EXIT_PREEMPTED:
+        return exit_code
     folder = os.environ.get(STATUS_DIR_ENV)
     if not folder or not os.path.isdir(folder):
-        # A rank on another host than the supervisor: the folder its --on-node pass made here.
+        # A rank on another host than the supervisor: the folder of the run on this host, which
+        # the supervisor's last pass counts. It may stop before a pass made the folder: the
+        # ranks agree on the stop, and another host's rank may have been signalled first.
         tag = os.environ.get(RUN_TAG_ENV)
         folder = node_status_dir(tag) if tag else ""
-    if exit_code != EXIT_PREEMPTED or not folder or not os.path.isdir(folder):
+        if folder and os.environ.get(NODES_ENV) == "1":
+            os.makedirs(folder, exist_ok=True)
+    if not folder or not os.path.isdir(folder):
         return exit_code
     with open(os.path.join(folder, f"rank-{os.getpid()}"), "w") as f:
         f.write(str(exit_code))
@@ -193,12 +215,36 @@ def _signal(pid: int, signum: int) -> None:
 
 # ----------------------------------------------------------------------------- on a host of the run
 
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2:].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _under_supervisor(pid: int) -> bool:
+    """Whether a supervisor (not an ``--on-node`` pass) on this host is an ancestor of ``pid``."""
+    seen = set()
+    pid = _parent(pid)
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        argv = _cmdline(pid)
+        if SUPERVISOR_MODULE in argv and "--on-node" not in argv:
+            return True
+        pid = _parent(pid)
+    return False
+
+
 def run_processes(tag: str) -> list[int]:
-    """Live processes on this host that carry run ``tag`` in their environment, except those under
-    a supervisor on this host (it stops them itself) and the supervisor. "This host" is this
-    process's UTS namespace (its host name, which also names the status folder): nodes that share
-    one kernel's process table, as containers may, each see only their own ranks."""
-    needle, spared = f"{RUN_TAG_ENV}={tag}".encode(), f"{STATUS_DIR_ENV}=".encode()
+    """Live processes on this host that carry run ``tag`` in their environment, except those
+    below a supervisor on this host (it stops them itself) and the supervisor. By ancestry, not
+    by ``HP_SUPERVISOR_DIR`` in the environment: MPICH's mpiexec passes its whole environment to
+    the ranks on every host. "This host" is this process's UTS namespace (its host name, which
+    also names the status folder): nodes that share one kernel's process table, as containers
+    may, each see only their own ranks."""
+    needle = f"{RUN_TAG_ENV}={tag}".encode()
     here = os.readlink("/proc/self/ns/uts")
     found = []
     for entry in os.listdir("/proc"):
@@ -213,8 +259,8 @@ def run_processes(tag: str) -> list[int]:
                 continue
         except (OSError, IndexError):
             continue
-        if (needle in environ and state != b"Z" and not any(v.startswith(spared) for v in environ)
-                and SUPERVISOR_MODULE not in _cmdline(int(entry))):
+        if (needle in environ and state != b"Z" and SUPERVISOR_MODULE not in _cmdline(int(entry))
+                and not _under_supervisor(int(entry))):
             found.append(int(entry))
     return found
 
@@ -261,14 +307,14 @@ class Hosts:
         self.hosts, self.module, self.tag = hosts, module, tag
         # Without the tag: these pdsh and ssh processes are not the run's, and a pass on this
         # host (a hostfile may name it) must not stop them.
-        self.env = {k: v for k, v in os.environ.items() if k != RUN_TAG_ENV}
+        self.env = {k: v for k, v in os.environ.items() if k not in (RUN_TAG_ENV, NODES_ENV)}
         self.env["PDSH_RCMD_TYPE"] = "ssh"
         if ssh_port:
             self.env["PDSH_SSH_ARGS_APPEND"] = f"{self.env.get('PDSH_SSH_ARGS_APPEND', '')} -p {ssh_port}"
 
     def command(self, *args: str) -> list[str]:
         exports = "".join(f"export {k}={shlex.quote(v)}; " for k, v in sorted(os.environ.items())
-                          if k.startswith("PYTHON") and k != RUN_TAG_ENV)
+                          if k.startswith("PYTHON") and k not in (RUN_TAG_ENV, NODES_ENV))
         remote = (f"{exports}cd {shlex.quote(os.getcwd())}; {shlex.quote(sys.executable)} -m "
                   f"{SUPERVISOR_MODULE} --module {shlex.quote(self.module)} "
                   f"--on-node {' '.join(map(shlex.quote, args))} --tag {self.tag}")
@@ -305,8 +351,12 @@ def read_hostfile(path: str) -> list[str]:
 
 class Supervisor:
     def __init__(self, command: list[str], module: str, stop_timeout: float, tag: str,
-                 hosts: Hosts | None = None, launcher_forwards: int | None = None) -> None:
+                 hosts: Hosts | None = None, launcher_forwards: int | None = None,
+                 drop_line: Callable[[bytes], bool] | None = None) -> None:
         self.command, self.module, self.stop_timeout = command, module, stop_timeout
+        self.drop_line = drop_line
+        """Lines of the launcher's standard output left out (None: its output is not touched)."""
+        self.copier: threading.Thread | None = None
         self.tag, self.hosts, self.launcher_forwards = tag, hosts, launcher_forwards
         self.launcher_told = False
         """Whether the launcher got ``launcher_forwards`` (it is sent once)."""
@@ -394,8 +444,14 @@ class Supervisor:
         # ranks get. Launchers started by a script in the background have SIGINT ignored; the
         # ranks must not inherit that, or a forwarded SIGINT would do nothing.
         env = dict(os.environ, **{STATUS_DIR_ENV: self.status_dir, RUN_TAG_ENV: self.tag})
+        if self.hosts is not None:
+            env[NODES_ENV] = "1"
         self.child = subprocess.Popen(self.command, start_new_session=True, env=env,
+                                      stdout=subprocess.PIPE if self.drop_line else None,
                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        if self.drop_line:
+            self.copier = threading.Thread(target=self._copy_output, args=(self.child.stdout,), daemon=True)
+            self.copier.start()
         launcher_status = None
         while launcher_status is None:
             if self.requested is not None and self.killed_by is None:
@@ -415,6 +471,8 @@ class Supervisor:
                 self.remote_pass.kill()
                 self.remote_pass.communicate()
         self._clean_up()
+        if self.copier is not None:  # the output of the run's last processes, up to the pipe's end
+            self.copier.join(timeout=KILL_GRACE_S)
         saved_remote = 0
         if self.hosts is not None:
             saved_remote = self.hosts.finish(signal.SIGKILL if self.forced else signal.SIGTERM)
@@ -425,6 +483,20 @@ class Supervisor:
         if launcher_status == 0 and (os.listdir(self.status_dir) or saved_remote):
             return EXIT_PREEMPTED
         return launcher_status
+
+    def _copy_output(self, pipe) -> None:
+        """The launcher's standard output to this process's, line by line, without ``drop_line``
+        lines. The pipe is drained to its end even when this process's output is gone (a closed
+        pager): a full pipe would stop the run."""
+        out = sys.stdout.buffer
+        for line in iter(pipe.readline, b""):
+            if out is not None and not self.drop_line(line):
+                try:
+                    out.write(line)
+                    out.flush()
+                except (BrokenPipeError, OSError):
+                    out = None
+        pipe.close()
 
     def _clean_up(self) -> None:
         """Nothing of the run outlives this process: strays get SIGTERM, then SIGKILL."""
@@ -462,9 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--module", default=os.environ.get("HP_MODULE", "hp_deepspeed.cli"),
                         help="the module every rank runs (default: $HP_MODULE or hp_deepspeed.cli)")
     parser.add_argument("--hostfile", help="the run's deepspeed hostfile: its hosts are reached over pdsh "
-                        "to stop the ranks there (launch/multinode.sh gives it for the pdsh runner)")
+                        "to stop the ranks there (launch/multinode.sh gives it for every runner when pdsh is installed)")
     parser.add_argument("--launcher-forwards", metavar="SIGNAL", help="a stop request goes to the launcher as "
                         "this signal, which it forwards to every rank (srun: USR1), besides the ranks below this process")
+    parser.add_argument("--drop-node-launcher-info", action="store_true", help="leave DeepSpeed's per-node "
+                        "launcher info lines out of the output (launch/multinode.sh: its pdsh runner does not pass "
+                        "--log_level on to the nodes)")
     parser.add_argument("--on-node", choices=("signal", "finish"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
     parser.add_argument("--signal", type=int, default=int(signal.SIGTERM), help=argparse.SUPPRESS)
@@ -494,8 +569,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--hostfile {args.hostfile}: {err.strerror}")
         if not names:
             parser.error(f"--hostfile {args.hostfile}: no host in it (expected lines \"host slots=N\")")
-        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi.
-        if len(names) > 1 or "--force_multi" in command:
+        # deepspeed runs a one-host hostfile on this machine, without pdsh, unless --force_multi;
+        # an MPI runner's mpirun starts the ranks of this machine below itself, without ssh.
+        on_this_machine = set(names) <= {"localhost", "127.0.0.1", socket.gethostname()}
+        mpi_here = on_this_machine and _option(command, "--launcher") in ("openmpi", "mpich")
+        if (len(names) > 1 or "--force_multi" in command) and not mpi_here:
             if not shutil.which("pdsh"):
                 parser.error("--hostfile: pdsh is not on PATH (it reaches the hosts to stop the ranks there)")
             hosts = Hosts(names, args.module, tag, _option(command, "--ssh_port"))
@@ -508,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
                          "(a signal the launcher passes on without acting on it)")
         forwards = int(getattr(signal, name))
     try:
-        return Supervisor(command, args.module, stop_timeout, tag, hosts, forwards).run()
+        drop_line = None
+        if args.drop_node_launcher_info:
+            from hp_deepspeed.compat.deepspeed import is_node_launcher_info as drop_line
+        return Supervisor(command, args.module, stop_timeout, tag, hosts, forwards, drop_line).run()
     except FileNotFoundError as err:
         print(f"hp-deepspeed: error: cannot start {command[0]!r}: {err.strerror}", file=sys.stderr)
         return 127

@@ -1,9 +1,13 @@
-"""Preemption: turn SIGTERM / SIGUSR1 / SIGINT into "every rank saves at the same step, then exit 75".
+"""Preemption: turn SIGTERM / SIGUSR1 / SIGINT, or the exit of the rank's launcher, into "every
+rank saves at the same step, then exit 75".
 
 Schedulers warn before killing a job: Slurm sends SIGTERM at the time limit or on preemption
 (and SIGUSR1 ahead of time with ``--signal=USR1@120``), Kubernetes sends SIGTERM, and a person
 presses Ctrl-C (SIGINT). All three keep the work: the run saves and stops. A second SIGINT is a
-person who does not want to wait: the rank exits at once with 130 and saves nothing. The signal may
+person who does not want to wait: the rank exits at once with 130 and saves nothing. A launcher
+that dies without passing a signal on (the deepspeed runner started by hand and sent SIGTERM)
+leaves its ranks without anyone to stop them; a watch on it (launching/launcher_watch.py) raises
+the same flag as a signal, so they save and stop too. The signal may
 reach only some ranks, at different moments, so acting on it locally would make one rank enter
 ``save_checkpoint`` (a collective) while the others keep training: a deadlock. Instead:
 
@@ -35,6 +39,7 @@ import signal
 from dataclasses import dataclass, field
 
 from hp_deepspeed.launching import collectives
+from hp_deepspeed.launching.launcher_watch import Process, launcher_name, watch_launcher
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ class PreemptionHandler:
         self.config = config or PreemptionConfig()
         self.received: int | None = None
         """Number of the first signal received on this rank, None while none has arrived."""
+        self.launcher_gone: Process | None = None
+        """The launcher this rank ran under, once the watch saw it exit (None while it runs)."""
         self.stop_step: int | None = None
         """Step at which the ranks agreed to stop, None until they did."""
         self.speaks = first_rank_by_environment()
@@ -87,6 +94,7 @@ class PreemptionHandler:
         self._previous: dict[int, object] = {}
         self._agreement = None
         """The flag agreement started at the last check, read at the next call."""
+        self._watch = None
 
     def _say(self, text: str) -> None:
         # os.write, not logging: a handler may run while the interrupted code holds logging's lock.
@@ -106,18 +114,33 @@ class PreemptionHandler:
             self._say("interrupted again: stopping now without saving")
             os._exit(EXIT_INTERRUPTED)
 
+    def _on_launcher_gone(self, launcher: Process) -> None:
+        # From the watch's thread: one assignment, read by should_stop on the main thread.
+        self.launcher_gone = launcher
+
+    @property
+    def requested(self) -> bool:
+        """Whether this rank has a reason to stop: a signal, or its launcher's exit."""
+        return self.received is not None or self.launcher_gone is not None
+
     def install(self) -> "PreemptionHandler":
-        """Install the handlers (main thread only: a Python restriction on ``signal.signal``)."""
+        """Install the handlers (main thread only: a Python restriction on ``signal.signal``) and
+        start watching the launcher this rank runs under, if any."""
         for name in self.config.signals:
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        if self._watch is None:
+            self._watch = watch_launcher(self._on_launcher_gone)
         return self
 
     def restore(self) -> None:
-        """Put back the handlers that were installed before ``install()``."""
+        """Put back the handlers that were installed before ``install()``; stop the launcher watch."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
 
     def __enter__(self) -> "PreemptionHandler":
         return self.install()
@@ -142,7 +165,7 @@ class PreemptionHandler:
             if agreed:
                 return self._stop(step)
         if step % self.config.check_every == 0:
-            agreement = collectives.start_flag_agreement(self.received is not None, "max")
+            agreement = collectives.start_flag_agreement(self.requested, "max")
             if collectives.world_size() == 1:
                 return bool(agreement()) and self._stop(step)
             self._agreement = agreement
@@ -150,8 +173,12 @@ class PreemptionHandler:
 
     def _stop(self, step: int) -> bool:
         self.stop_step = step
-        cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
-        if self.speaks:
+        if self.speaks and self.received is None and self.launcher_gone is not None:
+            launcher = self.launcher_gone
+            log.warning("the launcher %s (pid %d) exited: all ranks save at step %d and stop",
+                        launcher_name(launcher.argv), launcher.pid, step)
+        elif self.speaks:
+            cause = signal.Signals(self.received).name if self.received is not None else "another rank's signal"
             log.warning("preemption requested (%s): all ranks save at step %d and stop", cause, step)
         return True
 

@@ -201,7 +201,7 @@ def _can_build_netns() -> str | None:
 def netns_cluster():
     """Two nodes in network namespaces (scripts/netns_cluster.sh): node1 10.231.0.11 and node2
     10.231.0.12, each with a slurmd and an sshd. Yields the environment that reaches them
-    (SLURM_CONF, pdsh's and Open MPI's ssh options). Torn down at the end, also after a failure
+    (SLURM_CONF, the ssh options of pdsh, Open MPI and MPICH's Hydra). Torn down at the end, also after a failure
     of `up` or of a test, unless it was already up before the session."""
     reason = _can_build_netns()
     if reason:
@@ -211,7 +211,7 @@ def netns_cluster():
         run_command([str(NETNS_CLUSTER), "up"], timeout=900)
         ssh = f"-F {NETNS_DIR}/ssh/config"
         yield {"SLURM_CONF": str(NETNS_DIR / "slurm.conf"), "PDSH_SSH_ARGS_APPEND": ssh,
-               "OMPI_MCA_plm_rsh_args": ssh, "PRTE_MCA_plm_ssh_args": ssh}
+               "OMPI_MCA_plm_rsh_args": ssh, "PRTE_MCA_plm_ssh_args": ssh, "HYDRA_LAUNCHER_EXTRA_ARGS": ssh}
     finally:
         if not was_up:
             run_command([str(NETNS_CLUSTER), "down"], timeout=120)

@@ -156,6 +156,36 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
         assert "checkpoint of step" in output, output[-3000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
+def test_sigterm_to_a_raw_deepspeed_runner_alone_saves_and_stops_its_orphaned_ranks(tmp_path):
+    """The deepspeed runner started by hand (no launch script, no supervisor) dies on SIGTERM and
+    leaves its launch.py and the ranks running; the ranks notice their launcher is gone and save
+    and stop as on a signal."""
+    tag = uuid.uuid4().hex
+    env = clean_env(HP_MODULE="hp_deepspeed.cli", HP_DEVICE="cpu", DS_ACCELERATOR="cpu", **{MARKER: tag})
+    cmd = ["deepspeed", "--log_level", "warning", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--no_local_rank", "--module", "hp_deepspeed.cli", "train", "--config", str(JOB), f"run.dir={tmp_path}",
+           "training.steps=2000", "checkpoint.interval=1000", "training.log_every=1"]
+    with open(tmp_path / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(proc, tmp_path, 2, timeout=300)
+    signalled_at = last_logged_step(tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM  # the runner itself passes nothing on
+    deadline = time.monotonic() + 60  # its orphans: launch.py and the ranks
+    while run_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    output = finish(proc, tmp_path, tag, timeout=0)
+    assert output.count("exited: all ranks save at step") == 1, output[-3000:]
+    step = last_logged_step(tmp_path)
+    # The watch polls once a second and the ranks agree one step later: a few steps at most.
+    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
+    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["/venv/bin/python", "-u", "-m", "hp_deepspeed.cli", "train"], True),  # deepspeed's, torchrun's, mpirun's rank
     (["python3.11", "-X", "faulthandler", "-m", "hp_deepspeed.cli"], True),
@@ -164,6 +194,11 @@ def test_a_second_ctrl_c_stops_everything_at_once_without_saving(tmp_path):
     (["/venv/bin/python", "/venv/bin/deepspeed", "--module", "hp_deepspeed.cli", "train"], False),
     (["/venv/bin/hydra_pmi_proxy", "-m", "hp_deepspeed.cli"], False),
     (["python", "-c", "-m hp_deepspeed.cli"], False),
+    # deepspeed's mpich runner: its helper starts the rank from launching/entry.py.
+    (["/venv/bin/python", "-u", "/repo/hp_deepspeed/launching/entry.py", "hp_deepspeed.cli", "train"], True),
+    (["/venv/bin/python", "-u", "/venv/deepspeed/launcher/launcher_helper.py", "--launcher", "mpich",
+      "/repo/hp_deepspeed/launching/entry.py", "hp_deepspeed.cli"], False),
+    (["/venv/bin/python", "/repo/hp_deepspeed/launching/entry.py", "tests.other_module"], False),
 ])
 def test_the_supervisor_signals_ranks_and_not_the_launchers_that_name_the_module(argv, expected):
     from hp_deepspeed.launching.supervise import is_rank
@@ -236,3 +271,44 @@ def test_a_hostfile_the_supervisor_cannot_use_is_refused_in_one_line_before_anyt
         main(["--hostfile", str(path), "--", "true"])
     assert exit_info.value.code == 2
     assert expected.format(path=path) in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_per_node_launcher_s_info_lines_are_left_out_and_everything_else_passes_in_order(capfd):
+    """What launch/multinode.sh asks of the supervisor: DeepSpeed's launch.py info lines (pdsh
+    prefixes each with its node) go; its warnings, the ranks' lines and a last line without a
+    newline pass."""
+    from hp_deepspeed.launching.supervise import main
+
+    lines = ["node1: [2026-12-06 10:30:21,402] [INFO] [launch.py:256:main] process 123 spawned with command: [...]",
+             "node2: [2026-12-06 10:30:21,402] [INFO] [launch.py:163:main] Setting CUDA_VISIBLE_DEVICES=0",
+             "[2026-12-06 10:30:21,402] [INFO] [launch.py:146:main] WORLD INFO DICT: {'node1': [0]}",
+             "node1: [2026-12-06 10:30:22,000] [WARNING] [launch.py:259:main] a warning stays",
+             "node1: 2026-12-06 10:30:23,000 INFO hp_deepspeed.training.trainer: step 1 loss=2.5",
+             "node2: [INFO] [launch.py:1:x] not DeepSpeed's format, stays"]
+    script = "".join(f"echo {line!r}; " for line in lines) + "printf 'no newline'"
+    assert main(["--drop-node-launcher-info", "--", "sh", "-c", script]) == 0
+    assert capfd.readouterr().out == "\n".join(lines[3:]) + "\nno newline"
+
+
+def test_a_rank_on_a_host_no_pass_reached_yet_records_its_save_when_the_hosts_are_supervised(monkeypatch):
+    """The ranks agree on the stop, so a rank on one host may save and stop before the
+    supervisor's pass has reached its host: it makes the run's folder there itself and reports
+    success to its launcher, as a signalled rank would, but only where a supervisor reaches the
+    hosts (one that does not would never count the folder)."""
+    import shutil
+
+    from hp_deepspeed.launching import supervise
+
+    tag = uuid.uuid4().hex
+    monkeypatch.delenv(supervise.STATUS_DIR_ENV, raising=False)
+    monkeypatch.setenv(supervise.RUN_TAG_ENV, tag)
+    folder = supervise.node_status_dir(tag)
+    try:
+        monkeypatch.delenv(supervise.NODES_ENV, raising=False)
+        assert supervise.record_preempted(75) == 75 and not os.path.exists(folder)
+        monkeypatch.setenv(supervise.NODES_ENV, "1")
+        assert supervise.record_preempted(1) == 1 and not os.path.exists(folder)
+        assert supervise.record_preempted(75) == 0
+        assert os.listdir(folder) == [f"rank-{os.getpid()}"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

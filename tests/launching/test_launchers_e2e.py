@@ -5,7 +5,7 @@ checks which launcher environment the ranks found (``source``) and that they agr
 torchrun, ``mpirun`` (MPICH and Open MPI) and deepspeed's MPICH runner start the real trainer
 (``tests.scripts.trainer_probe``: the CLI, recording each rank's place); the other runners start
 the light stand-in ``tests/scripts/launch_workload.py``, since the trainer already runs under
-them in tests/launching/test_multinode_e2e.py (pdsh and Open MPI runners across two nodes) and
+them in tests/launching/test_multinode_e2e.py (pdsh, MPICH and Open MPI runners across two nodes) and
 tests/training/test_trainer_e2e.py (the deepspeed launcher).
 """
 
@@ -119,8 +119,8 @@ def test_deepspeed_hostfile_mpich_runner(tmp_path):
     out = launch([str(LAUNCH / "multinode.sh"), *trainer_args(run_dir)], timeout=300,
                  HP_HOSTFILE=str(hostfile), HP_LAUNCHER="mpich", MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=str(free_port()),
-                 HP_LAUNCHER_ARGS="--force_multi --no_ssh_check", **TRAINER).output
-    assert "mpirun -n 2 -ppn 2" in out, out[-3000:]  # really the MPICH runner
+                 HP_LAUNCHER_ARGS="--force_multi --no_ssh_check --log_level info", **TRAINER).output
+    assert "mpirun -n 2 -ppn 2" in out, out[-3000:]  # really the MPICH runner (the runner's info line)
     check_trainer_ranks(run_dir, "deepspeed", out)
 
 
@@ -134,9 +134,9 @@ def test_deepspeed_hostfile_openmpi_runner(tmp_path, openmpi_env):
     port = free_port()
     out = launch([str(LAUNCH / "multinode.sh"), *workload_args(run_dir)], timeout=300,
                  HP_HOSTFILE=str(hostfile), HP_LAUNCHER="openmpi", MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=str(port), HP_LAUNCHER_ARGS="--force_multi --no_ssh_check",
+                 MASTER_PORT=str(port), HP_LAUNCHER_ARGS="--force_multi --no_ssh_check --log_level info",
                  **openmpi_env).output
-    assert f"mpirun -n 2 -hostfile {hostfile}" in out, out[-3000:]  # really the openmpi runner
+    assert f"mpirun -n 2 -hostfile {hostfile}" in out, out[-3000:]  # really the openmpi runner (its info line)
     assert "--bind-to none" in out, out[-3000:]
     ranks = check_ranks(run_dir, "mpi", out)
     assert (ranks[0]["master_addr"], ranks[0]["master_port"]) == ("127.0.0.1", port)

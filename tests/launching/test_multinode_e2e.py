@@ -4,7 +4,7 @@
 What one node hides and these tests see: the master address from SLURM_JOB_NODELIST on the
 second node, node ranks, the rendezvous over a real interface (``eth0`` of each node, named by
 HP_SOCKET_IFNAME in the SLURM and Open MPI runs, found by gloo from the node's host name in the
-pdsh run), ssh to another host, and a node dying.
+pdsh and MPICH runs), ssh to another host, and a node dying.
 
 Faults injected and survived: in ``trained_over_two_nodes``
 every rank dies in the middle of a checkpoint save (1), node2's rank is SIGKILLed mid-training
@@ -284,8 +284,8 @@ def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, **extra: 
     """launch/multinode.sh over node1 and node2 with the real trainer; once it has logged step 2,
     ``signum`` goes to the script's process (the supervisor it became) and to nothing else."""
     run_dir, tag = tmp_path / "run", uuid.uuid4().hex
-    env = clean_env(**extra, HP_HOSTFILE=str(hostfile(tmp_path)), HP_LAUNCHER=launcher,
-                    MASTER_PORT=str(free_port()), HP_LAUNCHER_ARGS=NO_SSH_CHECK, HP_MODULE="tests.scripts.trainer_probe",
+    env = clean_env(**{"HP_LAUNCHER_ARGS": NO_SSH_CHECK, **extra}, HP_HOSTFILE=str(hostfile(tmp_path)),
+                    HP_LAUNCHER=launcher, MASTER_PORT=str(free_port()), HP_MODULE="tests.scripts.trainer_probe",
                     HP_STOP_TIMEOUT="120", **{RUN_TAG_ENV: tag})
     args = ["train", *TRAIN_ARGS[:2], "--resume", "auto", f"run.dir={run_dir}", "training.steps=2000",
             "checkpoint.interval=1000", "eval.every=0"]
@@ -340,15 +340,26 @@ def check_saved_and_gone(run: Interrupted, source: str) -> list[dict]:
     return records
 
 
-def test_sigterm_to_the_pdsh_runner_saves_on_both_nodes_and_leaves_no_process(netns_cluster, tmp_path):
+# The lines DeepSpeed's launchers print at INFO, which multinode.sh leaves out.
+LAUNCHER_INFO = ("[INFO] [launch.py", "[INFO] [runner.py", "Setting CUDA_VISIBLE_DEVICES")
+
+
+# This machine's host name resolves to loopback: Hydra's proxies on the nodes reach mpiexec at
+# the name of the nodes' bridge (scripts/netns_cluster.sh).
+@pytest.mark.parametrize("launcher,source,extra", [  # deepspeed's launcher_helper.py sets RANK for mpich
+    ("pdsh", "deepspeed", {}), ("mpich", "deepspeed", {"HP_MPIRUN_ARGS": "-localhost hphead"})], ids=["pdsh", "mpich"])
+def test_sigterm_to_the_pdsh_or_mpich_runner_saves_on_both_nodes_and_leaves_no_process(
+        netns_cluster, tmp_path, launcher, source, extra):
     """pdsh sshes from this machine to node1 and node2, each starts deepspeed's per-node launcher
-    with its node rank; no interface is named: gloo finds each node's address from its host
-    name. An ssh session carries no signal to the remote side, so the supervisor reaches the
-    nodes over pdsh itself: every rank saves at the agreed step, the run exits 75 within a
-    bounded time, and nothing of the run is left in either node."""
-    run = interrupt_two_node_run(tmp_path, "pdsh", signal.SIGTERM, **netns_cluster)
-    records = check_saved_and_gone(run, "deepspeed")
+    with its node rank; MPICH's mpiexec starts its Hydra proxy on each node over ssh, which starts
+    the rank. No interface is named: gloo finds each node's address from its host name. An ssh
+    session carries no signal to the remote side, so the supervisor reaches the nodes over pdsh
+    itself: every rank saves at the agreed step, the run exits 75 within a bounded time, and
+    nothing of the run is left in either node. The launchers' info lines are left out."""
+    run = interrupt_two_node_run(tmp_path, launcher, signal.SIGTERM, **netns_cluster, **extra)
+    records = check_saved_and_gone(run, source)
     assert {r["master_addr"] for r in records} == {"node1"}, records
+    assert not [line for line in run.output.splitlines() if any(s in line for s in LAUNCHER_INFO)], run.output[-4000:]
 
 
 def step_of_metrics(run_dir: Path) -> int:
@@ -368,8 +379,10 @@ def test_ctrl_c_to_the_openmpi_runner_saves_on_both_nodes_and_leaves_no_process(
     """deepspeed's openmpi runner: mpirun starts Open MPI's daemons on the nodes over ssh, and they
     the ranks, which get the run's tag with -x; the supervisor reaches them over pdsh as for the
     pdsh runner."""
+    # --log_level info brings the runner's info lines back; its command line is checked in them.
     run = interrupt_two_node_run(tmp_path, "openmpi", signal.SIGINT, HP_SOCKET_IFNAME="eth0",
-                                 HP_MPIRUN_ARGS=OPENMPI_ACROSS_NODES, **openmpi_over_ssh(openmpi_env, netns_cluster))
+                                 HP_MPIRUN_ARGS=OPENMPI_ACROSS_NODES, HP_LAUNCHER_ARGS=f"{NO_SSH_CHECK} --log_level info",
+                                 **openmpi_over_ssh(openmpi_env, netns_cluster))
     assert all(opt in run.output for opt in ("btl_tcp_if_include eth0", "-x HP_SOCKET_IFNAME", "-x PYTHON_HP_RUN")), \
         run.output[-4000:]
     check_saved_and_gone(run, "mpi")
