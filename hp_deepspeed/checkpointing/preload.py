@@ -99,7 +99,7 @@ def record_spans(fd: int, size: int) -> list[tuple[int, int]] | None:
     for entry in entries:
         if entry.compress_type != zipfile.ZIP_STORED:
             return None
-        if entry.file_size < OWN_BUFFER:
+        if entry.file_size < max(OWN_BUFFER, 1):
             continue
         header = os.pread(fd, LOCAL_HEADER.size, entry.header_offset)
         if len(header) != LOCAL_HEADER.size:
