@@ -164,7 +164,8 @@ def test_a_failed_load_puts_deepspeeds_reader_back(tmp_path):
 def zero3_resume_reads_once(run_dir: str) -> dict:
     """Rank body: save a stepped ZeRO-3 toy at steps 2 and 4, flip one byte of step 4's optimizer
     shard, and resume a fresh engine. Once step 2 is verified its shards on disk are zeroed: the
-    load must use the copy the verification read. Reports what was resumed and how."""
+    load must use the copy the verification read. Reports what was resumed and how, and whether
+    training on replays the original steps exactly."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from tests.checkpointing.bodies import config, train_step
@@ -180,9 +181,9 @@ def zero3_resume_reads_once(run_dir: str) -> dict:
     manager.save(engine, 2, {})
     saved = {n: (safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "exp_avg_sq").clone())
              for n, p in engine.module.named_parameters()}
-    for step in (3, 4):
-        train_step(engine, step)
+    losses = [train_step(engine, step) for step in (3, 4)]
     manager.save(engine, 4, {})
+    after = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
     root = Path(run_dir) / "checkpoints"
     shard = root / "step-4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     data = bytearray(shard.read_bytes())
@@ -201,7 +202,7 @@ def zero3_resume_reads_once(run_dir: str) -> dict:
     gc.collect()
     maps = Path("/proc/self/maps").read_text()
     state = fresh.optimizer.optimizer.state
-    return {"step": point.step,
+    result = {"step": point.step,
             "mapped": [line for line in maps.splitlines() if "step-" in line],
             "equal": all(torch.equal(saved[n][0], safe_get_full_fp32_param(p))
                          and torch.equal(saved[n][1], safe_get_full_optimizer_state(p, "exp_avg_sq"))
@@ -211,11 +212,15 @@ def zero3_resume_reads_once(run_dir: str) -> dict:
                 for key in ("exp_avg", "exp_avg_sq")),
             "master_in_read_buffers": all(flat.untyped_storage().data_ptr() in read_into
                                           for flat in fresh.optimizer.fp32_partitioned_groups_flat)}
+    # Training on from the adopted buffers replays the original steps 3 and 4 bit for bit.
+    result["replayed"] = [train_step(fresh, step) for step in (3, 4)] == losses and all(
+        torch.equal(after[n], safe_get_full_fp32_param(p)) for n, p in fresh.module.named_parameters())
+    return result
 
 
 @pytest.mark.distributed
-def test_a_zero3_resume_skips_a_flipped_byte_and_loads_the_verified_copy_without_copying_or_mapping_it(tmp_path):
+def test_a_zero3_resume_skips_a_flipped_byte_and_loads_the_verified_copy_uncopied_unmapped_and_exact(tmp_path):
     result = run_ranks("tests.checkpointing.test_load_path:zero3_resume_reads_once", 1, timeout=180,
                        args=(str(tmp_path),))[0]
     assert result == {"step": 2, "mapped": [], "equal": True, "moments_in_read_buffers": True,
-                      "master_in_read_buffers": True}
+                      "master_in_read_buffers": True, "replayed": True}
