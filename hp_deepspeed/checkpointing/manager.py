@@ -526,6 +526,10 @@ class CheckpointManager:
         ``CheckpointError`` when it does not fit. The engine must not have been saved from or
         stepped yet: ZeRO-3 loads into pristine partitions.
         """
+        # What find_resume_point read and verified; taken here so that it is freed with this
+        # call, whatever happens: the engine keeps what it adopts, the rest goes.
+        where, held = self._held or ("", {})
+        self._held = None
         problems = None
         if self.rank == 0:
             problems = self._engine_problems(point, engine)
@@ -545,8 +549,6 @@ class CheckpointManager:
         own_flags = implementation_flags(engine)
         # The files find_resume_point read and verified are loaded from that copy; any other file
         # is memory-mapped (verification just brought it into the page cache).
-        where, held = self._held or ("", {})
-        self._held = None  # freed with this call: what the engine does not keep goes
         if universal or where != str(step_dir.resolve()):
             held = {}
         with universal_loading(engine, universal), mmap_loading(engine, held):
