@@ -94,7 +94,7 @@ def record_spans(fd: int, size: int) -> list[tuple[int, int]] | None:
     Reads the zip's central directory and each large record's local header (a few small reads);
     the load later checks these offsets against torch's own reader over the verified bytes."""
     try:
-        with zipfile.ZipFile(os.fdopen(os.dup(fd), "rb")) as archive:
+        with os.fdopen(os.dup(fd), "rb") as fh, zipfile.ZipFile(fh) as archive:  # a passed file stays open
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return None
