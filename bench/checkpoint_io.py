@@ -19,8 +19,9 @@ with (interleaved rounds).
 Then ``--loads`` rounds, each a cold and a warm resume, every one in fresh rank processes with a
 pristine engine: every rank reads its files of the newest checkpoint with ``dd of=/dev/null
 bs=16M`` (all ranks at once: the same number of readers), then the resume is timed in its two
-parts, ``find_resume_point`` (every rank checks its share of the files against the manifest) and
-``CheckpointManager.load``. Cold: the page cache is dropped (``sync; echo 3 >
+parts, ``find_resume_point`` (every rank reads its share of the files into memory, hashing them
+as they are read, and checks them against the manifest: the resume's only read of the disk) and
+``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is dropped (``sync; echo 3 >
 /proc/sys/vm/drop_caches``, root only) before the ``dd`` read and again before the resume; where
 that is not allowed the run says so and the "cold" rows are warm. Warm: the files are in the page
 cache for both. Times are rank 0's wall clock between barriers; the load average is recorded
@@ -214,6 +215,21 @@ def _load_rows(loads_r: list[dict], size: int) -> dict:
     }
 
 
+def model_row(saved: dict, by_cache: dict[str, list[dict]]) -> dict:
+    """One preset's result: the save phase's ``rank_body`` result and the resumes by cache state
+    ("cold", "warm"), turned into throughputs and ratios against ``dd`` (what ``bench.report`` reads)."""
+    size = saved["checkpoint_bytes"]
+    save_ratio = [(size / s) / (saved["dd_bytes"] / d) for s, d in zip(saved["save_s_all"], saved["dd_write_s_all"])]
+    return {
+        **saved, "save_s_median": median(saved["save_s_all"]),
+        "save_gb_per_s": size / median(saved["save_s_all"]) / 1e9,
+        "dd_write_gb_per_s": saved["dd_bytes"] / median(saved["dd_write_s_all"]) / 1e9,
+        "save_over_dd_per_round": save_ratio, "save_over_dd_median": median(save_ratio),
+        "load_s_median": median([x["verify_s"] + x["load_s"] for x in by_cache["cold"]]),
+        **{cache: _load_rows(loads_r, size) for cache, loads_r in by_cache.items()},
+    }
+
+
 def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io", writer_mb=512,
         timeout=1800) -> dict:
     from hp_deepspeed.testing.ranks import run_ranks
@@ -235,16 +251,7 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
                 for cache in by_cache:
                     by_cache[cache].append(run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout,
                                                      args=(preset, f"load-{cache}", 0, root))[0])
-            size = r["checkpoint_bytes"]
-            save_ratio = [(size / s) / (r["dd_bytes"] / d) for s, d in zip(r["save_s_all"], r["dd_write_s_all"])]
-            rows[preset] = {
-                **r, "save_s_median": median(r["save_s_all"]),
-                "save_gb_per_s": size / median(r["save_s_all"]) / 1e9,
-                "dd_write_gb_per_s": r["dd_bytes"] / median(r["dd_write_s_all"]) / 1e9,
-                "save_over_dd_per_round": save_ratio, "save_over_dd_median": median(save_ratio),
-                "load_s_median": median([x["verify_s"] + x["load_s"] for x in by_cache["cold"]]),
-                **{cache: _load_rows(loads_r, size) for cache, loads_r in by_cache.items()},
-            }
+            rows[preset] = model_row(r, by_cache)
     not_cold = {x["not_cold_because"] for r in rows.values() for x in r["cold"]["rounds"] if x["not_cold_because"]}
     if not_cold:
         print("the page cache could not be dropped (" + "; ".join(sorted(not_cold)) + "): the 'cold' rows are warm")

@@ -96,11 +96,26 @@ def batching(data: dict) -> str:
 
 
 def checkpoint(data: dict) -> str:
-    rows = [[p, r["params"] / 1e6, r["checkpoint_bytes"] / 1e6, r["save_s_median"], r["load_s_median"],
-             r["save_mb_per_s"], r["load_mb_per_s"], ", ".join(f"{t:.2f}" for t in r["save_s_all"]),
-             ", ".join(f"{t:.2f}" for t in r["load_s_all"])] for p, r in data["models"].items()]
-    return (md(["preset", "params (M)", "checkpoint MB (all ranks)", "save s (median)", "load s (median)",
-                "save MB/s", "load MB/s", "saves s", "loads s"], rows) + "\n\n" + machine_line(data))
+    """bench.checkpoint_io: save and resume against ``dd`` on the same disk, per preset."""
+    models = data["models"]
+    saves = md(["preset", "params (M)", "checkpoint MB", "save s (median)", "save GB/s", "dd write GB/s",
+                "save / dd per round"],
+               [[p, r["params"] / 1e6, r["checkpoint_bytes"] / 1e6, r["save_s_median"], r["save_gb_per_s"],
+                 r["dd_write_gb_per_s"], ", ".join(f"{x:.2f}" for x in r["save_over_dd_per_round"])]
+                for p, r in models.items()])
+    resumes = md(["preset", "cache", "resume s (verify + load) per round", "resume GB/s", "dd read GB/s",
+                  "resume / dd per round", "load average (1 min)"],
+                 [[p, cache, ", ".join(f"{x['verify_s']:.2f} + {x['load_s']:.2f}" for x in c["rounds"]),
+                   c["resume_gb_per_s"], c["dd_read_gb_per_s"],
+                   ", ".join(f"{x:.2f}" for x in c["resume_over_dd_per_round"]),
+                   f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}"]
+                  for p, r in models.items() for cache in ("cold", "warm") if cache in r
+                  for c in (r[cache],)])
+    cold = "" if all(r["cold"]["cold"] for r in models.values() if "cold" in r) else \
+        "\n\nThe page cache could not be dropped: the 'cold' rows are warm."
+    return (f"{data['ranks']} rank(s), ZeRO-{data['zero_stage']}, {data['precision']}, {data['saves']} saves and "
+            f"{data['loads']} cold + warm resume rounds, interleaved with `dd`\n\n" + saves + "\n\n" + resumes
+            + cold + "\n\n" + machine_line(data))
 
 
 def conditioning(data: dict) -> str:

@@ -13,7 +13,9 @@ Owns three things:
   with whatever else lies in the staging folder, and writes, fsynced with every directory,
   before ``COMPLETE``.
 * ``verify``: a step folder checked against its manifest (sizes, then digests), the share of the
-  files one rank checks, so that a resume reads the checkpoint once in parallel over the ranks.
+  files one rank checks, so that a resume reads the checkpoint once in parallel over the ranks;
+  where the rank loads what it checks, the files are read into memory in the same pass
+  (``preload``) and the load uses that verified copy.
 
 Does not own the folder layout or the commit order (``layout``, ``manager``).
 
@@ -35,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 import xxhash
 
 from hp_deepspeed.checkpointing.layout import fsync_path
+from hp_deepspeed.checkpointing.preload import read_held, record_spans
 from hp_deepspeed.compat.checkpoint import torch_save_without_crc32
 
 MANIFEST = "manifest.json"
@@ -290,12 +293,47 @@ def verifier_of(writer_rank: int, world_size: int) -> int:
     return writer_rank % world_size
 
 
-def verify(step_dir: str | Path, marker: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> str | None:
+def memory_available() -> int | None:
+    """The kernel's estimate of the memory that can be used without swapping (bytes), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_and_digest(path: Path, size: int, expected: str, held: dict[str, Any]) -> str:
+    """The digest of ``path``; a torch zip file is read into memory in the same pass and, when
+    size and digest are the expected ones, kept in ``held`` under its real path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        spans = record_spans(fd, size)
+        if spans is None:
+            return digest_file(path)[1]
+        file, digest = read_held(path, spans, fd, size)
+        if os.fstat(fd).st_size == size and digest == expected:
+            held[os.path.realpath(path)] = file
+        return digest
+    finally:
+        os.close(fd)
+
+
+def verify(step_dir: str | Path, marker: Mapping[str, Any], rank: int = 0, world_size: int = 1,
+           held: dict[str, Any] | None = None) -> str | None:
     """This rank's share of checking ``step_dir`` against its manifest; the first problem, or None.
 
     A checkpoint written before manifests existed (no ``manifest`` in its marker) has nothing to
     check against and is trusted as before. Rank 0 also checks the manifest itself against the
     digest the marker recorded.
+
+    ``held``: the share's torch files are read into memory in the same pass as their digest
+    (``preload``) and put there, real path -> ``HeldFile``, for the load to use instead of reading
+    them again; pass it when this rank loads the files it checks (the same world size as the
+    save). Where the share exceeds half the memory available, the files are only hashed. After a
+    problem ``held`` is emptied: nothing unverified is kept.
     """
     step_dir = Path(step_dir)
     expected = marker.get("manifest")
@@ -319,11 +357,22 @@ def verify(step_dir: str | Path, marker: Mapping[str, Any], rank: int = 0, world
             return describe_os_error(err, step_dir / rel)
         if size != entry["size"]:
             return f"{step_dir / rel}: {size} bytes, the manifest says {entry['size']}"
+    if held is not None:
+        available = memory_available()
+        if available is not None and 2 * sum(int(entry["size"]) for entry in mine.values()) > available:
+            held = None
     for rel, entry in mine.items():
         try:
-            _, digest = digest_file(step_dir / rel)
+            if held is None:
+                _, digest = digest_file(step_dir / rel)
+            else:
+                digest = _read_and_digest(step_dir / rel, int(entry["size"]), entry["digest"], held)
         except OSError as err:
+            if held is not None:
+                held.clear()
             return describe_os_error(err, step_dir / rel)
         if digest != entry["digest"]:
+            if held is not None:
+                held.clear()
             return f"{step_dir / rel}: content differs from the manifest ({ALGORITHM})"
     return None

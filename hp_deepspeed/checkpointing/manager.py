@@ -39,7 +39,10 @@ background write leaves a ``.staging`` folder, removed as debris by the next sav
 
 Resume: rank 0 lists the candidates from the markers; every rank checks its share of each
 candidate's files against the manifest until one verifies; a candidate that fails is skipped with
-one warning naming the file and the step used instead.
+one warning naming the file and the step used instead. Checking is the resume's only read of the
+files a rank loads (same world size): they are read into memory as they are hashed, and ``load``
+hands that verified copy to DeepSpeed, so nothing is trusted before every rank's digests matched
+and nothing is read twice.
 """
 
 from __future__ import annotations
@@ -205,6 +208,9 @@ class CheckpointManager:
             collectives.background_group()
         self._snapshot = HostSnapshot()
         self._in_flight: BackgroundSave | None = None
+        # (step folder, real path -> HeldFile): the files of the checkpoint find_resume_point
+        # chose, as it read and verified them, until ``load`` uses them.
+        self._held: tuple[str, dict] | None = None
 
     # ------------------------------------------------------------------ saving
 
@@ -494,10 +500,15 @@ class CheckpointManager:
         """The first candidate whose files all match its manifest, every rank checking its share;
         and the (candidate, first problem) pairs skipped before it."""
         skipped = []
+        self._held = None
         for info in candidates:
-            problem = verify(info.path, info.marker, self.rank, self.world_size)
+            # Saved on as many ranks: each rank loads the files it wrote and checks, so it keeps
+            # the copy it verified for ``load`` (see ``preload``). Otherwise it only hashes them.
+            held: dict | None = {} if info.marker.get("world_size") == self.world_size else None
+            problem = verify(info.path, info.marker, self.rank, self.world_size, held=held)
             problems = [p for p in collectives.all_gather_objects(problem) if p]
             if not problems:
+                self._held = (str(Path(info.path).resolve()), held or {})
                 return info, skipped
             skipped.append((info, problems[0]))
         return None, skipped
@@ -515,6 +526,10 @@ class CheckpointManager:
         ``CheckpointError`` when it does not fit. The engine must not have been saved from or
         stepped yet: ZeRO-3 loads into pristine partitions.
         """
+        # What find_resume_point read and verified; taken here so that it is freed with this
+        # call, whatever happens: the engine keeps what it adopts, the rest goes.
+        where, held = self._held or ("", {})
+        self._held = None
         problems = None
         if self.rank == 0:
             problems = self._engine_problems(point, engine)
@@ -532,9 +547,11 @@ class CheckpointManager:
         else:
             load_dir, tag = step_dir.parent, step_dir.name
         own_flags = implementation_flags(engine)
-        # Memory-mapped: verification just brought this rank's files into the page cache, so the
-        # bytes are copied once, from there into the engine's buffers.
-        with universal_loading(engine, universal), mmap_loading(engine):
+        # The files find_resume_point read and verified are loaded from that copy; any other file
+        # is memory-mapped (verification just brought it into the page cache).
+        if universal or where != str(step_dir.resolve()):
+            held = {}
+        with universal_loading(engine, universal), mmap_loading(engine, held):
             load_path, client_state = engine.load_checkpoint(
                 str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

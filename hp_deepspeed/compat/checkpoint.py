@@ -6,16 +6,19 @@ Owns every use of a private or undocumented attribute the checkpoint manager nee
 ``engine._config.load_universal_checkpoint`` (choosing native or universal loading per call),
 ``engine.optimizer.optimizer`` (the wrapped torch optimizer), the two defects of DeepSpeed's
 universal ZeRO-3 loader, and torch's CRC32 switch; on the load side, ``engine.checkpoint_engine.load``
-(memory-mapped reads, ``mmap_loading``). Does not own the save protocol or the checks of what is
+(files served from the resume's verified copy or memory-mapped, ``mmap_loading``) and torch's
+``torch.serialization._load`` (tensors over that copy, ``load_held``). Does not own the save protocol or the checks of what is
 loaded (``hp_deepspeed.checkpointing.manager``).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -163,53 +166,160 @@ def _torch_load_mapped(path: str, map_location=None):
     return torch.load(path, map_location=map_location, weights_only=False, mmap=mapped)
 
 
+class _HeldReader:
+    """A read-only file over a ``HeldFile``'s pieces: what torch's zip reader reads the headers and
+    the pickle from, so that every byte of the load comes from the verified copy."""
+
+    def __init__(self, held) -> None:
+        self.held = held
+        self.position = 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.position, 2: self.held.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.held.size - self.position
+        data = self.held.read_at(self.position, max(0, min(size, self.held.size - self.position)))
+        self.position += len(data)
+        return data
+
+
+class _HeldStorages:
+    """Stands in for the one storage over the whole file that ``torch.serialization._load`` slices
+    when it loads memory-mapped: each slice is the record's own held buffer."""
+
+    def __init__(self, held) -> None:
+        self.held = held
+
+    def __getitem__(self, span: slice) -> torch.UntypedStorage:
+        return self.held.storage_at(span.start, span.stop - span.start)
+
+
+def load_held(held, map_location=None):
+    """``torch.load`` of a file already read into memory and verified
+    (``checkpointing.preload.HeldFile``): tensors are built over the held buffers, nothing is read
+    from the disk or copied (torch 2.13, ``torch.serialization._load`` with ``overall_storage``,
+    the path ``torch.load(mmap=True)`` takes; unpickled like DeepSpeed's own ``torch.load``, with
+    ``weights_only=False``).
+
+    Why: the resume's verification already read every byte into its final buffer; loading the
+    file again would read it from the page cache and copy each record once more. A file whose
+    records torch's reader finds at other offsets than the ones read is refused (ValueError).
+    """
+    reader = torch._C.PyTorchFileReader(_HeldReader(held))
+    offsets = {reader.get_record_offset(name) for name in reader.get_all_records()}
+    stray = sorted(set(held.records) - offsets)
+    if stray:
+        raise ValueError(f"{held.path}: the records read at bytes {stray} are not where torch's reader finds them")
+    return torch.serialization._load(reader, map_location, pickle, overall_storage=_HeldStorages(held),
+                                     encoding="utf-8")
+
+
 @contextmanager
-def mmap_loading(engine) -> Iterator[None]:
-    """During ``engine.load_checkpoint``: DeepSpeed's files are memory-mapped, and the optimizer
-    state it loads ends in the engine's own state tensors, not in the mapped file.
+def mmap_loading(engine, held: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """During ``engine.load_checkpoint``: each file DeepSpeed reads comes from ``held`` (real path
+    -> ``HeldFile``, read and verified by the resume's single pass) where it is there, else
+    memory-mapped; and the optimizer state it loads ends in memory of the process's own, not in a
+    mapped file.
 
     DeepSpeed 0.19.8 reads every file of ``load_checkpoint`` through
     ``engine.checkpoint_engine.load(path, map_location)``, a plain ``torch.load``, which allocates
-    a fresh tensor for every record and copies the file into it; ZeRO then copies the fp32
-    partitions once more into the engine's flat buffers, and torch's ``Optimizer.load_state_dict``
-    keeps the loaded moment tensors themselves. Why: those fresh allocations and that first copy
-    were most of the load (profiled on a ZeRO-3 shard, cold cache), while the resume's
-    verification had just brought the file into the page cache. Mapped, the bytes are copied
-    once, from the page cache.
+    a fresh tensor for every record and copies the file into it; ZeRO-3 then copies the fp32
+    partition into its flat buffer (with an fp32 model that buffer is also the "fp16" one, so the
+    second copy is a no-op), and torch's ``Optimizer.load_state_dict`` keeps the loaded moment
+    tensors themselves. Why: the held files' records already sit in private buffers, so the
+    moments keep the buffers the disk was read into; a mapped file's records are views of the
+    page cache and are copied once, from there.
 
-    A tensor that stays a view of the mapping would keep the file open for the rest of the run
-    (retention could then not free its space) and turn the first optimizer step into page-by-page
-    copy-on-write faults; so after the load every CPU optimizer state tensor is copied into the
-    engine's own tensor of the same key, shape and dtype where it had one before the load, or
-    else cloned (a pristine ZeRO-3 engine has no Adam moments yet: torch creates them at the
-    first step). An engine without a ``checkpoint_engine`` (a test double) is left alone.
+    A tensor left on a mapping would keep the file open for the rest of the run (retention could
+    then not free its space) and turn the first optimizer step into page-by-page copy-on-write
+    faults; so after the load every CPU optimizer state tensor that is not in a held buffer is
+    copied into the engine's own tensor of the same key, shape and dtype where it had one before
+    the load, or else cloned (a pristine ZeRO-3 engine has no Adam moments yet: torch creates them
+    at the first step). An engine without a ``checkpoint_engine`` (a test double) is left alone.
     """
+    held = dict(held or {})
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     patched = checkpoint_engine is not None and callable(getattr(checkpoint_engine, "load", None))
-    if patched:
+    if patched and held:
+        def _load_held_or_mapped(path: str, map_location=None):
+            found = held.get(os.path.realpath(path))
+            if found is None:
+                return _torch_load_mapped(path, map_location)
+            state = load_held(found, map_location)
+            adopt_fp32_partitions(engine, state, found.private_pointers())
+            return state
+
+        checkpoint_engine.load = _load_held_or_mapped
+    elif patched:
         checkpoint_engine.load = _torch_load_mapped
     optimizer = base_optimizer(engine) if getattr(engine, "optimizer", None) is not None else None
     own = {} if optimizer is None else {
         param: {key: value for key, value in state.items() if torch.is_tensor(value)}
         for param, state in optimizer.state.items()}
+    private = {pointer for file in held.values() for pointer in file.private_pointers()}
     try:
         yield
     finally:
         if patched:
             del checkpoint_engine.load  # the class's method shows again
     if optimizer is not None:
-        rehome_optimizer_state(optimizer, own)
+        rehome_optimizer_state(optimizer, own, private)
 
 
-def rehome_optimizer_state(optimizer, own: dict) -> None:
+def adopt_fp32_partitions(engine, state: Any, private: set[int]) -> int:
+    """Let a ZeRO-3 engine's fp32 partitions take over the loaded ones' buffers, where those are
+    held buffers of the process's own (``private`` data pointers); returns how many it adopted.
+
+    DeepSpeed 0.19.8's ZeRO-3 ``_rigid_load_state_dict`` copies the file's
+    ``state["optimizer_state_dict"]["fp32_flat_groups"][i]``
+    into ``optimizer.fp32_partitioned_groups_flat[i]`` (and that into the "fp16" flat buffer,
+    with an fp32 model the same tensor). Once the engine's tensor shares the loaded one's storage
+    (``.data`` swapped: the same tensor object, so the optimizer's state keys and param groups
+    still hold), torch's ``copy_`` sees source and destination are one and returns at once, and
+    DeepSpeed's own unflatten then points every parameter partition into it. Why: that copy was
+    most of what a CPU-resident resume had left after the single read (a third of the bytes).
+    Only a CPU fp32 master that is not pinned memory is swapped (an offloaded master is pinned
+    for fast transfers; a device one is copied by DeepSpeed as before), and only when shape,
+    dtype and count match; otherwise DeepSpeed copies as it always did.
+    """
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+    ours = getattr(getattr(engine, "optimizer", None), "fp32_partitioned_groups_flat", None)
+    # A ZeRO file holds the optimizer's state dict under OPTIMIZER_STATE_DICT.
+    zero = state.get(OPTIMIZER_STATE_DICT) if isinstance(state, dict) else None
+    saved = zero.get(FP32_FLAT_GROUPS) if isinstance(zero, dict) else None
+    if not ours or not isinstance(saved, (list, tuple)) or len(saved) != len(ours):
+        return 0
+    fits = all(torch.is_tensor(new) and new.device.type == "cpu" and old.device.type == "cpu"
+               and new.dtype == old.dtype and new.shape == old.shape and new.is_contiguous()
+               and new.untyped_storage().data_ptr() in private and not old.is_pinned()
+               for old, new in zip(ours, saved))
+    if not fits:
+        return 0
+    for old, new in zip(ours, saved):
+        old.data = new.data
+    return len(ours)
+
+
+def rehome_optimizer_state(optimizer, own: dict, private: set[int] = frozenset()) -> None:
     """Put each CPU state tensor of ``optimizer`` into ``own``'s tensor for the same param and key
     (same shape, dtype, device), else into a private copy: no state tensor is left sharing memory
-    with what ``torch.load`` returned."""
+    with what ``torch.load`` returned. Tensors whose storage starts at one of the ``private``
+    data pointers (buffers the resume read the file into) are already the process's own: kept."""
     for param, state in optimizer.state.items():
         pristine = own.get(param, {})
         for key, value in list(state.items()):
             if not torch.is_tensor(value) or value.device.type != "cpu":
                 continue  # moved to an accelerator by load_state_dict: already a copy
+            if value.untyped_storage().data_ptr() in private:
+                continue
             target = pristine.get(key)
             if target is value:
                 continue

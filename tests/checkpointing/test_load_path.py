@@ -1,19 +1,21 @@
-"""The resume's read path: the verification digest read from a memory map, and DeepSpeed's files
-loaded memory-mapped without any tensor of the run left on the mapping."""
+"""The resume's read path: the verification digest read from a memory map; the single pass that
+reads a torch file into private buffers while hashing it, and the load over that verified copy;
+DeepSpeed's other files loaded memory-mapped without any tensor of the run left on the mapping."""
 
 from __future__ import annotations
 
 import gc
 import mmap
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import xxhash
 
-from hp_deepspeed.checkpointing import integrity
-from hp_deepspeed.checkpointing.integrity import digest_file
-from hp_deepspeed.compat.checkpoint import mmap_loading
+from hp_deepspeed.checkpointing import integrity, preload
+from hp_deepspeed.checkpointing.integrity import digest_file, verify
+from hp_deepspeed.compat.checkpoint import load_held, mmap_loading
 from hp_deepspeed.testing.ranks import run_ranks
 
 
@@ -43,6 +45,62 @@ def test_a_file_that_cannot_be_mapped_is_digested_by_reads(tmp_path, monkeypatch
     monkeypatch.setattr(integrity, "READ_CHUNK", 100)
     monkeypatch.setattr(mmap, "mmap", refuse)
     assert digest_file(path) == (len(data), xxhash.xxh3_128(data).hexdigest())
+
+
+def _held_once(path: Path) -> tuple[preload.HeldFile, str]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return preload.read_held(path, preload.record_spans(fd, size), fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_one_read_holds_every_record_in_its_own_buffer_hashes_the_whole_file_and_loads_without_the_disk(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(preload, "OWN_BUFFER", 4096)
+    monkeypatch.setattr(preload, "CHUNK", 5000)  # chunk edges inside records and headers
+    state = {"big": torch.randn(3000), "also": torch.arange(2000, dtype=torch.int64), "small": torch.ones(3),
+             "view": None, "step": 7}
+    state["view"] = state["big"][10:20]  # shares the storage of "big"
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    data = path.read_bytes()
+
+    held, digest = _held_once(path)
+    assert digest == xxhash.xxh3_128(data).hexdigest()
+    assert b"".join(bytes(buffer) for _, buffer in held.pieces) == data
+    assert len(held.records) == 2  # "big" and "also"; "small" and the headers stay in byte strings
+    path.write_bytes(bytes(len(data)))  # the load reads nothing from the disk any more
+    loaded = load_held(held, map_location="cpu")
+    for key in ("big", "also", "small", "view"):
+        assert torch.equal(loaded[key], state[key])
+    assert loaded["step"] == 7
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["big"].untyped_storage().data_ptr()
+    assert {loaded["big"].untyped_storage().data_ptr(),
+            loaded["also"].untyped_storage().data_ptr()} == held.private_pointers()  # no copy made
+
+
+def test_a_flipped_byte_is_refused_by_the_single_read_and_nothing_of_the_file_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(preload, "OWN_BUFFER", 4096)
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    path = folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"exp_avg": torch.randn(5000)}, path)
+    entry = {"size": path.stat().st_size, "digest": digest_file(path)[1], "rank": 0}
+    text = integrity.manifest_text({"algorithm": integrity.ALGORITHM, "files": {path.name: entry}})
+    (folder / integrity.MANIFEST).write_text(text)
+    marker = {"manifest": integrity.text_digest(text)}
+
+    held: dict = {}
+    assert verify(folder, marker, held=held) is None
+    assert list(held) == [os.path.realpath(path)]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the tensor's bytes: torch itself would load it silently
+    path.write_bytes(bytes(data))
+    held = {}
+    assert verify(folder, marker, held=held) == f"{path}: content differs from the manifest (xxh3_128)"
+    assert held == {}
 
 
 class _CheckpointEngine:
@@ -103,34 +161,66 @@ def test_a_failed_load_puts_deepspeeds_reader_back(tmp_path):
     assert "load" not in vars(fresh.checkpoint_engine)
 
 
-def zero3_load_maps_nothing_after(run_dir: str) -> dict:
-    """Rank body: save a stepped ZeRO-3 toy, load it into a fresh engine through the manager, and
-    report whether a checkpoint file is still mapped and whether the optimizer state matches."""
-    from deepspeed.utils import safe_get_full_optimizer_state
+def zero3_resume_reads_once(run_dir: str) -> dict:
+    """Rank body: save a stepped ZeRO-3 toy at steps 2 and 4, flip one byte of step 4's optimizer
+    shard, and resume a fresh engine. Once step 2 is verified its shards on disk are zeroed: the
+    load must use the copy the verification read. Reports what was resumed and how, and whether
+    training on replays the original steps exactly."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from tests.checkpointing.bodies import config, train_step
     from tests.checkpointing.toy import MODEL_CONFIG, make_engine, seed
     from hp_deepspeed.checkpointing import CheckpointManager
 
+    preload.OWN_BUFFER = 1  # the toy's records are small: give each its own buffer, as t5's get
     seed(1)
     engine = make_engine(init_seed=0)
+    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
     for step in (1, 2):
         train_step(engine, step)
-    manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
     manager.save(engine, 2, {})
-    saved = {n: safe_get_full_optimizer_state(p, "exp_avg_sq").clone() for n, p in engine.module.named_parameters()}
+    saved = {n: (safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "exp_avg_sq").clone())
+             for n, p in engine.module.named_parameters()}
+    losses = [train_step(engine, step) for step in (3, 4)]
+    manager.save(engine, 4, {})
+    after = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.named_parameters()}
+    root = Path(run_dir) / "checkpoints"
+    shard = root / "step-4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    with shard.open("rb") as fh:
+        start, nbytes = max(preload.record_spans(fh.fileno(), len(data)), key=lambda span: span[1])
+    data[start + nbytes // 2] ^= 0x01  # inside a tensor, same size: only the digest can tell
+    shard.write_bytes(bytes(data))
+
     fresh = make_engine(init_seed=5)
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
-    manager.load(fresh, manager.find_resume_point())
+    point = manager.find_resume_point()
+    read_into = set().union(*(file.private_pointers() for file in manager._held[1].values()))
+    for path in (root / "step-2").glob("*.pt"):
+        path.write_bytes(bytes(path.stat().st_size))
+    manager.load(fresh, point)
     gc.collect()
     maps = Path("/proc/self/maps").read_text()
-    return {"mapped": [line for line in maps.splitlines() if "step-2" in line],
-            "equal": all(torch.equal(saved[n], safe_get_full_optimizer_state(p, "exp_avg_sq"))
-                         for n, p in fresh.module.named_parameters())}
+    state = fresh.optimizer.optimizer.state
+    result = {"step": point.step,
+            "mapped": [line for line in maps.splitlines() if "step-" in line],
+            "equal": all(torch.equal(saved[n][0], safe_get_full_fp32_param(p))
+                         and torch.equal(saved[n][1], safe_get_full_optimizer_state(p, "exp_avg_sq"))
+                         for n, p in fresh.module.named_parameters()),
+            "moments_in_read_buffers": bool(state) and all(
+                s[key].untyped_storage().data_ptr() in read_into for s in state.values()
+                for key in ("exp_avg", "exp_avg_sq")),
+            "master_in_read_buffers": all(flat.untyped_storage().data_ptr() in read_into
+                                          for flat in fresh.optimizer.fp32_partitioned_groups_flat)}
+    # Training on from the adopted buffers replays the original steps 3 and 4 bit for bit.
+    result["replayed"] = [train_step(fresh, step) for step in (3, 4)] == losses and all(
+        torch.equal(after[n], safe_get_full_fp32_param(p)) for n, p in fresh.module.named_parameters())
+    return result
 
 
 @pytest.mark.distributed
-def test_a_zero3_resume_keeps_no_mapping_of_the_checkpoint_and_restores_adams_moments(tmp_path):
-    result = run_ranks("tests.checkpointing.test_load_path:zero3_load_maps_nothing_after", 1, timeout=180,
+def test_a_zero3_resume_skips_a_flipped_byte_and_loads_the_verified_copy_uncopied_unmapped_and_exact(tmp_path):
+    result = run_ranks("tests.checkpointing.test_load_path:zero3_resume_reads_once", 1, timeout=180,
                        args=(str(tmp_path),))[0]
-    assert result == {"mapped": [], "equal": True}
+    assert result == {"step": 2, "mapped": [], "equal": True, "moments_in_read_buffers": True,
+                      "master_in_read_buffers": True, "replayed": True}

@@ -37,6 +37,7 @@ DEEPSPEED_INTERNALS = frozenset({
     "_do_optimizer_sanity_check",  # the engine's optimizer/dtype check
     "_configure_with_arguments",   # the engine's LOCAL_RANK assertion
     "PartitionedParameterCoordinator",  # ZeRO-3's gather/release bookkeeping
+    "fp32_partitioned_groups_flat",  # ZeRO-3's flat fp32 master partitions (adopted at load)
 })
 
 ALLOWED: set[Path] = set()  # files outside compat/ that may name DeepSpeed's internals: none
