@@ -65,14 +65,18 @@ def pytest_make_collect_report(collector):
         report.longrepr = f"CI=true: module {collector.nodeid} skipped at import: {reason}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    # `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``: the tests
-    # that start ranks, launchers or clusters (marked e2e or distributed) share one group, so they
-    # run one after another on one worker, as they did before, while the other worker takes the
-    # single-process tests. Two multi-rank tests at once would put four busy ranks on two cores,
-    # and the launcher tests share machine-wide state (network namespaces, sshd, the SLURM cluster).
+    # `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``: every test
+    # of a module that holds a test marked e2e or distributed joins one group, so those run one
+    # after another on one worker, as without xdist, while the other worker takes the rest. Two
+    # multi-rank tests at once would put four busy ranks on two cores, and the launcher tests share
+    # machine-wide state (network namespaces, sshd, the SLURM cluster); whole modules, so that a
+    # module's expensive fixtures are built once. tests/harness/test_xdist_groups.py checks it.
+    modules = {item.module for item in items
+               if any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS)}
     for item in items:
-        if any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS):
+        if item.module in modules:
             item.add_marker(pytest.mark.xdist_group("processes"))
 
 

@@ -1,0 +1,64 @@
+"""`make test` runs two pytest-xdist workers (Makefile); the root conftest puts every module that
+holds a multi-process test (marked e2e or distributed) into one xdist group. Run on a synthetic
+suite with pytester: those modules run on one worker, one test after another, while the other
+worker takes the single-process modules. It fails if the grouping is lost, as it silently is with
+pytest-xdist 3.8 under pytest 9.2 (setup.cfg pins pytest below it)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("xdist")
+
+ROOT_CONFTEST = (Path(__file__).resolve().parents[1] / "conftest.py").read_text()
+
+RANKS = """
+import time
+import pytest
+
+pytestmark = pytest.mark.{marker}
+
+@pytest.mark.parametrize("i", range(4))
+def test_ranks(i):
+    time.sleep(0.05)
+"""
+
+MIXED = """
+import time
+import pytest
+
+@pytest.mark.distributed
+def test_two_ranks():
+    time.sleep(0.05)
+
+@pytest.mark.parametrize("i", range(3))
+def test_unit_beside_them(i):
+    time.sleep(0.05)
+"""
+
+UNITS = """
+import time
+import pytest
+
+@pytest.mark.parametrize("i", range(8))
+def test_unit(i):
+    time.sleep(0.05)
+"""
+
+
+def test_every_module_with_a_multi_process_test_runs_on_one_worker(pytester):
+    pytester.makeconftest(ROOT_CONFTEST.replace('pytest_plugins = ["pytester"]', ""))
+    pytester.makeini("[pytest]\nmarkers =\n    e2e: x\n    distributed: x\n")
+    pytester.makepyfile(test_e2e=RANKS.format(marker="e2e"), test_dist=RANKS.format(marker="distributed"),
+                        test_mixed=MIXED, test_units=UNITS)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=20)
+    workers: dict[str, set[str]] = {}
+    for worker, module in re.findall(r"\[(gw\d)\].*PASSED (test_\w+)\.py", result.stdout.str()):
+        workers.setdefault(module, set()).add(worker)
+    grouped = workers["test_e2e"] | workers["test_dist"] | workers["test_mixed"]
+    assert len(grouped) == 1, workers
+    assert workers["test_units"] - grouped, f"the single-process tests never ran beside the group: {workers}"
