@@ -39,7 +39,7 @@ import signal
 from dataclasses import dataclass, field
 
 from hp_deepspeed.launching import collectives
-from hp_deepspeed.launching.launcher_watch import Process, launcher_name, watch_launcher
+from hp_deepspeed.launching.launcher_watch import Process, is_alive, launcher_name, watch_launcher
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,11 @@ class PreemptionHandler:
 
     def _stop(self, step: int) -> bool:
         self.stop_step = step
+        if self.received is None and self.launcher_gone is None and self._watch is not None:
+            # Another rank's watch may have fired first (each polls on its own clock): look now,
+            # so the line names the launcher when it is gone here too.
+            if not is_alive(self._watch.launcher):
+                self.launcher_gone = self._watch.launcher
         if self.speaks and self.received is None and self.launcher_gone is not None:
             launcher = self.launcher_gone
             log.warning("the launcher %s (pid %d) exited: all ranks save at step %d and stop",
