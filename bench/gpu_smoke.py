@@ -34,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hp_deepspeed.testing.ranks import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 # auto_bf16 first: the default config (on one GPU, stage 1 with bf16: DeepSpeed's BF16_Optimizer).
 GPU_SUITES = ("auto_bf16", "zero3_bf16", "zero2_bf16", "zero3_offload_cpu")
@@ -200,6 +202,9 @@ def environment(cpu: bool) -> dict:
     env.update(HP_NUM_GPUS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(Path(env["PYTHON"]).parent), env.get("PATH", "")])
+    # A free rendezvous port unless one is given: launch/local.sh's default, 29500, may be held by
+    # another run on this machine (a training job beside the check, a test beside this one).
+    env.setdefault("MASTER_PORT", str(free_port()))
     if cpu:
         env.update(HP_DEVICE="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     return env

@@ -65,19 +65,29 @@ def pytest_make_collect_report(collector):
         report.longrepr = f"CI=true: module {collector.nodeid} skipped at import: {reason}"
 
 
+#: The xdist group of the modules that start launchers or clusters: they share machine-wide state
+#: (network namespaces, sshd, the SLURM cluster) and run one after another. Every other module
+#: with a multi-process test goes into RANKS_GROUP.
+CLUSTER_GROUP, RANKS_GROUP = "cluster", "ranks"
+CLUSTER_DIRS = ("launching",)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    # `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``: every test
-    # of a module that holds a test marked e2e or distributed joins one group, so those run one
-    # after another on one worker, as without xdist, while the other worker takes the rest. Two
-    # multi-rank tests at once would put four busy ranks on two cores, and the launcher tests share
-    # machine-wide state (network namespaces, sshd, the SLURM cluster); whole modules, so that a
-    # module's expensive fixtures are built once. tests/harness/test_xdist_groups.py checks it.
+    # `make test` runs the suite on two pytest-xdist workers with ``--dist loadgroup``. Every test
+    # of a module that holds a test marked e2e or distributed joins one of two groups, each run
+    # test after test on one worker: the launcher and cluster tests (tests/launching), which
+    # share machine-wide state, and the other multi-rank tests, which share nothing but the
+    # cores. So at most two multi-rank runs overlap (each rank on its own port, /dev/shm buffer
+    # and run folder), and single-process tests fill the rest of both workers. Whole modules, so
+    # that a module's expensive fixtures are built once. tests/harness/test_xdist_groups.py
+    # checks it.
     modules = {item.module for item in items
                if any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS)}
     for item in items:
         if item.module in modules:
-            item.add_marker(pytest.mark.xdist_group("processes"))
+            folder = Path(str(item.path)).parent.name
+            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP if folder in CLUSTER_DIRS else RANKS_GROUP))
 
 
 def pytest_sessionstart(session):

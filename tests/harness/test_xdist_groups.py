@@ -1,7 +1,8 @@
 """`make test` runs two pytest-xdist workers (Makefile); the root conftest puts every module that
-holds a multi-process test (marked e2e or distributed) into one xdist group. Run on a synthetic
-suite with pytester: those modules run on one worker, one test after another, while the other
-worker takes the single-process modules. It fails if the grouping is lost, as it silently is with
+holds a multi-process test (marked e2e or distributed) into one of two xdist groups: the
+launcher and cluster modules (tests/launching) and the others. Run on a synthetic suite with
+pytester: each group's modules run on one worker, one test after another, while the
+single-process modules run beside them. It fails if the grouping is lost, as it silently is with
 pytest-xdist 3.8 under pytest 9.2 (setup.cfg pins pytest below it)."""
 
 from __future__ import annotations
@@ -49,16 +50,20 @@ def test_unit(i):
 """
 
 
-def test_every_module_with_a_multi_process_test_runs_on_one_worker(pytester):
+def test_each_group_of_multi_process_modules_runs_on_one_worker(pytester):
     pytester.makeconftest(ROOT_CONFTEST.replace('pytest_plugins = ["pytester"]', ""))
     pytester.makeini("[pytest]\nmarkers =\n    e2e: x\n    distributed: x\n")
     pytester.makepyfile(test_e2e=RANKS.format(marker="e2e"), test_dist=RANKS.format(marker="distributed"),
                         test_mixed=MIXED, test_units=UNITS)
+    launching = pytester.mkdir("launching")
+    (launching / "test_cluster.py").write_text(RANKS.format(marker="e2e"))
+    (launching / "test_signals.py").write_text(MIXED)
     result = pytester.runpytest_subprocess("-n", "2", "--dist", "loadgroup", "-v", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=20)
+    result.assert_outcomes(passed=28)
     workers: dict[str, set[str]] = {}
-    for worker, module in re.findall(r"\[(gw\d)\].*PASSED (test_\w+)\.py", result.stdout.str()):
+    for worker, module in re.findall(r"\[(gw\d)\].*PASSED (?:launching/)?(test_\w+)\.py", result.stdout.str()):
         workers.setdefault(module, set()).add(worker)
-    grouped = workers["test_e2e"] | workers["test_dist"] | workers["test_mixed"]
-    assert len(grouped) == 1, workers
-    assert workers["test_units"] - grouped, f"the single-process tests never ran beside the group: {workers}"
+    ranks = workers["test_e2e"] | workers["test_dist"] | workers["test_mixed"]
+    cluster = workers["test_cluster"] | workers["test_signals"]
+    assert len(ranks) == 1 and len(cluster) == 1, workers
+    assert workers["test_units"] - ranks, f"the single-process tests never ran beside the group: {workers}"
