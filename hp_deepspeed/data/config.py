@@ -136,6 +136,18 @@ class DataConfig:
     16 pads as little as 8 GPUs; one GPU with one micro-step per optimizer step cannot, since
     that micro-batch must hold every task."""
 
+    packing: bool = False
+    """Training only: lay each micro-batch's examples (the same draws, in the same order, so the
+    mixture and resume are unchanged) end to end in as few rows as fit, with segment-aware
+    attention (each example sees only its own tokens and its task's prompts), instead of one
+    padded row per example. Why: one GPU with one micro-batch per step must hold every task at
+    its rate, and tasks differ ~12x in length, so unpacked it keeps ~40% real tokens; packed
+    ~90% (bench/batching.py). A row is at most ``max_input_length`` / ``max_target_length``
+    tokens long. Trade-off: attention runs over the whole row (masked), so its cost grows with
+    the row length while the padding saved is mostly feed-forward work; worth it when
+    micro-batches span tasks of very different lengths. Not for ``prompt_tuning``,
+    ``hyperformer`` or ``adapter``, which condition per example, not per segment."""
+
     prefetch_batches: int = 4
     """Micro-batches built, collated and copied to the device in a background thread while the
     current step runs (data/prefetch.py); 0 builds each batch inline, on the critical path. The
