@@ -13,15 +13,19 @@ tokenizer) in three modes:
 
 * ``random``: ``bucket_pool_batches=1`` with ``batch_mixing=length`` (no bucketing at all);
 * ``length``: the pool sorted by length and cut (``batch_mixing=length``);
-* ``stratified``: the default (``batch_mixing=stratified``).
+* ``stratified``: the default (``batch_mixing=stratified``);
+* ``packed``: the default's batches (the same draws) with ``data.packing``: each micro-batch's
+  examples end to end in as few rows as fit.
 
 For each it reports the fraction of real tokens in the micro-batches the ranks actually get
 (every rank, every micro-step),
-``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, and the share of
+``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, the share of
 the largest task in each global batch, as a mean over batches and as a multiple of that task's
-mixing rate (1.0 = the batch follows the mixture exactly). At one rank with accumulation 1 the
-global batch is one micro-batch that must hold every task at its rate, so it pads to the
-longest task's lengths; with accumulation the micro-steps are cut as ranks are.
+mixing rate (1.0 = the batch follows the mixture exactly), and the wall time of collating one
+micro-batch (``TrainStream.collate``, mean; packing's layout search included). At one rank with
+accumulation 1 the global batch is one micro-batch that must hold every task at its rate, so
+unpacked it pads to the longest task's lengths; with accumulation the micro-steps are cut as
+ranks are.
 
 ``--pool-cost-ranks``: per simulated world size W (rank W-1 of W, default mixing), the CPU time
 (``time.thread_time``) per step that ``next(stream)`` costs that rank, over one whole pool
@@ -40,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from hp_deepspeed.data.config import CustomTaskConfig, DataConfig
-from hp_deepspeed.data.stream import LABEL_PAD, TrainStream, collate
+from hp_deepspeed.data.stream import LABEL_PAD, TrainStream
 from hp_deepspeed.data.tasks import build_tasks
 from hp_deepspeed.data.tokenization import load_tokenizer
 
@@ -56,8 +60,9 @@ GLUE_LIKE = {
     "boolq": (110, ["False", "True"]),
 }
 WORDS = "the a of river castle teacher found painted quiet bright village market garden old".split()
-# mode -> (bucket_pool_batches or None for the default, batch_mixing)
-MODES = {"random": (1, "length"), "length": (None, "length"), "stratified": (None, "stratified")}
+# mode -> (bucket_pool_batches or None for the default, batch_mixing, packing)
+MODES = {"random": (1, "length", False), "length": (None, "length", False),
+         "stratified": (None, "stratified", False), "packed": (None, "stratified", True)}
 # The targets the default must meet.
 MIN_REAL_TOKENS, MAX_SHARE_RATIO = 0.90, 1.25
 
@@ -86,41 +91,49 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int
     """Real-token fraction over the ranks' micro-batches; largest task share per global batch."""
     real = total = 0
     shares, ratios = [], []
+    collate_s, collated = 0.0, 0
     for _ in range(batches):
         global_batch = stream.next_global_batch()
         for micro_step in range(accumulation):
             for rank in range(ranks):
                 items = stream.rank_share(global_batch, rank, micro_step)
-                batch = collate(stream.splits, items, stream._task_ids, stream.pad_id)
+                started = time.perf_counter()
+                batch = stream.collate(items)
+                collate_s += time.perf_counter() - started
+                collated += 1
                 real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
                 total += batch["input_ids"].numel() + batch["labels"].numel()
         share = np.bincount(global_batch[:, 0], minlength=len(stream.rates)) / len(global_batch)
         shares.append(share.max())
         ratios.append((share / stream.rates).max())
     return {"real_token_fraction": real / total, "largest_task_share": float(np.mean(shares)),
-            "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max())}
+            "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max()),
+            "collate_ms": collate_s / collated * 1e3}
 
 
 def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, batches: int = 200,
             pool_batches: int = DataConfig.bucket_pool_batches, seed: int = 0, cache_dir: str | None = None,
-            accumulation: int = 1) -> dict:
-    """Per mode (see the module docstring): real-token fraction and largest task share."""
+            accumulation: int = 1, modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    """Per mode of ``modes`` (see the module docstring): real-token fraction, largest task share
+    and collation time."""
     tokenizer = load_tokenizer(None)
     result = {"examples_per_task": examples, "micro_batch_size": micro_batch_size, "ranks": ranks,
               "accumulation": accumulation, "global_batch": micro_batch_size * ranks * accumulation,
               "batches": batches, "bucket_pool_batches": pool_batches}
     with tempfile.TemporaryDirectory() as tmp:
         custom = write_tasks(Path(tmp) / "data", examples, seed)
-        for mode, (pool, mixing) in MODES.items():
+        for mode in modes:
+            pool, mixing, packing = MODES[mode]
             cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool or pool_batches, batch_mixing=mixing,
-                             seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
+                             packing=packing, seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
             stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size, rank=0, world_size=ranks,
                                  accumulation=accumulation)
             result[mode] = batch_stats(stream, ranks, batches, accumulation)
-    default = result[DataConfig.batch_mixing]
     result["default"] = DataConfig.batch_mixing
-    result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
-                                       and default["largest_share_over_rate"] <= MAX_SHARE_RATIO)
+    if DataConfig.batch_mixing in result:
+        default = result[DataConfig.batch_mixing]
+        result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
+                                           and default["largest_share_over_rate"] <= MAX_SHARE_RATIO)
     return result
 
 
@@ -153,13 +166,14 @@ def format_table(result: dict) -> str:
     lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks x "
              f"{result['accumulation']} micro-steps, {len(GLUE_LIKE)} GLUE-like tasks at equal rates, "
              f"{result['batches']} batches",
-             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10}"]
-    for mode in MODES:
+             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10} {'collate ms':>10}"]
+    for mode in (m for m in MODES if m in result):
         r = result[mode]
         lines.append(f"{mode:<11} {r['real_token_fraction']:>11.3f} {r['largest_task_share']:>19.3f} "
-                     f"{r['largest_share_over_rate']:>10.2f}")
-    lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
-                 f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
+                     f"{r['largest_share_over_rate']:>10.2f} {r['collate_ms']:>10.3f}")
+    if "default_meets_targets" in result:
+        lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
+                     f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
     return "\n".join(lines)
 
 

@@ -172,42 +172,32 @@ class PackedLayout(NamedTuple):
     """Most segments in one row."""
 
 
-def _first_fit(order: list[int], in_len: list[int], tgt_len: list[int], in_cap: int,
-               tgt_cap: int) -> tuple[list[int], int, int, int]:
-    """First-fit: each example (in ``order``) goes to the first row with room for both its input
-    and its target, or opens a new row. Returns each example's row, the rows, and the fullest
-    row's input and target tokens. Plain Python: a micro-batch has a few dozen examples, where
-    numpy's per-call overhead would dominate."""
+def _balanced_rows(order: list[int], in_len: list[int], tgt_len: list[int], rows: int) -> tuple[list[int], int, int]:
+    """Longest first, each example to the row with the fewest input tokens so far (the lowest
+    row on a tie): the "longest processing time" rule of scheduling, whose fullest row is within
+    4/3 of the best possible. Returns each example's row and the fullest row's input and target
+    tokens. Plain Python: a micro-batch has a few dozen examples, where numpy's per-call
+    overhead would dominate."""
     row_of = [0] * len(in_len)
-    free_in: list[int] = []
-    free_tgt: list[int] = []
+    fill_in, fill_tgt = [0] * rows, [0] * rows
     for i in order:
-        a, b = in_len[i], tgt_len[i]
-        for r in range(len(free_in)):
-            if free_in[r] >= a and free_tgt[r] >= b:
-                break
-        else:
-            r = len(free_in)
-            free_in.append(in_cap)
-            free_tgt.append(tgt_cap)
-        free_in[r] -= a
-        free_tgt[r] -= b
+        r = fill_in.index(min(fill_in))
+        fill_in[r] += in_len[i]
+        fill_tgt[r] += tgt_len[i]
         row_of[i] = r
-    return row_of, len(free_in), in_cap - min(free_in), tgt_cap - min(free_tgt)
+    return row_of, max(fill_in), max(fill_tgt)
 
 
 def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: int, max_target: int) -> PackedLayout:
     """Pack examples end to end into rows of at most ``max_input`` input and ``max_target``
-    target tokens (first-fit decreasing on (input, target) length, ties by position: the layout
-    is a function of the lengths only).
+    target tokens; the layout is a function of the lengths only.
 
-    Row capacity: the fewest rows are not the least padding (a last, nearly empty row of full
-    width pads more than slightly narrower rows). So for each row count R from the least that
-    fits upwards, the capacity is the R-th share of the tokens (never below the longest example
-    nor above the bound), and the layout with the fewest padded cells (rows x (input width +
-    target width)) wins; on a tie the narrower rows, since attention's cost grows with the
-    square of a row's length. One first-fit per distinct capacity, each over a micro-batch's
-    few examples (bench/batching.py measures the cost)."""
+    For each row count R that can hold the tokens, the examples are spread over R rows longest
+    first, each to the emptiest row (``_balanced_rows``); the R whose layout has the fewest
+    cells (R x (input width + target width), the widths those of the fullest row) wins, the
+    larger R on a tie (narrower rows: attention's cost grows with the square of a row's
+    length). Row counts whose least possible cells already exceed the best are skipped, so
+    only a few layouts are tried (bench/batching.py measures the cost)."""
     in_len = np.asarray(input_lengths, dtype=np.int64)
     tgt_len = np.asarray(target_lengths, dtype=np.int64)
     n = len(in_len)
@@ -216,24 +206,22 @@ def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: 
     max_input, max_target = max(max_input, longest_in), max(max_target, longest_tgt)
     total_in, total_tgt = sum(in_list), sum(tgt_list)
     order = sorted(range(n), key=lambda i: (-in_list[i], -tgt_list[i], i))
-    fewest = max(-(-total_in // max_input), -(-total_tgt // max_target))
     best = None
-    previous = None
-    for rows in range(fewest, n + 1):
-        caps = (min(max_input, max(longest_in, -(-total_in // rows))),
-                min(max_target, max(longest_tgt, -(-total_tgt // rows))))
-        if caps == previous:  # the capacities only shrink as rows grow: a repeat is a neighbour
+    for rows in range(max(-(-total_in // max_input), -(-total_tgt // max_target)), n + 1):
+        least = rows * (max(longest_in, -(-total_in // rows)) + max(longest_tgt, -(-total_tgt // rows)))
+        if best is not None and least > best[0]:
+            if rows * (longest_in + longest_tgt) > best[0]:
+                break  # the least cells only grow from here on
             continue
-        previous = caps
-        row_of, used, width_in, width_tgt = _first_fit(order, in_list, tgt_list, *caps)
-        cells = used * (width_in + width_tgt)
-        if best is None or (cells, width_in) <= (best[0], best[3]):
-            best = (cells, row_of, used, width_in, width_tgt)
-        if caps == (longest_in, longest_tgt):
-            break  # more rows would not narrow them further
+        row_of, width_in, width_tgt = _balanced_rows(order, in_list, tgt_list, rows)
+        if width_in > max_input or width_tgt > max_target:
+            continue
+        cells = rows * (width_in + width_tgt)
+        if best is None or cells <= best[0]:
+            best = (cells, row_of, rows, width_in, width_tgt)
     _, row_list, used, width_in, width_tgt = best
     row_of = np.asarray(row_list, dtype=np.int64)
-    # Within a row, examples follow in placement (first-fit) order.
+    # Within a row, examples follow in placement order (longest first).
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     placed = np.lexsort((rank, row_of))
