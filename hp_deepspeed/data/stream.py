@@ -219,21 +219,19 @@ def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: 
         cells = rows * (width_in + width_tgt)
         if best is None or cells <= best[0]:
             best = (cells, row_of, rows, width_in, width_tgt)
-    _, row_list, used, width_in, width_tgt = best
-    row_of = np.asarray(row_list, dtype=np.int64)
-    # Within a row, examples follow in placement order (longest first).
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    placed = np.lexsort((rank, row_of))
-    row_sorted = row_of[placed]
-    first_of_row = np.searchsorted(row_sorted, row_sorted)  # each row's first index in `placed`
-    segment = np.empty(n, dtype=np.int64)
-    segment[placed] = np.arange(n) - first_of_row + 1
-    input_start, target_start = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-    for lengths, start in ((in_len, input_start), (tgt_len, target_start)):
-        before = np.cumsum(lengths[placed]) - lengths[placed]  # tokens placed before, all rows
-        start[placed] = before - before[first_of_row]
-    return PackedLayout(row_of, segment, input_start, target_start, used, width_in, width_tgt, int(segment.max()))
+    _, row_of, used, width_in, width_tgt = best
+    # Along a row, examples follow in placement order (longest first), end to end.
+    segment, input_start, target_start = [0] * n, [0] * n, [0] * n
+    count, fill_in, fill_tgt = [0] * used, [0] * used, [0] * used
+    for i in order:
+        r = row_of[i]
+        count[r] += 1
+        segment[i], input_start[i], target_start[i] = count[r], fill_in[r], fill_tgt[r]
+        fill_in[r] += in_list[i]
+        fill_tgt[r] += tgt_list[i]
+    as_array = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+    return PackedLayout(as_array(row_of), as_array(segment), as_array(input_start), as_array(target_start), used,
+                        width_in, width_tgt, max(count))
 
 
 def _scatter_tokens(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, destinations: np.ndarray,
