@@ -85,3 +85,15 @@ def test_packing_with_a_variant_that_conditions_whole_rows_is_refused_in_one_lin
     with pytest.raises(ConfigError, match=r"data\.packing: true does not work with conditioning\.variant: adapter"):
         load_config(JobConfig, [], ["data.packing=true", "conditioning.variant=adapter"])
     assert load_config(JobConfig, [], ["data.packing=true", "conditioning.variant=hyperprompt_sep"]).data.packing
+
+
+def test_one_rank_packed_keeps_nine_tenths_real_tokens_and_the_mixture(session_cache):
+    """8 GLUE-like tasks at equal rates, one micro-batch of 16 per step at one rank
+    (bench/batching.py): unpacked it pads to the longest task; packed, the same batches (the
+    same largest task share) keep >= 90% real tokens."""
+    from bench.batching import measure
+
+    result = measure(examples=600, micro_batch_size=16, ranks=1, batches=30, pool_batches=200,
+                     cache_dir=session_cache, modes=("stratified", "packed"))
+    assert result["packed"]["real_token_fraction"] >= 0.9 > result["stratified"]["real_token_fraction"]
+    assert result["packed"]["largest_share_over_rate"] == result["stratified"]["largest_share_over_rate"] <= 1.25
