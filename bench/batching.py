@@ -2,7 +2,8 @@
 the per-rank cost of drawing a rank's batches at 1 to 512 simulated ranks.
 
     python -m bench.batching [--examples 4000] [--micro-batch-size 16] [--ranks 8] [--accumulation 1]
-                             [--batches 200] [--pool-cost-ranks 1,8,64,512] [--out bench_batching.json]
+                             [--batches 200] [--collate-rounds 5] [--pool-cost-ranks 1,8,64,512]
+                             [--out bench_batching.json]
 
 Builds eight custom tasks whose input lengths follow the GLUE/SuperGLUE training sets (mean
 words per input, log-normal spread: CoLA ~9, SST-2 ~10, QQP ~23, MNLI ~33, QNLI ~37,
@@ -26,6 +27,10 @@ micro-batch (``TrainStream.collate``, mean; packing's layout search included). A
 accumulation 1 the global batch is one micro-batch that must hold every task at its rate, so
 unpacked it pads to the longest task's lengths; with accumulation the micro-steps are cut as
 ranks are.
+
+``--collate-rounds N``: the cost of packing, side by side: the same micro-batches (one rank,
+default mixing) collated unpacked and packed, alternately, N rounds over ``--batches``
+micro-batches; the median wall ms per micro-batch of each.
 
 ``--pool-cost-ranks``: per simulated world size W (rank W-1 of W, default mixing), the CPU time
 (``time.thread_time``) per step that ``next(stream)`` costs that rank, over one whole pool
@@ -137,6 +142,30 @@ def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, ba
     return result
 
 
+def collate_cost(examples: int = 4000, micro_batch_size: int = 16, batches: int = 200, rounds: int = 5,
+                 seed: int = 0, cache_dir: str | None = None) -> dict:
+    """Median wall ms per micro-batch of ``TrainStream.collate`` unpacked and packed, on the same
+    micro-batches (one rank, default mixing), interleaved: each micro-batch is collated both
+    ways, in alternating order, ``rounds`` times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        custom = write_tasks(Path(tmp) / "data", examples, seed)
+        streams = {}
+        for packing in (False, True):
+            cfg = DataConfig(custom_tasks=custom, packing=packing, seed=seed,
+                             cache_dir=cache_dir or str(Path(tmp) / "cache"))
+            streams[packing] = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), micro_batch_size)
+        shares = [streams[False].next_share() for _ in range(batches)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for round_ in range(rounds):
+            for i, rows in enumerate(shares):
+                for packing in ((False, True) if (round_ + i) % 2 == 0 else (True, False)):
+                    started = time.perf_counter()
+                    streams[packing].collate(rows)
+                    times[packing].append(time.perf_counter() - started)
+    return {"unpacked_ms": float(np.median(times[False])) * 1e3, "packed_ms": float(np.median(times[True])) * 1e3,
+            "micro_batches": batches, "rounds": rounds}
+
+
 def pool_cost(ranks: int, examples: int = 4000, micro_batch_size: int = 16, pool_batches: int = 200, seed: int = 0,
               cache_dir: str | None = None, stream_class=TrainStream, folder: Path | None = None) -> float:
     """CPU milliseconds per step that rank ``ranks - 1`` of ``ranks`` spends in ``next(stream)``,
@@ -184,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=8, help="ranks sharing a global batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-steps per global batch")
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--collate-rounds", type=int, default=0, help="rounds of the packed/unpacked collate timing")
     parser.add_argument("--pool-cost-ranks", default="", help="comma-separated world sizes, e.g. 1,8,64,512")
     parser.add_argument("--pool-batches", type=int, default=DataConfig.bucket_pool_batches)
     parser.add_argument("--out", type=Path, default=Path("bench_batching.json"))
@@ -191,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.examples, args.micro_batch_size, args.ranks, args.batches, args.pool_batches,
                      accumulation=args.accumulation)
     print(format_table(result))
+    if args.collate_rounds:
+        cost = result["collate_cost"] = collate_cost(args.examples, args.micro_batch_size, args.batches,
+                                                      args.collate_rounds)
+        print(f"collate one micro-batch of {args.micro_batch_size} (median wall ms, {cost['rounds']} interleaved "
+              f"rounds of {cost['micro_batches']}): unpacked {cost['unpacked_ms']:.3f}, packed {cost['packed_ms']:.3f}")
     if args.pool_cost_ranks:
         costs = {int(w): pool_cost(int(w), args.examples, args.micro_batch_size, args.pool_batches)
                  for w in args.pool_cost_ranks.split(",")}
