@@ -172,6 +172,11 @@ class PackedLayout(NamedTuple):
     """Most segments in one row."""
 
 
+# Packing takes the first layout (narrowest rows first) whose padding is at most this fraction of
+# its real tokens; the gain of searching on is smaller than its cost.
+_PACKED_SLACK = 0.03
+
+
 def _balanced_rows(order: list[int], in_len: list[int], tgt_len: list[int], rows: int) -> tuple[list[int], int, int]:
     """Longest first, each example to the row with the fewest input tokens so far (the lowest
     row on a tie): the "longest processing time" rule of scheduling, whose fullest row is within
@@ -192,12 +197,13 @@ def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: 
     """Pack examples end to end into rows of at most ``max_input`` input and ``max_target``
     target tokens; the layout is a function of the lengths only.
 
-    For each row count R that can hold the tokens, the examples are spread over R rows longest
-    first, each to the emptiest row (``_balanced_rows``); the R whose layout has the fewest
-    cells (R x (input width + target width), the widths those of the fullest row) wins, the
-    larger R on a tie (narrower rows: attention's cost grows with the square of a row's
-    length). Row counts whose least possible cells already exceed the best are skipped, so
-    only a few layouts are tried (bench/batching.py measures the cost)."""
+    For a row count R the examples are spread over R rows longest first, each to the emptiest
+    row (``_balanced_rows``); its cost is its cells, R x (input width + target width), the widths
+    those of the fullest row. Row counts are tried from the most that can help (rows no
+    narrower than the longest example) down to the fewest that hold the tokens, and the first
+    layout within ``_PACKED_SLACK`` of no padding at all is taken, else the one with the fewest
+    cells, one example per row included: narrow rows first, since attention's cost grows with the square of a row's length,
+    and few layouts tried (bench/batching.py measures the cost)."""
     in_len = np.asarray(input_lengths, dtype=np.int64)
     tgt_len = np.asarray(target_lengths, dtype=np.int64)
     n = len(in_len)
@@ -206,19 +212,24 @@ def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: 
     max_input, max_target = max(max_input, longest_in), max(max_target, longest_tgt)
     total_in, total_tgt = sum(in_list), sum(tgt_list)
     order = sorted(range(n), key=lambda i: (-in_list[i], -tgt_list[i], i))
-    best = None
-    for rows in range(max(-(-total_in // max_input), -(-total_tgt // max_target)), n + 1):
-        least = rows * (max(longest_in, -(-total_in // rows)) + max(longest_tgt, -(-total_tgt // rows)))
-        if best is not None and least > best[0]:
-            if rows * (longest_in + longest_tgt) > best[0]:
-                break  # the least cells only grow from here on
-            continue
+    fewest = max(-(-total_in // max_input), -(-total_tgt // max_target))
+    most = max(fewest, min(n, -(-total_in // longest_in)))
+    good_enough = (total_in + total_tgt) * (1 + _PACKED_SLACK)
+    # One example per row (the unpacked layout, cut to each row's length) is the fallback, so
+    # packing never pads more than not packing.
+    one_each = [0] * n
+    for position, i in enumerate(order):
+        one_each[i] = position
+    best = (n * (longest_in + longest_tgt), one_each, n, longest_in, longest_tgt)
+    for rows in range(most, fewest - 1, -1):
         row_of, width_in, width_tgt = _balanced_rows(order, in_list, tgt_list, rows)
         if width_in > max_input or width_tgt > max_target:
-            continue
+            break  # fewer rows would be wider still
         cells = rows * (width_in + width_tgt)
-        if best is None or cells <= best[0]:
+        if cells < best[0]:
             best = (cells, row_of, rows, width_in, width_tgt)
+        if cells <= good_enough:
+            break
     _, row_of, used, width_in, width_tgt = best
     # Along a row, examples follow in placement order (longest first), end to end.
     segment, input_start, target_start = [0] * n, [0] * n, [0] * n

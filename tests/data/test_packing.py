@@ -79,6 +79,14 @@ def check_layout(seed: int) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(layout, again))
 
 
+def test_rows_never_exceed_the_length_bounds_even_when_a_balanced_spread_would():
+    # four rows hold the 1712 tokens, but spreading them over four overflows one: one per row
+    layout = pack_rows(np.array([512, 300, 300, 300, 300]), np.array([1, 1, 1, 1, 1]), 512, 128)
+    assert layout.input_width <= 512 and layout.rows == 5
+    layout = pack_rows(np.array([5, 5, 5]), np.array([100, 100, 100]), 512, 128)
+    assert layout.target_width <= 128 and layout.rows == 3
+
+
 def test_packing_with_a_variant_that_conditions_whole_rows_is_refused_in_one_line():
     from hp_deepspeed.training.train_config import JobConfig
 
