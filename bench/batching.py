@@ -22,8 +22,10 @@ For each it reports the fraction of real tokens in the micro-batches the ranks a
 (every rank, every micro-step),
 ``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, the share of
 the largest task in each global batch, as a mean over batches and as a multiple of that task's
-mixing rate (1.0 = the batch follows the mixture exactly), and the wall time of collating one
-micro-batch (``TrainStream.collate``, mean; packing's layout search included). At one rank with
+mixing rate (1.0 = the batch follows the mixture exactly), the wall time of collating one
+micro-batch (``TrainStream.collate``, mean; packing's layout search included), and per
+micro-batch the rows, the input width and rows x width^2 (the encoder self-attention's score
+cells, which packing's longer rows could raise). At one rank with
 accumulation 1 the global batch is one micro-batch that must hold every task at its rate, so
 unpacked it pads to the longest task's lengths; with accumulation the micro-steps are cut as
 ranks are.
@@ -97,6 +99,7 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int
     real = total = 0
     shares, ratios = [], []
     collate_s, collated = 0.0, 0
+    rows = width = attention = 0
     for _ in range(batches):
         global_batch = stream.next_global_batch()
         for micro_step in range(accumulation):
@@ -106,6 +109,9 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int
                 batch = stream.collate(items)
                 collate_s += time.perf_counter() - started
                 collated += 1
+                rows += batch["input_ids"].shape[0]
+                width += batch["input_ids"].shape[1]
+                attention += batch["input_ids"].shape[0] * batch["input_ids"].shape[1] ** 2
                 real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
                 total += batch["input_ids"].numel() + batch["labels"].numel()
         share = np.bincount(global_batch[:, 0], minlength=len(stream.rates)) / len(global_batch)
@@ -113,7 +119,8 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int
         ratios.append((share / stream.rates).max())
     return {"real_token_fraction": real / total, "largest_task_share": float(np.mean(shares)),
             "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max()),
-            "collate_ms": collate_s / collated * 1e3}
+            "collate_ms": collate_s / collated * 1e3, "rows": rows / collated, "input_width": width / collated,
+            "encoder_attention_cells": attention / collated}
 
 
 def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, batches: int = 200,
@@ -195,11 +202,13 @@ def format_table(result: dict) -> str:
     lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks x "
              f"{result['accumulation']} micro-steps, {len(GLUE_LIKE)} GLUE-like tasks at equal rates, "
              f"{result['batches']} batches",
-             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10} {'collate ms':>10}"]
+             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10} {'collate ms':>10} "
+             f"{'rows':>5} {'width':>6} {'attn cells':>10}"]
     for mode in (m for m in MODES if m in result):
         r = result[mode]
         lines.append(f"{mode:<11} {r['real_token_fraction']:>11.3f} {r['largest_task_share']:>19.3f} "
-                     f"{r['largest_share_over_rate']:>10.2f} {r['collate_ms']:>10.3f}")
+                     f"{r['largest_share_over_rate']:>10.2f} {r['collate_ms']:>10.3f} {r['rows']:>5.1f} "
+                     f"{r['input_width']:>6.1f} {r['encoder_attention_cells']:>10.0f}")
     if "default_meets_targets" in result:
         lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
                      f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
