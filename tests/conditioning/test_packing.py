@@ -9,44 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hp_deepspeed.data.stream import pack_rows, packed_batch
 from hp_deepspeed.model.conditioning import PER_EXAMPLE_VARIANTS
-from tests.conditioning.common import random_batch, tiny_model
+from tests.conditioning.common import pack, random_batch, tiny_model
 
 PACKED_VARIANTS = ["none", "mtl", "kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global"]
-# Rows of at most this many input / target tokens: the random batch's examples (3..9 input and
-# 2..6 target tokens) then share rows two or three at a time.
-MAX_INPUT, MAX_TARGET = 16, 9
 
 
 def unpacked_batch(batch_size: int = 10, seed: int = 3) -> dict[str, torch.Tensor]:
     return random_batch(batch_size, seed=seed)
 
 
-def pack(batch: dict[str, torch.Tensor]):
-    """The packed batch of the same examples, and where each example went (``pack_rows``)."""
-    in_len = batch["attention_mask"].sum(1).numpy()
-    tgt_len = (batch["labels"] != -100).sum(1).numpy()
-    real_in = batch["attention_mask"].numpy().astype(bool)
-    real_tgt = batch["labels"].numpy() != -100
-
-    def flat(ids, real, lengths):
-        return ids[real], np.cumsum(lengths) - lengths, lengths
-
-    packed = packed_batch(flat(batch["input_ids"].numpy(), real_in, in_len),
-                          flat(batch["labels"].numpy(), real_tgt, tgt_len),
-                          batch["task_ids"].numpy(), 0, MAX_INPUT, MAX_TARGET)
-    return packed, pack_rows(in_len, tgt_len, MAX_INPUT, MAX_TARGET), tgt_len
-
-
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                            reduction="none").view(labels.shape)
-
-
-def packed_kwargs(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: packed[k] for k in ("input_ids", "attention_mask", "labels", "input_segment_ids",
-                                   "target_segment_ids", "segment_task_ids")}
 
 
 @pytest.mark.parametrize("variant", PACKED_VARIANTS)
@@ -62,7 +37,7 @@ def test_a_packed_batch_has_the_unpacked_losses_and_gradients(variant):
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    packed_out = model(**packed_kwargs(packed))
+    packed_out = model(**packed)
     packed_out.loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -107,8 +82,8 @@ def test_a_segment_never_sees_another_segments_tokens_or_prompts(variant):
     changed["labels"][row, tgt_seg] = (changed["labels"][row, tgt_seg] + 11) % 90 + 2
     changed["segment_task_ids"][row, 1] = (changed["segment_task_ids"][row, 1] + 1) % 4
     with torch.no_grad():
-        before = model(**packed_kwargs(packed)).logits
-        after = model(**packed_kwargs(changed)).logits
+        before = model(**packed).logits
+        after = model(**changed).logits
     start = layout.target_start[first]
     mine = slice(start, start + tgt_len[first])
     torch.testing.assert_close(after[row, mine], before[row, mine], rtol=0, atol=1e-6)
@@ -140,4 +115,4 @@ def test_variants_that_condition_whole_rows_refuse_packed_rows(variant):
     model = tiny_model(variant).float()
     packed, _, _ = pack(unpacked_batch())
     with pytest.raises(ValueError, match="packed rows cannot"):
-        model(**packed_kwargs(packed))
+        model(**packed)

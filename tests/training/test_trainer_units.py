@@ -240,11 +240,10 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
 def test_a_packed_step_has_the_unpacked_gradient_and_per_task_losses():
     """train_step on packed rows (data.packing): the same gradient, per-task loss and token
     sums, example count and FLOP-relevant token count as on the same examples unpacked."""
-    from tests.conditioning.common import tiny_model
-    from tests.conditioning.test_packing import pack, unpacked_batch
+    from tests.conditioning.common import pack, random_batch, tiny_model
 
     model = tiny_model("hyperprompt_global").float()
-    batch = unpacked_batch()
+    batch = random_batch(10, seed=3)
     packed, _, _ = pack(batch)
     sums = []
     for micro in (batch, packed):
