@@ -173,7 +173,7 @@ class PackedLayout(NamedTuple):
 
 
 # Packing takes the first layout (narrowest rows first) whose padding is at most this fraction of
-# its real tokens; the gain of searching on is smaller than its cost.
+# its real tokens: searching on could save at most that much, at one more spread per row count.
 _PACKED_SLACK = 0.03
 
 
@@ -202,8 +202,9 @@ def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: 
     those of the fullest row. Row counts are tried from the most that can help (rows no
     narrower than the longest example) down to the fewest that hold the tokens, and the first
     layout within ``_PACKED_SLACK`` of no padding at all is taken, else the one with the fewest
-    cells, one example per row included: narrow rows first, since attention's cost grows with the square of a row's length,
-    and few layouts tried (bench/batching.py measures the cost)."""
+    cells, one example per row included. Narrow rows first, since attention's cost grows with
+    the square of a row's length; the early stop keeps the layouts tried few (bench/batching.py
+    measures the cost)."""
     in_len = np.asarray(input_lengths, dtype=np.int64)
     tgt_len = np.asarray(target_lengths, dtype=np.int64)
     n = len(in_len)

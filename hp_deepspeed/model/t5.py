@@ -362,6 +362,17 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
 
 
+class Segments(NamedTuple):
+    """Packed rows: which example each token belongs to (``data.packing``)."""
+
+    input: Tensor
+    """[batch, input length] segment of each input token, 1..count along a row, 0 on padding."""
+    target: Tensor
+    """[batch, target length] segment of each target token, likewise."""
+    count: int
+    """Segment slots per row (the most segments of any row)."""
+
+
 def _blocked_value(dtype: torch.dtype) -> float:
     """The bias of a blocked key: the dtype's minimum, not -inf, so that a fully padded row
     yields a uniform softmax instead of NaN."""
@@ -516,17 +527,6 @@ class T5Stack(nn.Module):
             else:
                 hidden = block(*args, cache=cache.layers[i] if cache is not None else None)
         return self.dropout(self.final_layer_norm(hidden))
-
-
-class Segments(NamedTuple):
-    """Packed rows: which example each token belongs to (``data.packing``)."""
-
-    input: Tensor
-    """[batch, input length] segment of each input token, 1..count along a row, 0 on padding."""
-    target: Tensor
-    """[batch, target length] segment of each target token, likewise."""
-    count: int
-    """Segment slots per row (the most segments of any row)."""
 
 
 def pack_prompts(conditioning: ConditioningOutput, rows: int, count: int) -> ConditioningOutput:
