@@ -2,7 +2,8 @@
 the per-rank cost of drawing a rank's batches at 1 to 512 simulated ranks.
 
     python -m bench.batching [--examples 4000] [--micro-batch-size 16] [--ranks 8] [--accumulation 1]
-                             [--batches 200] [--pool-cost-ranks 1,8,64,512] [--out bench_batching.json]
+                             [--batches 200] [--collate-rounds 5] [--pool-cost-ranks 1,8,64,512]
+                             [--out bench_batching.json]
 
 Builds eight custom tasks whose input lengths follow the GLUE/SuperGLUE training sets (mean
 words per input, log-normal spread: CoLA ~9, SST-2 ~10, QQP ~23, MNLI ~33, QNLI ~37,
@@ -13,15 +14,25 @@ tokenizer) in three modes:
 
 * ``random``: ``bucket_pool_batches=1`` with ``batch_mixing=length`` (no bucketing at all);
 * ``length``: the pool sorted by length and cut (``batch_mixing=length``);
-* ``stratified``: the default (``batch_mixing=stratified``).
+* ``stratified``: the default (``batch_mixing=stratified``);
+* ``packed``: the default's batches (the same draws) with ``data.packing``: each micro-batch's
+  examples end to end in as few rows as fit.
 
 For each it reports the fraction of real tokens in the micro-batches the ranks actually get
 (every rank, every micro-step),
-``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, and the share of
+``(attention-mask ones + non -100 labels) / (input_ids + labels elements)``, the share of
 the largest task in each global batch, as a mean over batches and as a multiple of that task's
-mixing rate (1.0 = the batch follows the mixture exactly). At one rank with accumulation 1 the
-global batch is one micro-batch that must hold every task at its rate, so it pads to the
-longest task's lengths; with accumulation the micro-steps are cut as ranks are.
+mixing rate (1.0 = the batch follows the mixture exactly), the wall time of collating one
+micro-batch (``TrainStream.collate``, mean; packing's layout search included), and per
+micro-batch the rows, the input width and rows x width^2 (the encoder self-attention's score
+cells, which packing's longer rows could raise). At one rank with
+accumulation 1 the global batch is one micro-batch that must hold every task at its rate, so
+unpacked it pads to the longest task's lengths; with accumulation the micro-steps are cut as
+ranks are.
+
+``--collate-rounds N``: the cost of packing, side by side: the same micro-batches (one rank,
+default mixing) collated unpacked and packed, alternately, N rounds over ``--batches``
+micro-batches; the median wall ms per micro-batch of each.
 
 ``--pool-cost-ranks``: per simulated world size W (rank W-1 of W, default mixing), the CPU time
 (``time.thread_time``) per step that ``next(stream)`` costs that rank, over one whole pool
@@ -40,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from hp_deepspeed.data.config import CustomTaskConfig, DataConfig
-from hp_deepspeed.data.stream import LABEL_PAD, TrainStream, collate
+from hp_deepspeed.data.stream import LABEL_PAD, TrainStream
 from hp_deepspeed.data.tasks import build_tasks
 from hp_deepspeed.data.tokenization import load_tokenizer
 
@@ -56,8 +67,9 @@ GLUE_LIKE = {
     "boolq": (110, ["False", "True"]),
 }
 WORDS = "the a of river castle teacher found painted quiet bright village market garden old".split()
-# mode -> (bucket_pool_batches or None for the default, batch_mixing)
-MODES = {"random": (1, "length"), "length": (None, "length"), "stratified": (None, "stratified")}
+# mode -> (bucket_pool_batches or None for the default, batch_mixing, packing)
+MODES = {"random": (1, "length", False), "length": (None, "length", False),
+         "stratified": (None, "stratified", False), "packed": (None, "stratified", True)}
 # The targets the default must meet.
 MIN_REAL_TOKENS, MAX_SHARE_RATIO = 0.90, 1.25
 
@@ -86,42 +98,79 @@ def batch_stats(stream: TrainStream, ranks: int, batches: int, accumulation: int
     """Real-token fraction over the ranks' micro-batches; largest task share per global batch."""
     real = total = 0
     shares, ratios = [], []
+    collate_s, collated = 0.0, 0
+    rows = width = attention = 0
     for _ in range(batches):
         global_batch = stream.next_global_batch()
         for micro_step in range(accumulation):
             for rank in range(ranks):
                 items = stream.rank_share(global_batch, rank, micro_step)
-                batch = collate(stream.splits, items, stream._task_ids, stream.pad_id)
+                started = time.perf_counter()
+                batch = stream.collate(items)
+                collate_s += time.perf_counter() - started
+                collated += 1
+                rows += batch["input_ids"].shape[0]
+                width += batch["input_ids"].shape[1]
+                attention += batch["input_ids"].shape[0] * batch["input_ids"].shape[1] ** 2
                 real += int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
                 total += batch["input_ids"].numel() + batch["labels"].numel()
         share = np.bincount(global_batch[:, 0], minlength=len(stream.rates)) / len(global_batch)
         shares.append(share.max())
         ratios.append((share / stream.rates).max())
     return {"real_token_fraction": real / total, "largest_task_share": float(np.mean(shares)),
-            "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max())}
+            "largest_share_over_rate": float(np.mean(ratios)), "mixing_rate": float(stream.rates.max()),
+            "collate_ms": collate_s / collated * 1e3, "rows": rows / collated, "input_width": width / collated,
+            "encoder_attention_cells": attention / collated}
 
 
 def measure(examples: int = 4000, micro_batch_size: int = 16, ranks: int = 8, batches: int = 200,
             pool_batches: int = DataConfig.bucket_pool_batches, seed: int = 0, cache_dir: str | None = None,
-            accumulation: int = 1) -> dict:
-    """Per mode (see the module docstring): real-token fraction and largest task share."""
+            accumulation: int = 1, modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    """Per mode of ``modes`` (see the module docstring): real-token fraction, largest task share
+    and collation time."""
     tokenizer = load_tokenizer(None)
     result = {"examples_per_task": examples, "micro_batch_size": micro_batch_size, "ranks": ranks,
               "accumulation": accumulation, "global_batch": micro_batch_size * ranks * accumulation,
               "batches": batches, "bucket_pool_batches": pool_batches}
     with tempfile.TemporaryDirectory() as tmp:
         custom = write_tasks(Path(tmp) / "data", examples, seed)
-        for mode, (pool, mixing) in MODES.items():
+        for mode in modes:
+            pool, mixing, packing = MODES[mode]
             cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool or pool_batches, batch_mixing=mixing,
-                             seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
+                             packing=packing, seed=seed, cache_dir=cache_dir or str(Path(tmp) / "cache"))
             stream = TrainStream(cfg, build_tasks(cfg), tokenizer, micro_batch_size, rank=0, world_size=ranks,
                                  accumulation=accumulation)
             result[mode] = batch_stats(stream, ranks, batches, accumulation)
-    default = result[DataConfig.batch_mixing]
     result["default"] = DataConfig.batch_mixing
-    result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
-                                       and default["largest_share_over_rate"] <= MAX_SHARE_RATIO)
+    if DataConfig.batch_mixing in result:
+        default = result[DataConfig.batch_mixing]
+        result["default_meets_targets"] = (default["real_token_fraction"] >= MIN_REAL_TOKENS
+                                           and default["largest_share_over_rate"] <= MAX_SHARE_RATIO)
     return result
+
+
+def collate_cost(examples: int = 4000, micro_batch_size: int = 16, batches: int = 200, rounds: int = 5,
+                 seed: int = 0, cache_dir: str | None = None) -> dict:
+    """Median wall ms per micro-batch of ``TrainStream.collate`` unpacked and packed, on the same
+    micro-batches (one rank, default mixing), interleaved: each micro-batch is collated both
+    ways, in alternating order, ``rounds`` times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        custom = write_tasks(Path(tmp) / "data", examples, seed)
+        streams = {}
+        for packing in (False, True):
+            cfg = DataConfig(custom_tasks=custom, packing=packing, seed=seed,
+                             cache_dir=cache_dir or str(Path(tmp) / "cache"))
+            streams[packing] = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), micro_batch_size)
+        shares = [streams[False].next_share() for _ in range(batches)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for round_ in range(rounds):
+            for i, rows in enumerate(shares):
+                for packing in ((False, True) if (round_ + i) % 2 == 0 else (True, False)):
+                    started = time.perf_counter()
+                    streams[packing].collate(rows)
+                    times[packing].append(time.perf_counter() - started)
+    return {"unpacked_ms": float(np.median(times[False])) * 1e3, "packed_ms": float(np.median(times[True])) * 1e3,
+            "micro_batches": batches, "rounds": rounds}
 
 
 def pool_cost(ranks: int, examples: int = 4000, micro_batch_size: int = 16, pool_batches: int = 200, seed: int = 0,
@@ -153,13 +202,16 @@ def format_table(result: dict) -> str:
     lines = [f"global batch {result['global_batch']} = {result['micro_batch_size']} x {result['ranks']} ranks x "
              f"{result['accumulation']} micro-steps, {len(GLUE_LIKE)} GLUE-like tasks at equal rates, "
              f"{result['batches']} batches",
-             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10}"]
-    for mode in MODES:
+             f"{'mode':<11} {'real tokens':>11} {'largest task share':>19} {'x its rate':>10} {'collate ms':>10} "
+             f"{'rows':>5} {'width':>6} {'attn cells':>10}"]
+    for mode in (m for m in MODES if m in result):
         r = result[mode]
         lines.append(f"{mode:<11} {r['real_token_fraction']:>11.3f} {r['largest_task_share']:>19.3f} "
-                     f"{r['largest_share_over_rate']:>10.2f}")
-    lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
-                 f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
+                     f"{r['largest_share_over_rate']:>10.2f} {r['collate_ms']:>10.3f} {r['rows']:>5.1f} "
+                     f"{r['input_width']:>6.1f} {r['encoder_attention_cells']:>10.0f}")
+    if "default_meets_targets" in result:
+        lines.append(f"default ({result['default']}) meets >= {MIN_REAL_TOKENS:.2f} real tokens and <= "
+                     f"{MAX_SHARE_RATIO}x rate: {result['default_meets_targets']}")
     return "\n".join(lines)
 
 
@@ -170,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=8, help="ranks sharing a global batch")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-steps per global batch")
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--collate-rounds", type=int, default=0, help="rounds of the packed/unpacked collate timing")
     parser.add_argument("--pool-cost-ranks", default="", help="comma-separated world sizes, e.g. 1,8,64,512")
     parser.add_argument("--pool-batches", type=int, default=DataConfig.bucket_pool_batches)
     parser.add_argument("--out", type=Path, default=Path("bench_batching.json"))
@@ -177,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.examples, args.micro_batch_size, args.ranks, args.batches, args.pool_batches,
                      accumulation=args.accumulation)
     print(format_table(result))
+    if args.collate_rounds:
+        cost = result["collate_cost"] = collate_cost(args.examples, args.micro_batch_size, args.batches,
+                                                      args.collate_rounds)
+        print(f"collate one micro-batch of {args.micro_batch_size} (median wall ms, {cost['rounds']} interleaved "
+              f"rounds of {cost['micro_batches']}): unpacked {cost['unpacked_ms']:.3f}, packed {cost['packed_ms']:.3f}")
     if args.pool_cost_ranks:
         costs = {int(w): pool_cost(int(w), args.examples, args.micro_batch_size, args.pool_batches)
                  for w in args.pool_cost_ranks.split(",")}

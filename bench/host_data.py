@@ -21,7 +21,8 @@ bench/batching.py's eight GLUE-like tasks (equal rates, 16 per micro-batch, defa
 * ``pool cost``: CPU time per step of ``next(stream)`` on rank W-1 of W over one whole pool,
   W = 1, 8, 64, 512 (bench.batching.pool_cost), this tree against ``--baseline-rev``'s and
   ``--previous-rev``'s streams.
-* ``real tokens``: bench.batching.measure at 1 rank, 1 rank with 8 accumulation micro-steps, 8 ranks.
+* ``real tokens``: bench.batching.measure at 1 rank, 1 rank with 8 accumulation micro-steps, 8 ranks
+  (its four modes, ``packed`` included).
 * ``tokenisation``: token ids of GLUE-like texts, in tokens per CPU-second of the process with
   ``TOKENIZERS_PARALLELISM=false`` (one tokenizer thread): the Rust ``encode_batch`` alone, this
   tree's ``_ragged`` (encode_batch and the flat arrays), and the ``transformers`` call with the
@@ -281,10 +282,10 @@ def main(argv: list[str] | None = None) -> None:
             for label, ranks_, accumulation in (("1 rank", 1, 1), ("1 rank x 8 micro-steps", 1, 8), ("8 ranks", 8, 1)):
                 m = measure(examples=args.examples, micro_batch_size=16, ranks=ranks_, batches=200, cache_dir=cache,
                             accumulation=accumulation)
-                result["real_tokens"][label] = {mode: m[mode] for mode in ("random", "length", "stratified")}
-            print(table(["real tokens (share x rate)", "random", "length", "stratified"],
+                result["real_tokens"][label] = {mode: m[mode] for mode in ("random", "length", "stratified", "packed")}
+            print(table(["real tokens (share x rate)", "random", "length", "stratified", "stratified, packed"],
                         [[label] + [f"{v[m]['real_token_fraction']:.3f} ({v[m]['largest_share_over_rate']:.2f}x)"
-                                    for m in ("random", "length", "stratified")]
+                                    for m in ("random", "length", "stratified", "packed")]
                          for label, v in result["real_tokens"].items()]))
         if "collate" in sections:
             result["collate_ms"] = collation(folder, cache, args.rounds, baseline)

@@ -136,6 +136,20 @@ class DataConfig:
     16 pads as little as 8 GPUs; one GPU with one micro-step per optimizer step cannot, since
     that micro-batch must hold every task."""
 
+    packing: bool = False
+    """Training only: lay each micro-batch's examples (the same draws, so the mixture and resume
+    are unchanged) end to end in a few rows of balanced length, with segment-aware attention
+    (each example sees only its own tokens and its task's prompts), instead of one padded row
+    per example. Why: one GPU with one micro-batch per step must hold every task at its rate,
+    and tasks differ ~12x in length, so unpacked it keeps ~40% real tokens, packed ~98%
+    (bench/batching.py). A row is at most ``max_input_length`` / ``max_target_length``
+    tokens long. Trade-off: attention runs over the whole row (masked), so its cost grows with
+    the row length while the padding saved is mostly feed-forward work, and with key/value
+    prompts a row carries each of its segments' prompts; worth it when micro-batches span tasks
+    of very different lengths (one GPU, no accumulation), not when they already hold similar
+    lengths (bench/batching.py: +71% attention cells at 8 ranks). Not for ``prompt_tuning``,
+    ``hyperformer`` or ``adapter``, which condition per example, not per segment."""
+
     prefetch_batches: int = 4
     """Micro-batches built, collated and copied to the device in a background thread while the
     current step runs (data/prefetch.py); 0 builds each batch inline, on the critical path. The

@@ -35,6 +35,10 @@ at the start of pool p)``:
    lengths and dynamic padding wastes few tokens (bench/batching.py measures both modes; the
    trade-off is in data/config.py's ``batch_mixing``).
 
+With ``data.packing`` a rank's micro-batch is the same examples laid end to end in as few
+rows as fit, with segment ids for the model's masks (``pack_rows``, ``packed_batch``): the draws,
+the batches and the state are those above, so packing changes only the layout of a batch.
+
 What a rank computes: every rank builds each pool's draws and their length order itself (no
 communication), since where a batch is cut depends on every draw's length; that part costs
 O(G) per step, in a few vectorised numpy sorts. Of each global batch a rank then partitions out,
@@ -61,7 +65,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -146,6 +150,143 @@ def collate(
         "attention_mask": torch.from_numpy(attention_mask),
         "labels": torch.from_numpy(labels),
         "task_ids": torch.from_numpy(np.asarray(task_ids, dtype=np.int64)[items[:, 0]]),
+    }
+
+
+class PackedLayout(NamedTuple):
+    """Where ``pack_rows`` puts each example of a micro-batch (all arrays [examples])."""
+
+    row: np.ndarray
+    """The row the example lies in."""
+    segment: np.ndarray
+    """Its segment number within the row, 1-based (0 is padding in the segment-id arrays)."""
+    input_start: np.ndarray
+    """First column of its input in the row."""
+    target_start: np.ndarray
+    """First column of its target in the row."""
+    rows: int
+    input_width: int
+    """Columns of the packed inputs (the fullest row's input tokens)."""
+    target_width: int
+    segments: int
+    """Most segments in one row."""
+
+
+# Packing takes the first layout (narrowest rows first) whose padding is at most this fraction of
+# its real tokens: searching on could save at most that much, at one more spread per row count.
+_PACKED_SLACK = 0.03
+
+
+def _balanced_rows(order: list[int], in_len: list[int], tgt_len: list[int], rows: int) -> tuple[list[int], int, int]:
+    """Longest first, each example to the row with the fewest input tokens so far (the lowest
+    row on a tie): the "longest processing time" rule of scheduling, whose fullest row is within
+    4/3 of the best possible. Returns each example's row and the fullest row's input and target
+    tokens. Plain Python: a micro-batch has a few dozen examples, where numpy's per-call
+    overhead would dominate."""
+    row_of = [0] * len(in_len)
+    fill_in, fill_tgt = [0] * rows, [0] * rows
+    for i in order:
+        r = fill_in.index(min(fill_in))
+        fill_in[r] += in_len[i]
+        fill_tgt[r] += tgt_len[i]
+        row_of[i] = r
+    return row_of, max(fill_in), max(fill_tgt)
+
+
+def pack_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, max_input: int, max_target: int) -> PackedLayout:
+    """Pack examples end to end into rows of at most ``max_input`` input and ``max_target``
+    target tokens; the layout is a function of the lengths only.
+
+    For a row count R the examples are spread over R rows longest first, each to the emptiest
+    row (``_balanced_rows``); its cost is its cells, R x (input width + target width), the widths
+    those of the fullest row. Row counts are tried from the most that can help (rows no
+    narrower than the longest example) down to the fewest that hold the tokens, and the first
+    layout within ``_PACKED_SLACK`` of no padding at all is taken, else the one with the fewest
+    cells, one example per row included. Narrow rows first, since attention's cost grows with
+    the square of a row's length; the early stop keeps the layouts tried few (bench/batching.py
+    measures the cost)."""
+    in_len = np.asarray(input_lengths, dtype=np.int64)
+    tgt_len = np.asarray(target_lengths, dtype=np.int64)
+    n = len(in_len)
+    in_list, tgt_list = in_len.tolist(), tgt_len.tolist()
+    longest_in, longest_tgt = max(in_list), max(tgt_list)
+    max_input, max_target = max(max_input, longest_in), max(max_target, longest_tgt)
+    total_in, total_tgt = sum(in_list), sum(tgt_list)
+    order = sorted(range(n), key=lambda i: (-in_list[i], -tgt_list[i], i))
+    fewest = max(-(-total_in // max_input), -(-total_tgt // max_target))
+    most = max(fewest, min(n, -(-total_in // longest_in)))
+    good_enough = (total_in + total_tgt) * (1 + _PACKED_SLACK)
+    # One example per row (the unpacked layout, cut to each row's length) is the fallback, so
+    # packing never pads more than not packing.
+    one_each = [0] * n
+    for position, i in enumerate(order):
+        one_each[i] = position
+    best = (n * (longest_in + longest_tgt), one_each, n, longest_in, longest_tgt)
+    for rows in range(most, fewest - 1, -1):
+        row_of, width_in, width_tgt = _balanced_rows(order, in_list, tgt_list, rows)
+        if width_in > max_input or width_tgt > max_target:
+            break  # fewer rows would be wider still
+        cells = rows * (width_in + width_tgt)
+        if cells < best[0]:
+            best = (cells, row_of, rows, width_in, width_tgt)
+        if cells <= good_enough:
+            break
+    _, row_of, used, width_in, width_tgt = best
+    # Along a row, examples follow in placement order (longest first), end to end.
+    segment, input_start, target_start = [0] * n, [0] * n, [0] * n
+    count, fill_in, fill_tgt = [0] * used, [0] * used, [0] * used
+    for i in order:
+        r = row_of[i]
+        count[r] += 1
+        segment[i], input_start[i], target_start[i] = count[r], fill_in[r], fill_tgt[r]
+        fill_in[r] += in_list[i]
+        fill_tgt[r] += tgt_list[i]
+    as_array = lambda values: np.asarray(values, dtype=np.int64)  # noqa: E731
+    return PackedLayout(as_array(row_of), as_array(segment), as_array(input_start), as_array(target_start), used,
+                        width_in, width_tgt, max(count))
+
+
+def _scatter_tokens(ids: np.ndarray, starts: np.ndarray, lengths: np.ndarray, destinations: np.ndarray,
+                    out: np.ndarray, segment_out: np.ndarray, segment: np.ndarray) -> None:
+    """Copy example ``i``'s ``lengths[i]`` ids from ``ids[starts[i]:]`` to the flat positions
+    ``destinations[i]:`` of ``out``, and its segment number to ``segment_out``; one gather."""
+    example = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    at = destinations[example] + within
+    out.reshape(-1)[at] = ids[starts[example] + within]
+    segment_out.reshape(-1)[at] = segment[example]
+
+
+def packed_batch(inputs: tuple[np.ndarray, np.ndarray, np.ndarray], targets: tuple[np.ndarray, np.ndarray, np.ndarray],
+                 task_ids: np.ndarray, pad_id: int, max_input: int, max_target: int) -> dict[str, torch.Tensor]:
+    """The packed training batch of examples given as ``(flat ids, starts, lengths)`` of their
+    inputs and of their targets, and their task ids (see ``pack_rows`` for the layout):
+
+    ``input_ids``, ``attention_mask``, ``input_segment_ids`` [R, Li]; ``labels`` (-100 on
+    padding), ``target_segment_ids`` [R, Lt]; ``segment_task_ids`` [R, S] (-1 where a row has
+    fewer segments). Segment ids are 0 on padding, 1..k along a row. The decoder inputs are the
+    model's to derive (``T5Model.shift_right`` with the target segment ids), so the decoder start
+    token comes from the model's config, as unpacked."""
+    in_ids, in_starts, in_len = inputs
+    tgt_ids, tgt_starts, tgt_len = targets
+    layout = pack_rows(in_len, tgt_len, max_input, max_target)
+    input_ids = np.full((layout.rows, layout.input_width), pad_id, dtype=np.int64)
+    input_segments = np.zeros(input_ids.shape, dtype=np.int64)
+    labels = np.full((layout.rows, layout.target_width), LABEL_PAD, dtype=np.int64)
+    target_segments = np.zeros(labels.shape, dtype=np.int64)
+    _scatter_tokens(in_ids, in_starts, in_len, layout.row * layout.input_width + layout.input_start,
+                    input_ids, input_segments, layout.segment)
+    _scatter_tokens(tgt_ids, tgt_starts, tgt_len, layout.row * layout.target_width + layout.target_start,
+                    labels, target_segments, layout.segment)
+    segment_task_ids = np.full((layout.rows, layout.segments), -1, dtype=np.int64)
+    segment_task_ids[layout.row, layout.segment - 1] = task_ids
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy((input_segments > 0).astype(np.int64)),
+        "labels": torch.from_numpy(labels),
+        "input_segment_ids": torch.from_numpy(input_segments),
+        "target_segment_ids": torch.from_numpy(target_segments),
+        "segment_task_ids": torch.from_numpy(segment_task_ids),
     }
 
 
@@ -258,6 +399,8 @@ class TrainStream:
         self.global_batch_size = micro_batch_size * world_size * accumulation
         self.pool_batches = cfg.bucket_pool_batches
         self.batch_mixing = cfg.batch_mixing
+        self.packing = cfg.packing
+        self.max_lengths = (cfg.max_input_length, cfg.max_target_length)
         self.seed = cfg.seed if seed is None else seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._task_ids = [t.task_id for t in self.tasks]
@@ -422,8 +565,16 @@ class TrainStream:
         return global_batch[start : start + self.micro_batch_size]
 
     def collate(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """``collate(self.splits, rows, ...)``, gathered from the flat arrays of all tasks."""
+        """``collate(self.splits, rows, ...)``, gathered from the flat arrays of all tasks; with
+        ``data.packing``, the same examples packed (``packed_batch``)."""
         examples = self._example_base[rows[:, 0]] + rows[:, 1]
+        if self.packing:
+            flat_in, flat_tgt = self._flat_inputs, self._flat_targets
+            return packed_batch(
+                (flat_in.ids, flat_in.starts[examples], flat_in.lengths[examples]),
+                (flat_tgt.ids, flat_tgt.starts[examples], flat_tgt.lengths[examples]),
+                self._task_id_array[rows[:, 0]], self.pad_id, *self.max_lengths,
+            )
         input_ids, real = self._flat_inputs.gather(examples, self.pad_id)
         labels, _ = self._flat_targets.gather(examples, LABEL_PAD)
         return {

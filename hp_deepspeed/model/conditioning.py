@@ -74,6 +74,10 @@ UNCONDITIONED_VARIANTS = ("none", "mtl")
 # statement of this rule: everything else asks ``ConditioningConfig.kv_prompt_length``.
 _KV_PROMPT_VARIANTS = ("kv_prompt", "hyperprompt_share", "hyperprompt_sep", "hyperprompt_global")
 
+# The variants that condition whole rows (an input prompt, per-example adapters) rather than
+# attention slots a segment mask can select: packed rows (``data.packing``) cannot carry them.
+PER_EXAMPLE_VARIANTS = ("prompt_tuning", "hyperformer", "adapter")
+
 # Fields of LayerConditioning that the generators fill, in the contract's order.
 _KV_FIELDS = ("key_prompt", "value_prompt")
 _ADAPTER_FIELDS = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias", "adapter_norm_weight",

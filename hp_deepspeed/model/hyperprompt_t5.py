@@ -28,7 +28,7 @@ from hp_deepspeed.model.conditioning import (
 )
 from hp_deepspeed.model.generation import greedy_generate
 from hp_deepspeed.model.layer_conditioning import ConditioningOutput
-from hp_deepspeed.model.t5 import T5Model, T5Output
+from hp_deepspeed.model.t5 import Segments, T5Model, T5Output
 from hp_deepspeed.model.t5_config import T5Config
 
 
@@ -68,13 +68,27 @@ class HyperPromptT5(nn.Module):
         task_ids: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
+        input_segment_ids: Tensor | None = None,
+        target_segment_ids: Tensor | None = None,
+        segment_task_ids: Tensor | None = None,
     ) -> T5Output:
+        """A batch of examples (``task_ids`` [B]), or of packed rows (``data.packing``: the
+        ``*segment_ids`` [B, length], 0 on padding, and ``segment_task_ids`` [B, segments], -1
+        for a row's empty slots), whose per-example outputs are then per segment."""
+        segments = None
+        if segment_task_ids is not None:
+            if input_segment_ids is None or target_segment_ids is None:
+                raise ValueError("packed rows need input_segment_ids and target_segment_ids with segment_task_ids")
+            segments = Segments(input_segment_ids, target_segment_ids, segment_task_ids.shape[1])
+            # One conditioning per segment; an empty slot takes task 0's, which no token sees.
+            task_ids = segment_task_ids.flatten().clamp(min=0)
         if task_ids is None and self.conditioning is not None:
             raise ValueError("HyperPromptT5.forward needs task_ids when the model is task-conditioned")
         return self.backbone(
             input_ids, attention_mask, decoder_input_ids=decoder_input_ids, labels=labels,
             decoder_attention_mask=decoder_attention_mask,
-            conditioning=None if task_ids is None else self.condition(task_ids),
+            conditioning=None if task_ids is None or self.conditioning is None else self.condition(task_ids),
+            segments=segments,
         )
 
     @torch.no_grad()

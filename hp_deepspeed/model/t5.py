@@ -15,7 +15,13 @@ name-for-name copy. The computation is our own and deliberately small:
   gradients reach whatever produced them;
 * key/value prompts are prepended to the keys/values of the block's self-attention with zero
   position bias and are never masked; they are kept out of the generation cache and
-  concatenated at every step, so cached and uncached decoding see the same prompts.
+  concatenated at every step, so cached and uncached decoding see the same prompts;
+* packed rows (``data.packing``: several examples end to end per row, told apart by segment
+  ids 1..S, 0 on padding) attend block-diagonally: a token sees the tokens of its own segment
+  only (causally in the decoder), its own segment's encoder tokens, and its own segment's
+  key/value prompts, so a packed batch computes what the unpacked one does. The relative
+  position bias needs nothing: within a contiguous segment the distance between two tokens is
+  the difference of their positions in the row, as it is unpacked.
 """
 
 from __future__ import annotations
@@ -356,23 +362,47 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
     return buckets + torch.where(distance < max_exact, distance, log_bucket)
 
 
+class Segments(NamedTuple):
+    """Packed rows: which example each token belongs to (``data.packing``)."""
+
+    input: Tensor
+    """[batch, input length] segment of each input token, 1..count along a row, 0 on padding."""
+    target: Tensor
+    """[batch, target length] segment of each target token, likewise."""
+    count: int
+    """Segment slots per row (the most segments of any row)."""
+
+
 def _blocked_value(dtype: torch.dtype) -> float:
     """The bias of a blocked key: the dtype's minimum, not -inf, so that a fully padded row
     yields a uniform softmax instead of NaN."""
     return torch.finfo(dtype).min
 
 
-def _cross_attention_bias(encoder_hidden: Tensor, encoder_attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Padding masking of the encoder positions, no position bias: [batch, 1, 1, encoder length]."""
+def _cross_attention_bias(encoder_hidden: Tensor, encoder_attention_mask: Tensor | None, dtype: torch.dtype,
+                          segment_ids: Tensor | None = None, encoder_segment_ids: Tensor | None = None) -> Tensor:
+    """Padding masking of the encoder positions, no position bias: [batch, 1, 1, encoder length];
+    packed, also each decoder segment to its own encoder segment: [batch, 1, queries, encoder length]."""
     if encoder_attention_mask is None:
         encoder_attention_mask = torch.ones(encoder_hidden.shape[:2], device=encoder_hidden.device)
     bias = torch.zeros(encoder_attention_mask.shape, dtype=dtype, device=encoder_hidden.device)
-    return bias.masked_fill(encoder_attention_mask == 0, _blocked_value(dtype))[:, None, None, :]
+    bias = bias.masked_fill(encoder_attention_mask == 0, _blocked_value(dtype))[:, None, None, :]
+    if segment_ids is None:
+        return bias
+    return bias.masked_fill(_segment_blocked(segment_ids, encoder_segment_ids), _blocked_value(dtype))
 
 
-def _with_prompt_slots(bias: Tensor, conditioning: list[LayerConditioning] | None, num_blocks: int) -> list[Tensor]:
+def _segment_blocked(query_segments: Tensor, key_segments: Tensor) -> Tensor:
+    """[batch, 1, queries, keys]: True where a query and a key lie in different segments."""
+    return (query_segments[:, None, :, None] != key_segments[:, None, None, :])
+
+
+def _with_prompt_slots(bias: Tensor, conditioning: list[LayerConditioning] | None, num_blocks: int,
+                       segment_ids: Tensor | None = None, num_segments: int = 1) -> list[Tensor]:
     """The self-attention bias of each block, with a zero (never masked) column per key/value
-    prompt slot the block prepends.
+    prompt slot the block prepends. Packed (``segment_ids`` [batch, queries]), a row's slots are
+    its ``num_segments`` segments' prompts one after another (``pack_prompts``), and a query sees
+    only its own segment's.
 
     The one place prompt slots get their bias: once per distinct prompt length, so the blocks
     of a stack (which all carry the same number of slots) share one padded tensor instead of
@@ -382,8 +412,17 @@ def _with_prompt_slots(bias: Tensor, conditioning: list[LayerConditioning] | Non
     lengths = [0 if c.key_prompt is None else c.key_prompt.shape[2] for c in conditioning]
     padded = {0: bias}
     for length in lengths:
-        if length not in padded:
+        if length in padded:
+            continue
+        if segment_ids is None:
             padded[length] = F.pad(bias, (length, 0))
+            continue
+        slot_segments = torch.arange(length, device=bias.device) // (length // num_segments) + 1
+        blocked = _segment_blocked(segment_ids, slot_segments.expand(segment_ids.shape[0], -1))
+        slots = torch.zeros(blocked.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+            blocked, _blocked_value(bias.dtype))
+        padded[length] = torch.cat([slots.expand(-1, bias.shape[1], -1, -1), bias.expand(slots.shape[0], -1, -1, -1)],
+                                   dim=-1)
     return [padded[length] for length in lengths]
 
 
@@ -423,9 +462,11 @@ class T5Stack(nn.Module):
         table = self.block[0].layer[0].SelfAttention.relative_attention_bias
         return table(buckets).permute(2, 0, 1).unsqueeze(0)
 
-    def self_attention_bias(self, hidden: Tensor, attention_mask: Tensor | None, offset: int) -> Tensor:
-        """Position bias plus causal (decoder) and padding masking for the queries of ``hidden``
-        at ``offset ..``: [batch or 1, heads, queries, keys so far]."""
+    def self_attention_bias(self, hidden: Tensor, attention_mask: Tensor | None, offset: int,
+                            segment_ids: Tensor | None = None) -> Tensor:
+        """Position bias plus causal (decoder), padding and (packed, ``segment_ids`` [batch,
+        length]) segment masking for the queries of ``hidden`` at ``offset ..``: [batch or 1,
+        heads, queries, keys so far]."""
         length = hidden.shape[1]
         key_len = offset + length
         bias = self.position_bias(length, key_len, offset, hidden.device)
@@ -436,6 +477,9 @@ class T5Stack(nn.Module):
         if attention_mask is not None:
             padding = attention_mask[:, None, None, :] == 0
             blocked = padding if blocked is None else blocked | padding
+        if segment_ids is not None:
+            other = _segment_blocked(segment_ids, segment_ids)
+            blocked = other if blocked is None else blocked | other
         if blocked is None:
             return bias
         return bias.masked_fill(blocked, _blocked_value(hidden.dtype))
@@ -448,20 +492,29 @@ class T5Stack(nn.Module):
         encoder_attention_mask: Tensor | None = None,
         conditioning: list[LayerConditioning] | None = None,
         cache: DecoderCache | None = None,
+        segments: Segments | None = None,
     ) -> Tensor:
         """``hidden``: embedded inputs [batch, len, d_model]; masks are 1 = attend, 0 = padding.
 
         With a ``cache`` (decoder only) ``hidden`` holds just the new positions and
-        ``attention_mask``, if given, covers all positions so far.
+        ``attention_mask``, if given, covers all positions so far. ``segments``: packed rows
+        (teacher-forced only), whose key/value prompts are laid out by ``pack_prompts``.
         """
         if conditioning is not None and len(conditioning) != len(self.block):
             raise ValueError(f"conditioning has {len(conditioning)} entries for {len(self.block)} blocks")
+        if segments is not None and cache is not None:
+            raise ValueError("packed rows (segments) are for the teacher-forced pass, not for cached decoding")
         offset = cache.length if cache is not None else 0
-        self_biases = _with_prompt_slots(self.self_attention_bias(hidden, attention_mask, offset),
-                                         conditioning, len(self.block))
+        own = encoder_segments = None
+        if segments is not None:
+            own, encoder_segments = ((segments.target, segments.input) if self.is_decoder else (segments.input, None))
+        self_biases = _with_prompt_slots(self.self_attention_bias(hidden, attention_mask, offset, own),
+                                         conditioning, len(self.block), own,
+                                         segments.count if segments is not None else 1)
         cross_bias = None
         if encoder_hidden is not None:
-            cross_bias = _cross_attention_bias(encoder_hidden, encoder_attention_mask, hidden.dtype)
+            cross_bias = _cross_attention_bias(encoder_hidden, encoder_attention_mask, hidden.dtype, own,
+                                               encoder_segments)
 
         hidden = self.dropout(hidden)
         use_checkpoint = self.activation_checkpointing != "none" and self.training and cache is None
@@ -476,6 +529,36 @@ class T5Stack(nn.Module):
         return self.dropout(self.final_layer_norm(hidden))
 
 
+def pack_prompts(conditioning: ConditioningOutput, rows: int, count: int) -> ConditioningOutput:
+    """Per-segment conditioning ([rows * count] first, a row's segments in order) as per-row key/
+    value prompts: a row's slots are its segments' prompts one after another, [rows, heads,
+    count * prompt_len, d_kv], and ``_with_prompt_slots`` masks each to its segment. Input
+    prompts and adapters act on whole rows, so packed rows cannot carry them."""
+    if conditioning.input_prompt is not None:
+        raise ValueError("packed rows cannot take an input prompt (prompt_tuning): it would be one per row, "
+                         "not one per segment")
+
+    def per_row(layers: list[LayerConditioning] | None) -> list[LayerConditioning] | None:
+        if layers is None:
+            return None
+        packed = []
+        for layer in layers:
+            if layer.adapter_down is not None:
+                raise ValueError("packed rows cannot take per-example adapters (hyperformer, adapter)")
+            if layer.key_prompt is None:
+                packed.append(layer)
+                continue
+            prompts = []
+            for prompt in (layer.key_prompt, layer.value_prompt):
+                heads, length, d_kv = prompt.shape[1:]
+                prompts.append(prompt.view(rows, count, heads, length, d_kv).transpose(1, 2)
+                               .reshape(rows, heads, count * length, d_kv))
+            packed.append(layer._replace(key_prompt=prompts[0], value_prompt=prompts[1]))
+        return packed
+
+    return conditioning._replace(encoder=per_row(conditioning.encoder), decoder=per_row(conditioning.decoder))
+
+
 class T5Output(NamedTuple):
     """What ``T5Model.forward`` returns.
 
@@ -488,9 +571,10 @@ class T5Output(NamedTuple):
     loss: Tensor | None = None
     """Mean cross-entropy over label tokens != -100 (HF's definition); None without labels."""
     example_loss_sum: Tensor | None = None
-    """[batch] summed cross-entropy of each example's label tokens (fp32)."""
+    """[batch] summed cross-entropy of each example's label tokens (fp32); packed, [rows *
+    segment slots], one entry per segment (0 for a row's empty slots)."""
     example_token_count: Tensor | None = None
-    """[batch] number of label tokens != -100 per example."""
+    """[batch] number of label tokens != -100 per example; packed, per segment likewise."""
     encoder_hidden: Tensor | None = None
     """[batch, (prompt +) source_len, d_model] the encoder output."""
 
@@ -536,7 +620,8 @@ class T5Model(nn.Module):
         self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = mode
 
     def encode(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, conditioning: ConditioningOutput | None = None
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, conditioning: ConditioningOutput | None = None,
+        segments: Segments | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the encoder; returns (hidden [B, l+len, d], mask [B, l+len]) including input-prompt slots."""
         if attention_mask is None:
@@ -549,7 +634,7 @@ class T5Model(nn.Module):
                 hidden = torch.cat([prompt, hidden], dim=1)
                 attention_mask = torch.cat([attention_mask.new_ones(prompt.shape[:2]), attention_mask], dim=1)
             layer_cond = conditioning.encoder
-        return self.encoder(hidden, attention_mask, conditioning=layer_cond), attention_mask
+        return self.encoder(hidden, attention_mask, conditioning=layer_cond, segments=segments), attention_mask
 
     def decode(
         self,
@@ -559,11 +644,12 @@ class T5Model(nn.Module):
         decoder_attention_mask: Tensor | None = None,
         conditioning: ConditioningOutput | None = None,
         cache: DecoderCache | None = None,
+        segments: Segments | None = None,
     ) -> Tensor:
         """Decoder plus LM head; returns logits. With ``cache``, ``decoder_input_ids`` are the new tokens only."""
         hidden = self.decoder(
             self.shared(decoder_input_ids), decoder_attention_mask, encoder_hidden, encoder_attention_mask,
-            conditioning=conditioning.decoder if conditioning is not None else None, cache=cache,
+            conditioning=conditioning.decoder if conditioning is not None else None, cache=cache, segments=segments,
         )
         if self.config.tie_word_embeddings:
             hidden = hidden * self.config.d_model**-0.5
@@ -584,10 +670,14 @@ class T5Model(nn.Module):
         """One incremental step: ``next_ids`` [B, 1] -> logits [B, vocab]; updates ``cache`` in place."""
         return self.decode(next_ids, encoder_hidden, encoder_attention_mask, None, conditioning, cache)[:, -1]
 
-    def shift_right(self, labels: Tensor) -> Tensor:
-        """Decoder inputs from labels: prepend decoder_start_token_id, drop the last, -100 -> pad."""
+    def shift_right(self, labels: Tensor, segment_ids: Tensor | None = None) -> Tensor:
+        """Decoder inputs from labels: prepend decoder_start_token_id, drop the last, -100 -> pad.
+        Packed (``segment_ids`` of the labels), each segment starts with decoder_start_token_id."""
         shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
         shifted[:, 1:] = labels[:, :-1]
+        if segment_ids is not None:
+            starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+            shifted[:, 1:] = shifted[:, 1:].masked_fill(starts, self.config.decoder_start_token_id)
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
 
     def forward(
@@ -598,13 +688,20 @@ class T5Model(nn.Module):
         labels: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         conditioning: ConditioningOutput | None = None,
+        segments: Segments | None = None,
     ) -> T5Output:
+        """``segments``: the batch is packed rows (``Segments``), ``conditioning`` then per
+        segment ([rows * segments.count], ``pack_prompts``), and the per-example outputs are per
+        segment."""
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5Model.forward needs decoder_input_ids or labels")
-            decoder_input_ids = self.shift_right(labels)
-        encoder_hidden, encoder_mask = self.encode(input_ids, attention_mask, conditioning)
-        logits = self.decode(decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask, conditioning)
+            decoder_input_ids = self.shift_right(labels, segments.target if segments is not None else None)
+        if segments is not None and conditioning is not None:
+            conditioning = pack_prompts(conditioning, input_ids.shape[0], segments.count)
+        encoder_hidden, encoder_mask = self.encode(input_ids, attention_mask, conditioning, segments)
+        logits = self.decode(decoder_input_ids, encoder_hidden, encoder_mask, decoder_attention_mask, conditioning,
+                             segments=segments)
         if labels is None:
             return T5Output(logits=logits, encoder_hidden=encoder_hidden)
         # fp32 cross-entropy whatever the training dtype; per-token so that the trainer can
@@ -613,6 +710,11 @@ class T5Model(nn.Module):
             logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
         ).view(labels.shape)
         valid = labels != -100
-        loss_sum, token_count = (token_loss * valid).sum(dim=1), valid.sum(dim=1)
+        if segments is None:
+            loss_sum, token_count = (token_loss * valid).sum(dim=1), valid.sum(dim=1)
+        else:  # per segment: a [rows, length, count] one-hot of the segments, contracted
+            one_hot = (segments.target[..., None] == torch.arange(1, segments.count + 1, device=labels.device)) & valid[..., None]
+            loss_sum = torch.einsum("rt,rts->rs", token_loss * valid, one_hot.float()).flatten()
+            token_count = one_hot.sum(dim=1).flatten()
         return T5Output(logits=logits, loss=loss_sum.sum() / token_count.sum(), example_loss_sum=loss_sum,
                         example_token_count=token_count, encoder_hidden=encoder_hidden)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from hp_deepspeed.checkpointing import CheckpointConfig
 from hp_deepspeed.data import DataConfig
-from hp_deepspeed.model.conditioning import ConditioningConfig
+from hp_deepspeed.model.conditioning import PER_EXAMPLE_VARIANTS, ConditioningConfig
 from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.training.optim import OptimConfig
 from hp_deepspeed.training.preemption import PreemptionConfig
@@ -100,3 +100,7 @@ class JobConfig:
         # the one switch ``conditioning.variant: mtl`` sets both halves.
         if self.conditioning.variant == "mtl":
             self.data.task_prefix = True
+        if self.data.packing and self.conditioning.variant in PER_EXAMPLE_VARIANTS:
+            raise ValueError(
+                f"data.packing: true does not work with conditioning.variant: {self.conditioning.variant}, which "
+                f"conditions whole rows, not segments; use packing: false or one of none, mtl, kv_prompt, hyperprompt_*")

@@ -42,6 +42,9 @@ from hp_deepspeed.training.run_lock import claim_run_dir
 from hp_deepspeed.training.train_config import JobConfig
 
 log = logging.getLogger(__name__)
+# The batch entries that say which task each example is: ``task_ids`` [B], or for packed rows
+# (``data.packing``) the segment ids and each segment's task.
+_TASK_KEYS = ("task_ids", "input_segment_ids", "target_segment_ids", "segment_task_ids")
 
 
 def seed_everything(seed: int) -> None:
@@ -81,17 +84,26 @@ class WindowStats:
         self.started = time.perf_counter()
 
     def add_micro_batch(self, batch: dict, out) -> None:
-        task_ids, n = batch["task_ids"].to(self.device), self.num_tasks
+        n = self.num_tasks
+        if "segment_task_ids" in batch:  # packed rows: the model's outputs are per segment
+            task_ids = batch["segment_task_ids"].to(self.device).flatten()
+            present = task_ids >= 0
+            # An empty slot's sums are zero: adding them to task 0 changes nothing.
+            task_ids = task_ids.clamp(min=0)
+            self.samples = self.samples + present.sum()
+        else:
+            task_ids = batch["task_ids"].to(self.device)
+            self.samples += task_ids.numel()
         self.sums[:n].index_add_(0, task_ids, out.example_loss_sum.detach().double())
         self.sums[n:2 * n].index_add_(0, task_ids, out.example_token_count.detach().double())
         self.sums[2 * n] += batch["attention_mask"].sum() + (batch["labels"] != -100).sum()
-        self.samples += task_ids.numel()
 
     def reduce(self) -> dict[str, torch.Tensor]:
         """Sum across ranks; one collective for everything, one copy to the host."""
         n = self.num_tasks
+        samples = torch.as_tensor(self.samples, dtype=torch.float64, device=self.device).reshape(1)
         flat = torch.cat([
-            self.sums[:2 * n], torch.tensor([self.samples], dtype=torch.float64, device=self.device),
+            self.sums[:2 * n], samples,
             self.sums[2 * n:], torch.tensor([self.flops], dtype=torch.float64, device=self.device),
         ])
         flat = collectives.all_reduce(flat).cpu()
@@ -318,18 +330,19 @@ class Trainer:
         scale = (self.world_size * accumulation / tokens.clamp(min=1.0))[0]
         loss_sum = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            out = self.engine(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                labels=batch["labels"], task_ids=batch["task_ids"],
-            )
+            out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"], **{k: batch[k] for k in _TASK_KEYS if k in batch})
             loss_sum = loss_sum + out.example_loss_sum.detach().float().sum()
             self.engine.backward(out.example_loss_sum.sum() * scale.to(out.example_loss_sum.dtype))
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             window.add_micro_batch(batch, out)
-            window.flops += train_step_flops(  # prompt_tuning's soft tokens lengthen the encoder input
+            # prompt_tuning's soft tokens lengthen the encoder input; a packed row holds the
+            # key/value prompts of each of its segment slots
+            prompt_slots = batch["segment_task_ids"].shape[1] if "segment_task_ids" in batch else 1
+            window.flops += train_step_flops(
                 self.model_shape, batch["input_ids"].shape[0],
                 batch["input_ids"].shape[1] + self.cfg.conditioning.input_prompt_length,
-                batch["labels"].shape[1], self.model.kv_prompt_length,
+                batch["labels"].shape[1], self.model.kv_prompt_length * prompt_slots,
             )
         return loss_sum
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from hp_deepspeed.data.stream import PackedLayout, pack_rows, packed_batch
 from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.model.conditioning import ConditioningConfig
 from hp_deepspeed.model.hyperprompt_t5 import HyperPromptT5, build_model
@@ -48,3 +50,28 @@ def example(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     tgt = int((batch["labels"][i] != -100).sum())
     return {"input_ids": batch["input_ids"][i:i + 1, :src], "attention_mask": batch["attention_mask"][i:i + 1, :src],
             "labels": batch["labels"][i:i + 1, :tgt], "task_ids": batch["task_ids"][i:i + 1]}
+
+
+# Packed rows of at most this many input / target tokens: random_batch's examples (3..9 input and
+# 2..6 target tokens) then share rows two or three at a time.
+PACK_MAX_INPUT, PACK_MAX_TARGET = 16, 9
+# The batch entries of packed rows the model takes.
+PACKED_KEYS = ("input_ids", "attention_mask", "labels", "input_segment_ids", "target_segment_ids", "segment_task_ids")
+
+
+def pack(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], PackedLayout, np.ndarray]:
+    """The same examples as packed rows (data/stream.py's ``packed_batch``), where each example
+    went, and each example's target length."""
+    in_len = batch["attention_mask"].sum(1).numpy()
+    tgt_len = (batch["labels"] != -100).sum(1).numpy()
+    real_in = batch["attention_mask"].numpy().astype(bool)
+    real_tgt = batch["labels"].numpy() != -100
+
+    def flat(ids, real, lengths):
+        return ids[real], np.cumsum(lengths) - lengths, lengths
+
+    packed = packed_batch(flat(batch["input_ids"].numpy(), real_in, in_len),
+                          flat(batch["labels"].numpy(), real_tgt, tgt_len),
+                          batch["task_ids"].numpy(), 0, PACK_MAX_INPUT, PACK_MAX_TARGET)
+    packed = {k: packed[k] for k in PACKED_KEYS}
+    return packed, pack_rows(in_len, tgt_len, PACK_MAX_INPUT, PACK_MAX_TARGET), tgt_len

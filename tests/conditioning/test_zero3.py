@@ -3,7 +3,8 @@ updated weights after a few AdamW steps equal a single-process plain PyTorch run
 model on the same global batches, with activation checkpointing off, reentrant and
 non-reentrant, for HyperPrompt-Global and the HyperFormer++ baseline (and Global with a frozen
 backbone, the case DeepSpeed < 0.19.3 crashes on under non-reentrant checkpointing), and for
-HyperPrompt-Share, -Sep, kv_prompt and prompt_tuning, with different tasks on each rank.
+HyperPrompt-Share, -Sep, kv_prompt and prompt_tuning, with different tasks on each rank; and
+for Global and kv_prompt fed packed rows (data.packing), against the same unpacked reference.
 
 One launcher run trains every case in sequence (tests/scripts/cond_zero3_train.py); the plain
 reference runs here. DeepSpeed averages the ranks' gradients, so the plain loss is the mean of
@@ -83,6 +84,20 @@ def test_zero3_training_equals_plain_pytorch(zero3_run, case):
             assert torch.equal(ds_final[n], initial[n]), n
         else:  # the comparison only means something if training moved every trainable weight
             assert (p - initial[n]).abs().max() > 10 * 2e-4, n
+
+
+@pytest.mark.parametrize("case", cases.PACKED_CASES, ids=[c[0] for c in cases.PACKED_CASES])
+def test_zero3_training_on_packed_rows_equals_plain_pytorch_on_the_examples(zero3_run, case):
+    """Each rank's half as packed rows (data.packing), ZeRO-3: the losses and weights of the
+    plain, unpacked reference (the tolerances of the test above)."""
+    name, variant, ckpt = case
+    _, final, losses = plain_run(variant, ckpt, False)
+    ds_losses = json.loads((zero3_run / "losses.json").read_text())[name]
+    torch.testing.assert_close(torch.tensor(ds_losses), torch.tensor(losses), rtol=1e-5, atol=0)
+    ds_final = load_file(str(zero3_run / f"{name}.final.safetensors"))
+    assert ds_final.keys() == final.keys()
+    for n, p in final.items():
+        torch.testing.assert_close(ds_final[n], p, rtol=1e-4, atol=2e-4, msg=n)
 
 
 @pytest.mark.parametrize("variant", cases.ZERO_INIT_VARIANTS)

@@ -13,7 +13,7 @@ import torch
 from hp_deepspeed.model.builder import ModelConfig
 from hp_deepspeed.model.conditioning import ConditioningConfig
 
-from .common import TINY_COND, random_batch
+from .common import TINY_COND, pack, random_batch
 
 WORLD_SIZE = 2
 MICRO_BATCH = 4
@@ -48,6 +48,12 @@ CASES = [
         ("prompt_tuning", "none", False, False, True),
     ]
 ]
+
+# Packed rows (data.packing): each rank's half packed into rows with segment ids and per-segment
+# prompts, against the same plain reference (unpacked): packing changes the layout, not the math.
+# (name, variant, activation checkpointing), leaf blocks.
+PACKED_CASES = [("hyperprompt_global-non_reentrant-packed", "hyperprompt_global", "non_reentrant"),
+                ("kv_prompt-none-packed", "kv_prompt", "none")]
 
 # Variants also built inside deepspeed.zero.Init, to check construction gives the same weights.
 ZERO_INIT_VARIANTS = ["hyperprompt_global", "prompt_tuning", "hyperformer"]
@@ -88,3 +94,8 @@ def rank_half(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tens
     half["input_ids"], half["attention_mask"] = half["input_ids"][:, :src], half["attention_mask"][:, :src]
     half["labels"] = half["labels"][:, :tgt]
     return half
+
+
+def packed_half(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s micro-batch as packed rows."""
+    return pack(rank_half(batch, rank))[0]

@@ -5,7 +5,8 @@ tests/conditioning/test_zero3.py.
    rank 0, the mean loss of each step and the updated weights gathered with
    deepspeed.zero.GatheredParameters. The model is built plainly and partitioned by
    ``deepspeed.initialize``, so it starts from exactly the plain reference's weights; its blocks
-   are ZeRO-3 leaf modules as in the trainer (``mark_leaf_blocks``) unless the case says not.
+   are ZeRO-3 leaf modules as in the trainer (``mark_leaf_blocks``) unless the case says not;
+   the packed cases feed each rank its half as packed rows.
 2. Builds each variant inside ``deepspeed.zero.Init`` (``build_model(..., ds_config)``, the
    trainer's path) and writes the gathered initial weights.
 """
@@ -41,7 +42,9 @@ def gathered_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 results, graphs, leaves = {}, {}, {}
-for name, variant, ckpt, frozen, compiled, leaf in cases.CASES:
+packed = {name for name, _, _ in cases.PACKED_CASES}
+for name, variant, ckpt, frozen, compiled, leaf in cases.CASES + [
+        (name, variant, ckpt, False, False, True) for name, variant, ckpt in cases.PACKED_CASES]:
     started = time.perf_counter()
     graphs_before = counters["stats"]["unique_graphs"]
     model_cfg, cond_cfg = cases.configs(variant, ckpt, frozen, compiled)
@@ -52,7 +55,7 @@ for name, variant, ckpt, frozen, compiled, leaf in cases.CASES:
     engine.train()
     losses = []
     for step in range(cases.STEPS):
-        batch = cases.rank_half(cases.global_batch(step), rank)
+        batch = (cases.packed_half if name in packed else cases.rank_half)(cases.global_batch(step), rank)
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

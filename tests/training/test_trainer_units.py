@@ -237,6 +237,28 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_global_batch():
     assert window.samples == 6 and window.reduce()["task_tokens"].sum() == tokens
 
 
+def test_a_packed_step_has_the_unpacked_gradient_and_per_task_losses():
+    """train_step on packed rows (data.packing): the same gradient, per-task loss and token
+    sums, example count and FLOP-relevant token count as on the same examples unpacked."""
+    from tests.conditioning.common import pack, random_batch, tiny_model
+
+    model = tiny_model("hyperprompt_global").float()
+    batch = random_batch(10, seed=3)
+    packed, _, _ = pack(batch)
+    sums = []
+    for micro in (batch, packed):
+        model.zero_grad(set_to_none=True)
+        window = WindowStats(num_tasks=4)
+        step_only_trainer(model, "hyperprompt_global", accumulation=1).train_step(iter([micro]), window)
+        sums.append((window.reduce(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (unpacked, grads), (packed_totals, packed_grads) = sums
+    for key in ("task_loss", "task_tokens", "samples", "tokens"):
+        torch.testing.assert_close(packed_totals[key], unpacked[key], rtol=1e-6, atol=1e-5, msg=key)
+    assert unpacked["samples"].item() == len(batch["task_ids"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+
+
 class FakeTerminal(io.StringIO):
     """What a terminal receives: tqdm draws on it as on a tty."""
 
