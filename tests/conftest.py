@@ -80,14 +80,18 @@ def pytest_collection_modifyitems(config, items):
     # share machine-wide state, and the other multi-rank tests, which share nothing but the
     # cores. So at most two multi-rank runs overlap (each rank on its own port, /dev/shm buffer
     # and run folder), and single-process tests fill the rest of both workers. Whole modules, so
-    # that a module's expensive fixtures are built once. tests/harness/test_xdist_groups.py
-    # checks it.
+    # that a module's expensive fixtures are built once; for the same reason every other module is
+    # a group of its own (a module fixture that trains a model is otherwise built on both
+    # workers). tests/harness/test_xdist_groups.py checks it.
     modules = {item.module for item in items
                if any(item.get_closest_marker(m) for m in INTEGRATION_MARKERS)}
     for item in items:
         if item.module in modules:
             folder = Path(str(item.path)).parent.name
-            item.add_marker(pytest.mark.xdist_group(CLUSTER_GROUP if folder in CLUSTER_DIRS else RANKS_GROUP))
+            group = CLUSTER_GROUP if folder in CLUSTER_DIRS else RANKS_GROUP
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_sessionstart(session):

@@ -1,9 +1,10 @@
 """`make test` runs two pytest-xdist workers (Makefile); the root conftest puts every module that
 holds a multi-process test (marked e2e or distributed) into one of two xdist groups: the
 launcher and cluster modules (tests/launching) and the others. Run on a synthetic suite with
-pytester: each group's modules run on one worker, one test after another, while the
-single-process modules run beside them. It fails if the grouping is lost, as it silently is with
-pytest-xdist 3.8 under pytest 9.2 (setup.cfg pins pytest below it)."""
+pytester: each group's modules run on one worker, one test after another, and every other
+module runs whole on one worker, so its module fixtures are built once. It fails if the
+grouping is lost, as it silently is with pytest-xdist 3.8 under pytest 9.2 (setup.cfg pins
+pytest below it)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_each_group_of_multi_process_modules_runs_on_one_worker(pytester):
     workers: dict[str, set[str]] = {}
     for worker, module in re.findall(r"\[(gw\d)\].*PASSED (?:launching/)?(test_\w+)\.py", result.stdout.str()):
         workers.setdefault(module, set()).add(worker)
+    assert all(len(ran_on) == 1 for ran_on in workers.values()), f"a module was split between workers: {workers}"
     ranks = workers["test_e2e"] | workers["test_dist"] | workers["test_mixed"]
     cluster = workers["test_cluster"] | workers["test_signals"]
     assert len(ranks) == 1 and len(cluster) == 1, workers
-    assert workers["test_units"] - ranks, f"the single-process tests never ran beside the group: {workers}"
