@@ -189,13 +189,13 @@ EOF
 idle_nodes() { sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)$' || true; }
 
 daemons_up() {
-  pid_alive "$DIR/slurmctld.pid" || slurmctld -i
+  pid_alive "$DIR/slurmctld.pid" || daemon slurmctld -i
   local i
   for i in $(node_ids); do
     mkdir -p "$DIR/spool/node$i"
-    pid_alive "$DIR/slurmd-node$i.pid" || in_node "$i" slurmd -N "node$i"
+    pid_alive "$DIR/slurmd-node$i.pid" || daemon in_node "$i" slurmd -N "node$i"
     pid_alive "$DIR/sshd-node$i.pid" ||
-      in_node "$i" "$(command -v sshd || echo /usr/sbin/sshd)" -f "$DIR/ssh/sshd_config" \
+      daemon in_node "$i" "$(command -v sshd || echo /usr/sbin/sshd)" -f "$DIR/ssh/sshd_config" \
         -o "PidFile=$DIR/sshd-node$i.pid" -E "$DIR/log/sshd-node$i.log"
   done
 }

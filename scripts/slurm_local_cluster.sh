@@ -26,6 +26,19 @@ log() { echo "[slurm_local_cluster] $*" >&2; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
 
+# daemon CMD...: start a daemon without the descriptors above stderr that this script inherited.
+# A daemon keeps whatever it inherits for its life: started under `flock LOCK ...` it would hold
+# the lock until it stops, and every later `flock LOCK` would wait for it.
+daemon() {
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-"
+    done
+    "$@"
+  )
+}
+
 node_idle() { sinfo -h -N -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }
 
 # install [BINARY:PACKAGE ...]: apt-get install the packages of SLURM, munge and any BINARY that is
@@ -111,7 +124,7 @@ start_munge() {
     # Run as root with the key owned by root (no munge user needed); --force skips the
     # ownership checks that assume a dedicated munge user.
     chown root:root /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
-    munged --force
+    daemon munged --force
     touch "$STATE_DIR/munged.ours"
   fi
 }
@@ -124,8 +137,8 @@ start() {
   write_conf
   mkdir -p "$STATE_DIR"
   start_munge
-  pid_alive "$STATE_DIR/slurmctld.pid" || slurmctld -i
-  pid_alive "$STATE_DIR/slurmd.pid" || slurmd
+  pid_alive "$STATE_DIR/slurmctld.pid" || daemon slurmctld -i
+  pid_alive "$STATE_DIR/slurmd.pid" || daemon slurmd
   local i
   for i in $(seq 1 60); do
     if node_idle; then sinfo; return; fi
