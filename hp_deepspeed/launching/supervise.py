@@ -29,9 +29,9 @@ What this process does:
 Launchers report a rank's non-zero exit as a crash (torchrun raises ``ChildFailedError`` with a
 traceback and exits 1, DeepSpeed logs ``[ERROR] ... exits with return code = 75``), so a rank
 started under this process (``HP_SUPERVISOR_DIR`` set) that stopped after its save records 75 in
-that folder and exits 0; this process then exits 75. It exits with the launcher's status when
-that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the launcher was killed by
-signal N.
+that folder and exits 0; this process then exits 75. It exits 75 when a rank recorded a
+save-and-stop (also when the launcher then failed or was killed, with one line saying so),
+otherwise with the launcher's status, or 128 + N when the launcher was killed by signal N.
 
 Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner, and for
 its openmpi and mpich runners when pdsh is installed): the runner's ssh sessions do not carry a signal to
@@ -46,8 +46,15 @@ there:
    save-and-stop is recorded in a folder on that host (``node_status_dir``) instead of
    ``HP_SUPERVISOR_DIR``;
  * ``--on-node finish``, once the launcher has exited (or at a second interrupt or the stop
-   timeout): reports how many ranks there recorded a save, then SIGTERM and SIGKILL to every
-   process of the run still alive on that host, and removes the folder.
+   timeout): lets ranks there that are saving finish (``let_ranks_finish``), reports how many
+   ranks there recorded a save, then SIGTERM and SIGKILL to every process of the run still alive
+   on that host, and removes the folder.
+
+A launcher can exit while its ranks save: the deepspeed runner sent a signal itself runs
+``pkill`` over the hosts and exits 1 a second later, and its per-node launchers pass SIGTERM to
+the ranks. So a rank records that it is saving once the ranks agree to stop (``record_saving``),
+and after the launcher's exit ranks still saving, here and on the hosts, get up to the stop
+timeout instead of ``KILL_GRACE_S``; the run then exits 75 when the ranks recorded their save.
 
 A launcher that forwards one signal to every rank itself (``--launcher-forwards USR1`` for srun,
 which slurmstepd delivers to every process of the step on every node) gets that signal instead,
