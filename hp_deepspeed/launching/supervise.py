@@ -257,8 +257,8 @@ def _running(pid: int) -> bool:
 def saving_ranks(folder: str) -> list[int]:
     """Ranks that recorded in ``folder`` that they are saving, and still run."""
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    pids = [int(n[len(SAVING_PREFIX):]) for n in names if n.startswith(SAVING_PREFIX) and n[len(SAVING_PREFIX):].isdigit()]
-    return [pid for pid in pids if _running(pid)]
+    pids = [n[len(SAVING_PREFIX):] for n in names if n.startswith(SAVING_PREFIX)]
+    return [int(pid) for pid in pids if pid.isdigit() and _running(int(pid))]
 
 
 def let_ranks_finish(ranks: Callable[[], list[int]], folder: str, grace: float, timeout: float,
@@ -566,7 +566,8 @@ class Supervisor:
         if launcher_status != 0 and saved:
             # The launcher was killed or failed (the deepspeed runner sent a signal itself exits 1
             # while its ranks save): the ranks' records say the checkpoint was written.
-            how = f"was killed by signal {-launcher_status}" if launcher_status < 0 else f"exited with {launcher_status}"
+            how = (f"was killed by signal {-launcher_status}" if launcher_status < 0
+                   else f"exited with {launcher_status}")
             print(f"hp-deepspeed: the launcher {how}; {saved} rank(s) saved a checkpoint and stopped "
                   f"(exit {EXIT_PREEMPTED}: resume with --resume auto)", file=sys.stderr, flush=True)
             return EXIT_PREEMPTED
@@ -624,7 +625,6 @@ class Supervisor:
             self._reap()
             time.sleep(0.05)
         self._reap()
-
 
     def _reap_a_while(self) -> None:
         self._reap()
