@@ -29,9 +29,9 @@ What this process does:
 Launchers report a rank's non-zero exit as a crash (torchrun raises ``ChildFailedError`` with a
 traceback and exits 1, DeepSpeed logs ``[ERROR] ... exits with return code = 75``), so a rank
 started under this process (``HP_SUPERVISOR_DIR`` set) that stopped after its save records 75 in
-that folder and exits 0; this process then exits 75. It exits with the launcher's status when
-that is not 0, 75 when a rank recorded a save-and-stop, or 128 + N when the launcher was killed by
-signal N.
+that folder and exits 0; this process then exits 75. It exits 75 when a rank recorded a
+save-and-stop (also when the launcher then failed or was killed, with one line saying so),
+otherwise with the launcher's status, or 128 + N when the launcher was killed by signal N.
 
 Other nodes (``--hostfile``, given by launch/multinode.sh for deepspeed's pdsh runner, and for
 its openmpi and mpich runners when pdsh is installed): the runner's ssh sessions do not carry a signal to
@@ -46,8 +46,15 @@ there:
    save-and-stop is recorded in a folder on that host (``node_status_dir``) instead of
    ``HP_SUPERVISOR_DIR``;
  * ``--on-node finish``, once the launcher has exited (or at a second interrupt or the stop
-   timeout): reports how many ranks there recorded a save, then SIGTERM and SIGKILL to every
-   process of the run still alive on that host, and removes the folder.
+   timeout): lets ranks there that are saving finish (``let_ranks_finish``), reports how many
+   ranks there recorded a save, then SIGTERM and SIGKILL to every process of the run still alive
+   on that host, and removes the folder.
+
+A launcher can exit while its ranks save: the deepspeed runner sent a signal itself runs
+``pkill`` over the hosts and exits 1 a second later, and its per-node launchers pass SIGTERM to
+the ranks. So a rank records that it is saving once the ranks agree to stop (``record_saving``),
+and after the launcher's exit ranks still saving, here and on the hosts, get up to the stop
+timeout instead of ``KILL_GRACE_S``; the run then exits 75 when the ranks recorded their save.
 
 A launcher that forwards one signal to every rank itself (``--launcher-forwards USR1`` for srun,
 which slurmstepd delivers to every process of the step on every node) gets that signal instead,
@@ -185,25 +192,88 @@ def node_status_dir(tag: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"hp-deepspeed-run-{tag}-{socket.gethostname()}")
 
 
+SAVED_PREFIX, SAVING_PREFIX = "rank-", "saving-"
+"""Names of a rank's records in its status folder: ``rank-PID`` once it saved and stops,
+``saving-PID`` from the moment the ranks agreed to stop until then."""
+
+
+def _status_folder() -> str:
+    """In a rank: the folder where it records a stop for the supervisor, or "" when none watches."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        return folder
+    # A rank on another host than the supervisor: the folder of the run on this host, which the
+    # supervisor's last pass counts. It may stop before a pass made the folder: the ranks agree
+    # on the stop, and another host's rank may have been signalled first.
+    tag = os.environ.get(RUN_TAG_ENV)
+    folder = node_status_dir(tag) if tag else ""
+    if folder and os.environ.get(NODES_ENV) == "1":
+        os.makedirs(folder, exist_ok=True)
+    return folder if folder and os.path.isdir(folder) else ""
+
+
+def record_saving() -> None:
+    """In a rank, once the ranks agreed to stop and before the save: tells the supervisor that
+    this rank is saving, so that a launcher exiting meanwhile (the deepspeed runner sent a signal
+    itself) does not get it killed ``KILL_GRACE_S`` later; it gets the stop timeout instead."""
+    try:
+        folder = _status_folder()
+        if folder:
+            open(os.path.join(folder, f"{SAVING_PREFIX}{os.getpid()}"), "w").close()
+    except OSError:
+        pass  # without the record the rank is merely given less time
+
+
 def record_preempted(exit_code: int) -> int:
     """In a rank: the exit code to give the launcher. Under a supervisor a save-and-stop is
     recorded for it and reported to the launcher as success; otherwise ``exit_code`` unchanged."""
     if exit_code != EXIT_PREEMPTED:
         return exit_code
-    folder = os.environ.get(STATUS_DIR_ENV)
-    if not folder or not os.path.isdir(folder):
-        # A rank on another host than the supervisor: the folder of the run on this host, which
-        # the supervisor's last pass counts. It may stop before a pass made the folder: the
-        # ranks agree on the stop, and another host's rank may have been signalled first.
-        tag = os.environ.get(RUN_TAG_ENV)
-        folder = node_status_dir(tag) if tag else ""
-        if folder and os.environ.get(NODES_ENV) == "1":
-            os.makedirs(folder, exist_ok=True)
-    if not folder or not os.path.isdir(folder):
+    folder = _status_folder()
+    if not folder:
         return exit_code
-    with open(os.path.join(folder, f"rank-{os.getpid()}"), "w") as f:
+    with open(os.path.join(folder, f"{SAVED_PREFIX}{os.getpid()}"), "w") as f:
         f.write(str(exit_code))
+    try:
+        os.remove(os.path.join(folder, f"{SAVING_PREFIX}{os.getpid()}"))
+    except OSError:
+        pass
     return 0
+
+
+def saved_count(folder: str) -> int:
+    """How many ranks recorded a save-and-stop in ``folder``."""
+    return len([n for n in os.listdir(folder) if n.startswith(SAVED_PREFIX)]) if os.path.isdir(folder) else 0
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def saving_ranks(folder: str) -> list[int]:
+    """Ranks that recorded in ``folder`` that they are saving, and still run."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    pids = [n[len(SAVING_PREFIX):] for n in names if n.startswith(SAVING_PREFIX)]
+    return [int(pid) for pid in pids if pid.isdigit() and _running(int(pid))]
+
+
+def let_ranks_finish(ranks: Callable[[], list[int]], folder: str, grace: float, timeout: float,
+                     idle: Callable[[], None] = lambda: time.sleep(0.1)) -> None:
+    """Wait while ranks of the run still run after their launcher exited: ``grace`` seconds for
+    them to stop or start saving, then as long as one of them is saving (``record_saving``), up to
+    ``timeout`` seconds in all. A rank whose launcher died saves and stops by itself (its watch,
+    or the launcher's own last signal); one that is neither stopping nor saving after ``grace``
+    is stuck (a peer gone in the middle of a collective) and is not waited for."""
+    start = time.monotonic()
+    while ranks():
+        waited = time.monotonic() - start
+        if waited >= timeout or (waited >= grace and not saving_ranks(folder)):
+            return
+        idle()
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -280,11 +350,23 @@ def signal_node(tag: str, module: str, signum: int) -> int:
     return 0
 
 
-def finish_node(tag: str, signum: int) -> int:
-    """``--on-node finish``: how many ranks here recorded a save-and-stop; then nothing of the run
-    is left on this host (``signum`` first, SIGKILL after ``KILL_GRACE_S``)."""
+def finish_node(tag: str, module: str, signum: int, timeout: float = 0.0) -> int:
+    """``--on-node finish``: once ranks still saving here are done (``let_ranks_finish``, up to
+    ``timeout`` seconds; none when ``signum`` is SIGKILL), how many ranks here recorded a
+    save-and-stop; then nothing of the run is left on this host (``signum`` first, SIGKILL after
+    ``KILL_GRACE_S``)."""
     folder = node_status_dir(tag)
-    saved = len([n for n in os.listdir(folder) if n.startswith("rank-")]) if os.path.isdir(folder) else 0
+    if signum != signal.SIGKILL and timeout > 0:
+        def ranks() -> list[int]:
+            return [pid for pid in run_processes(tag) if is_rank(_cmdline(pid), module)]
+
+        # A rank no pass signalled gets the stop request now (SIGTERM: a second SIGINT would stop
+        # it without a save); one that stops already takes a second SIGTERM as the same request.
+        for pid in ranks():
+            if not os.path.exists(os.path.join(folder, "signalled", str(pid))):
+                _signal(pid, signal.SIGTERM)
+        let_ranks_finish(ranks, folder, KILL_GRACE_S, timeout)
+    saved = saved_count(folder)
     left = run_processes(tag)
     for pid in left:
         _signal(pid, signum)
@@ -324,11 +406,12 @@ class Hosts:
         return subprocess.Popen(self.command(*args), env=self.env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def finish(self, signum: int) -> int:
-        """Every host's ``--on-node finish``; the number of ranks that recorded a save."""
-        proc = self.start("finish", "--signal", str(signum))
+    def finish(self, signum: int, timeout: float = 0.0) -> int:
+        """Every host's ``--on-node finish`` (ranks still saving there get up to ``timeout``
+        seconds); the number of ranks that recorded a save."""
+        proc = self.start("finish", "--signal", str(signum), "--timeout", f"{timeout:g}")
         try:
-            out, err = proc.communicate(timeout=REMOTE_TIMEOUT_S)
+            out, err = proc.communicate(timeout=REMOTE_TIMEOUT_S + timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
@@ -475,14 +558,29 @@ class Supervisor:
             self.copier.join(timeout=KILL_GRACE_S)
         saved_remote = 0
         if self.hosts is not None:
-            saved_remote = self.hosts.finish(signal.SIGKILL if self.forced else signal.SIGTERM)
+            saved_remote = self.hosts.finish(signal.SIGKILL if self.forced else signal.SIGTERM,
+                                              0.0 if self.forced else self._time_left())
         if self.killed_by is not None:
             return 128 + self.killed_by
+        saved = saved_count(self.status_dir) + saved_remote
+        if launcher_status != 0 and saved:
+            # The launcher was killed or failed (the deepspeed runner sent a signal itself exits 1
+            # while its ranks save): the ranks' records say the checkpoint was written.
+            how = (f"was killed by signal {-launcher_status}" if launcher_status < 0
+                   else f"exited with {launcher_status}")
+            print(f"hp-deepspeed: the launcher {how}; {saved} rank(s) saved a checkpoint and stopped "
+                  f"(exit {EXIT_PREEMPTED}: resume with --resume auto)", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
         if launcher_status < 0:
             return 128 - launcher_status
-        if launcher_status == 0 and (os.listdir(self.status_dir) or saved_remote):
+        if launcher_status == 0 and saved:
             return EXIT_PREEMPTED
         return launcher_status
+
+    def _time_left(self) -> float:
+        """Seconds the ranks may still take to save: the stop timeout, from the stop request."""
+        since = time.monotonic() - self.requested_at if self.requested is not None else 0.0
+        return max(0.0, self.stop_timeout - since)
 
     def _copy_output(self, pipe) -> None:
         """The launcher's standard output to this process's, line by line, without ``drop_line``
@@ -499,7 +597,17 @@ class Supervisor:
         pipe.close()
 
     def _clean_up(self) -> None:
-        """Nothing of the run outlives this process: strays get SIGTERM, then SIGKILL."""
+        """Nothing of the run outlives this process: ranks still saving are let finish (not after
+        a forced stop), then strays get SIGTERM, then SIGKILL."""
+        if not self.forced:
+            def ranks() -> list[int]:
+                return [pid for pid in descendants(os.getpid()) if is_rank(_cmdline(pid), self.module)]
+
+            for pid in ranks():  # as on the hosts (finish_node)
+                if pid not in self.signalled:
+                    self.signalled.add(pid)
+                    _signal(pid, signal.SIGTERM)
+            let_ranks_finish(ranks, self.status_dir, KILL_GRACE_S, self._time_left(), idle=self._reap_a_while)
         left = descendants(os.getpid())
         if not left:
             self._reap()
@@ -517,6 +625,10 @@ class Supervisor:
             self._reap()
             time.sleep(0.05)
         self._reap()
+
+    def _reap_a_while(self) -> None:
+        self._reap()
+        time.sleep(0.1)
 
 
 def _option(command: list[str], name: str) -> str | None:
@@ -543,13 +655,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-node", choices=("signal", "finish"), help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
     parser.add_argument("--signal", type=int, default=int(signal.SIGTERM), help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- LAUNCHER [ARGS...]")
     args = parser.parse_args(argv)
     if args.on_node:
         if not args.tag:
             parser.error("--on-node needs --tag")
         return (signal_node(args.tag, args.module, args.signal) if args.on_node == "signal"
-                else finish_node(args.tag, args.signal))
+                else finish_node(args.tag, args.module, args.signal, args.timeout))
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no launcher command given")

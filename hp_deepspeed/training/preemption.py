@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.launcher_watch import Process, is_alive, launcher_name, watch_launcher
+from hp_deepspeed.launching.supervise import record_saving
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class PreemptionHandler:
 
     def _stop(self, step: int) -> bool:
         self.stop_step = step
+        record_saving()  # a supervisor lets a saving rank finish even if its launcher exits meanwhile
         if self.received is None and self.launcher_gone is None and self._watch is not None:
             # Another rank's watch may have fired first (each polls on its own clock): look now,
             # so the line names the launcher when it is gone here too.

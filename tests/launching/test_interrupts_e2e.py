@@ -235,7 +235,7 @@ def test_a_pass_on_a_host_signals_each_rank_of_the_run_once_and_the_last_pass_le
         assert capsys.readouterr().out.split() == ["signalled=1", "signalled=0"]
         assert rank.wait(timeout=30) == 0  # recorded, so it reports success to its launcher
         assert launcher.poll() is None and stranger.poll() is None
-        supervise.finish_node(tag, signal.SIGTERM)
+        supervise.finish_node(tag, "standin_rank", signal.SIGTERM)
         assert capsys.readouterr().out.split() == ["saved=1", "stopped=1"]
         assert launcher.wait(timeout=30) == -signal.SIGTERM
         assert stranger.poll() is None and supervise.run_processes(tag) == []
@@ -302,3 +302,49 @@ def test_a_rank_on_a_host_no_pass_reached_yet_records_its_save_when_the_hosts_ar
         assert os.listdir(folder) == [f"rank-{os.getpid()}"]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_rank_records_that_it_is_saving_and_then_that_it_saved_only_under_a_supervisor(tmp_path, monkeypatch):
+    from hp_deepspeed.launching import supervise
+
+    for name in (supervise.STATUS_DIR_ENV, supervise.RUN_TAG_ENV, supervise.NODES_ENV):
+        monkeypatch.delenv(name, raising=False)
+    supervise.record_saving()  # no supervisor: nothing to tell, nowhere to write
+    assert supervise.record_preempted(75) == 75
+    monkeypatch.setenv(supervise.STATUS_DIR_ENV, str(tmp_path))
+    supervise.record_saving()
+    assert os.listdir(tmp_path) == [f"saving-{os.getpid()}"]
+    assert supervise.saving_ranks(str(tmp_path)) == [os.getpid()]
+    assert supervise.record_preempted(75) == 0
+    assert os.listdir(tmp_path) == [f"rank-{os.getpid()}"] and supervise.saved_count(str(tmp_path)) == 1
+    assert supervise.saving_ranks(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("saving,lives_s,timeout,waits_for_exit", [
+    (True, 1.5, 30.0, True),  # saving when the launcher exited: waited for, beyond the grace
+    (False, 60.0, 30.0, False),  # neither stopping nor saving after the grace: stuck, not waited for
+    (True, 60.0, 0.5, False),  # saving for longer than the stop timeout: given up on
+], ids=["saving", "stuck", "past-the-timeout"])
+def test_ranks_left_by_their_launcher_are_waited_for_only_while_they_save(tmp_path, saving, lives_s, timeout,
+                                                                          waits_for_exit):
+    """What the supervisor does once the launcher exited with ranks still running (the deepspeed
+    runner sent a signal itself exits while its ranks save): a rank saving gets until the stop
+    timeout; any other gets the grace, then is stopped."""
+    import sys
+
+    from hp_deepspeed.launching import supervise
+
+    rank = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({lives_s})"])
+    try:
+        if saving:
+            (tmp_path / f"saving-{rank.pid}").touch()
+        start = time.monotonic()
+        supervise.let_ranks_finish(lambda: [rank.pid] if rank.poll() is None else [], str(tmp_path),
+                                   grace=0.3, timeout=timeout)
+        waited = time.monotonic() - start
+        assert (rank.poll() is not None) is waits_for_exit, waited
+        if not waits_for_exit:
+            assert waited >= min(0.3, timeout) and waited < 10, waited
+    finally:
+        rank.kill()
+        rank.wait()

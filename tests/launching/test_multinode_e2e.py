@@ -252,10 +252,15 @@ def workload_args(run_dir: Path) -> list[str]:
     return ["train", "--resume", "auto", f"run.dir={run_dir}", "train.steps=3"]
 
 
-def run_pids(node: str, tag: str) -> list[int]:
-    """Processes in ``node``'s namespace that carry run ``tag`` (supervise.RUN_TAG_ENV) in their
-    environment: every process of the run there, whatever started it."""
-    return tagged_processes(RUN_TAG_ENV, tag, node_pids(node, ""))
+# A run started without the supervisor carries the test's own tag: the supervisor's would change
+# how its ranks record a stop. PYTHON*, so that the pdsh runner exports it to the hosts.
+TEST_TAG_ENV = "PYTHON_HP_TEST_RUN"
+
+
+def run_pids(node: str, tag: str, name: str = RUN_TAG_ENV) -> list[int]:
+    """Processes in ``node``'s namespace that carry run ``tag`` in their environment variable
+    ``name``: every process of the run there, whatever started it."""
+    return tagged_processes(name, tag, node_pids(node, ""))
 
 
 @dataclass
@@ -268,21 +273,31 @@ class Interrupted:
     ranks_on: dict  # node -> the run's rank processes there just before the signal
     left: dict  # node -> the run's processes there afterwards
     took: float  # seconds from the signal to the script's exit
+    gone: float  # seconds from the signal until no process of the run was left on either node
 
 
-def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, **extra: str) -> Interrupted:
+def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, runner_alone: bool = False,
+                           **extra: str) -> Interrupted:
     """launch/multinode.sh over node1 and node2 with the real trainer; once it has logged step 2,
-    ``signum`` goes to the script's process (the supervisor it became) and to nothing else."""
+    ``signum`` goes to the script's process (the supervisor it became) and to nothing else. With
+    ``runner_alone``, the deepspeed runner is started by hand as multinode.sh would start it, but
+    without the supervisor, and the signal goes to the runner."""
     run_dir, tag = tmp_path / "run", uuid.uuid4().hex
+    port, tag_env = str(free_port()), TEST_TAG_ENV if runner_alone else RUN_TAG_ENV
     env = clean_env(**{"HP_LAUNCHER_ARGS": NO_SSH_CHECK, **extra}, HP_HOSTFILE=str(hostfile(tmp_path)),
-                    HP_LAUNCHER=launcher, MASTER_PORT=str(free_port()), HP_MODULE="tests.scripts.trainer_probe",
-                    HP_STOP_TIMEOUT="120", **{RUN_TAG_ENV: tag})
+                    HP_LAUNCHER=launcher, MASTER_PORT=port, HP_MODULE="tests.scripts.trainer_probe",
+                    HP_STOP_TIMEOUT="120", **{tag_env: tag})
     args = ["train", *TRAIN_ARGS[:2], "--resume", "auto", f"run.dir={run_dir}", "training.steps=2000",
             "checkpoint.interval=1000", "eval.every=0"]
+    command = [str(REPO / "launch" / "multinode.sh"), *args]
+    if runner_alone:
+        command = ["deepspeed", "--log_level", "warning", NO_SSH_CHECK, "--hostfile", str(hostfile(tmp_path)),
+                   "--launcher", launcher, "--master_addr", NETNS_NODES[0], "--master_port", port,
+                   "--no_local_rank", "--module", "tests.scripts.trainer_probe", *args]
     log = tmp_path / "launch.log"
     with open(log, "w") as out:  # a file: nobody reads a pipe while the run trains
         # SIGINT at its default, as in a terminal (a script's background job has it ignored).
-        proc = subprocess.Popen([str(REPO / "launch" / "multinode.sh"), *args], env=env, cwd=REPO, stdout=out,
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
@@ -290,7 +305,7 @@ def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, **extra: 
         while step_of_metrics(run_dir) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
-        ranks_on = {node: [p for p in run_pids(node, tag) if is_rank(
+        ranks_on = {node: [p for p in run_pids(node, tag, tag_env) if is_rank(
             Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0"), "tests.scripts.trainer_probe")]
             for node in NETNS_NODES}
         os.kill(proc.pid, signum)
@@ -301,24 +316,34 @@ def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, **extra: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 10  # a zombie being reaped by its parent may show for a moment
-    while any(run_pids(node, tag) for node in NETNS_NODES) and time.monotonic() < deadline:
+    # A zombie being reaped by its parent may show for a moment. The runner alone exits before
+    # the ranks: DeepSpeed's per-node launcher gives them 30 s after its SIGTERM, then SIGKILL.
+    deadline = time.monotonic() + (40 if runner_alone else 10)
+    while any(run_pids(node, tag, tag_env) for node in NETNS_NODES) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {node: run_pids(node, tag) for node in NETNS_NODES}
+    gone = time.monotonic() - sent
+    left = {node: run_pids(node, tag, tag_env) for node in NETNS_NODES}
     for pid in sum(left.values(), []):
         os.kill(pid, signal.SIGKILL)
-    return Interrupted(proc.returncode, log.read_text(errors="replace"), run_dir, ranks_on, left, took)
+    return Interrupted(proc.returncode, log.read_text(errors="replace"), run_dir, ranks_on, left, took, gone)
 
 
-def check_saved_and_gone(run: Interrupted, source: str) -> list[dict]:
+def check_saved_and_gone(run: Interrupted, source: str, runner_alone: bool = False) -> list[dict]:
     text = run.output
     # Each node ran a rank of the run before the signal (its process, not only its log lines).
     assert all(len(pids) == 1 for pids in run.ranks_on.values()), (run.ranks_on, text[-4000:])
     assert run.left == {node: [] for node in NETNS_NODES}, text[-4000:]
-    assert run.returncode == 75, text[-4000:]
-    assert "Traceback" not in text and text.count("received: every rank saves a checkpoint") == 1, text[-4000:]
     step = step_of_metrics(run.run_dir)
-    assert re.search(rf"all ranks save at step {step}\b", text), text[-4000:]
+    if runner_alone:
+        # DeepSpeed's handler exits 1 a second after its `pkill` over the hosts, while the ranks
+        # still save; their output after the signal is lost with pdsh's ssh sessions.
+        assert run.returncode == 1 and "Traceback" not in text, text[-4000:]
+        assert run.gone < 40, f"{run.gone:.0f}s from the signal until the last process of the run was gone"
+    else:
+        assert run.returncode == 75, text[-4000:]
+        assert "Traceback" not in text and text.count("received: every rank saves a checkpoint") == 1, text[-4000:]
+        assert re.search(rf"all ranks save at step {step}\b", text), text[-4000:]
+    # The last step trained is the checkpoint's: every rank stopped at it and saved it whole.
     assert latest(run.run_dir) == f"step-{step}", text[-4000:]
     assert (run.run_dir / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
     assert not list((run.run_dir / "checkpoints").glob("*.staging"))
@@ -336,20 +361,27 @@ LAUNCHER_INFO = ("[INFO] [launch.py", "[INFO] [runner.py", "Setting CUDA_VISIBLE
 
 # This machine's host name resolves to loopback: Hydra's proxies on the nodes reach mpiexec at
 # the name of the nodes' bridge (scripts/netns_cluster.sh).
-@pytest.mark.parametrize("launcher,source,extra", [  # deepspeed's launcher_helper.py sets RANK for mpich
-    ("pdsh", "deepspeed", {}), ("mpich", "deepspeed", {"HP_MPIRUN_ARGS": "-localhost hphead"})], ids=["pdsh", "mpich"])
+@pytest.mark.parametrize("launcher,source,runner_alone,extra", [  # deepspeed's launcher_helper.py sets RANK for mpich
+    ("pdsh", "deepspeed", False, {}), ("mpich", "deepspeed", False, {"HP_MPIRUN_ARGS": "-localhost hphead"}),
+    ("pdsh", "deepspeed", True, {})], ids=["pdsh", "mpich", "pdsh-runner-alone"])
 def test_sigterm_to_the_pdsh_or_mpich_runner_saves_on_both_nodes_and_leaves_no_process(
-        netns_cluster, tmp_path, launcher, source, extra):
+        netns_cluster, tmp_path, launcher, source, runner_alone, extra):
     """pdsh sshes from this machine to node1 and node2, each starts deepspeed's per-node launcher
     with its node rank; MPICH's mpiexec starts its Hydra proxy on each node over ssh, which starts
     the rank. No interface is named: gloo finds each node's address from its host name. An ssh
     session carries no signal to the remote side, so the supervisor reaches the nodes over pdsh
     itself: every rank saves at the agreed step, the run exits 75 within a bounded time, and
-    nothing of the run is left in either node. The launchers' info lines are left out."""
-    run = interrupt_two_node_run(tmp_path, launcher, signal.SIGTERM, **netns_cluster, **extra)
-    records = check_saved_and_gone(run, source)
+    nothing of the run is left in either node. The launchers' info lines are left out.
+
+    The pdsh runner started by hand, without the supervisor, and sent SIGTERM itself: its handler
+    runs `pkill` over the hosts, each node's launch.py passes SIGTERM to its rank, and the ranks
+    agree on a step and save it, though their output no longer reaches anyone."""
+    run = interrupt_two_node_run(tmp_path, launcher, signal.SIGTERM, runner_alone, **netns_cluster, **extra)
+    records = check_saved_and_gone(run, source, runner_alone)
     assert {r["master_addr"] for r in records} == {"node1"}, records
-    assert not [line for line in run.output.splitlines() if any(s in line for s in LAUNCHER_INFO)], run.output[-4000:]
+    if not runner_alone:
+        assert not [line for line in run.output.splitlines() if any(s in line for s in LAUNCHER_INFO)], \
+            run.output[-4000:]
 
 
 def step_of_metrics(run_dir: Path) -> int:
