@@ -37,8 +37,9 @@ shm-op:
 demo: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH bash launch/demo.sh $(DEMO_DIR)
 
-# Two pytest-xdist workers: one runs the tests that start ranks, launchers or clusters one after
-# another, the other the single-process tests beside them (tests/conftest.py groups them).
+# Two pytest-xdist workers: the launcher and cluster tests run one after another on one, the other
+# multi-rank tests likewise on the other, single-process modules fill in (tests/conftest.py groups
+# them, and gives every process one compute thread).
 TEST_WORKERS ?= 2
 test: $(STAMP) shm-op
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=30
