@@ -176,6 +176,40 @@ def test_sigterm_to_a_raw_deepspeed_runner_alone_saves_and_stops_its_orphaned_ra
     assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
 
 
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher,exit_code", [
+    ("torchrun", 1),  # torchrun reports the ranks' 75 as a failure of its own
+    ("mpich", 75),
+])
+def test_sigterm_to_raw_torchrun_or_mpich_mpirun_saves_at_one_step_and_leaves_no_process(tmp_path, launcher, exit_code):
+    """Started by hand, no launch script: both launchers pass SIGTERM on to their ranks, which
+    agree on a step, save it and stop (bench/raw_launcher_signal.py measures the same runs)."""
+    if launcher == "mpich":
+        pytest.importorskip("mpi4py")
+    from bench.raw_launcher_signal import command
+
+    tag = uuid.uuid4().hex
+    cmd, extra = command(launcher)
+    env = clean_env(HP_DEVICE="cpu", DS_ACCELERATOR="cpu", **extra, **{MARKER: tag})
+    cmd += ["train", "--config", str(JOB), f"run.dir={tmp_path}", "training.steps=2000", "checkpoint.interval=1000",
+            "training.log_every=1"]
+    with open(tmp_path / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_step(proc, tmp_path, 2, timeout=300)
+    signalled_at = last_logged_step(tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = finish(proc, tmp_path, tag, timeout=120)
+    assert proc.returncode == exit_code, output[-3000:]
+    assert output.count("all ranks save at step") == 1, output[-3000:]
+    step = last_logged_step(tmp_path)
+    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
+    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["/venv/bin/python", "-u", "-m", "hp_deepspeed.cli", "train"], True),  # deepspeed's, torchrun's, mpirun's rank
     (["python3.11", "-X", "faulthandler", "-m", "hp_deepspeed.cli"], True),
