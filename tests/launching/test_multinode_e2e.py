@@ -240,6 +240,9 @@ def test_wrong_interface_fails_fast(netns_cluster, tmp_path):
 # deepspeed checks each host with a plain `ssh HOST hostname`, which does not know the cluster's
 # key (it lives in the runners' ssh options, not in ~/.ssh): the runners themselves reach the nodes.
 NO_SSH_CHECK = "--no_ssh_check"
+# The venv's interpreter under its versioned name: the name the `deepspeed` script's first line
+# does not use (see interrupt_two_node_run).
+RUNNER_PYTHON = str(Path(sys.executable).parent / f"python{sys.version_info.major}.{sys.version_info.minor}")
 
 
 def hostfile(tmp_path: Path) -> Path:
@@ -291,7 +294,12 @@ def interrupt_two_node_run(tmp_path: Path, launcher: str, signum: int, runner_al
             "checkpoint.interval=1000", "eval.every=0"]
     command = [str(REPO / "launch" / "multinode.sh"), *args]
     if runner_alone:
-        command = ["deepspeed", "--log_level", "warning", NO_SSH_CHECK, "--hostfile", str(hostfile(tmp_path)),
+        # DeepSpeed's handler kills `pkill -f "<its python> -u -m deepspeed.launcher.launch"` on
+        # every host, which matches every DeepSpeed launcher on these hosts started by the same
+        # interpreter path; the nodes share this machine's processes, so the runner runs under
+        # another name of the venv's interpreter, and the other tests' launchers survive.
+        command = [RUNNER_PYTHON, str(Path(sys.executable).parent / "deepspeed"), "--log_level", "warning", NO_SSH_CHECK,
+                   "--hostfile", str(hostfile(tmp_path)),
                    "--launcher", launcher, "--master_addr", NETNS_NODES[0], "--master_port", port,
                    "--no_local_rank", "--module", "tests.scripts.trainer_probe", *args]
     log = tmp_path / "launch.log"
