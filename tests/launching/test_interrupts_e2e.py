@@ -83,6 +83,16 @@ def last_logged_step(run_dir: Path) -> int:
     return max(r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train")
 
 
+def assert_saved_soon_after(run_dir: Path, signalled_at: int, output: str) -> None:
+    """The last step trained, a few steps after the signal, is the newest checkpoint, whole."""
+    step = last_logged_step(run_dir)
+    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
+    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
+
+
 @pytest.mark.e2e
 @pytest.mark.distributed
 # Each launch script once; SIGINT and SIGTERM take the same path through the supervisor, so
@@ -168,12 +178,8 @@ def test_sigterm_to_a_raw_deepspeed_runner_alone_saves_and_stops_its_orphaned_ra
         time.sleep(0.5)
     output = finish(proc, tmp_path, tag, timeout=0)
     assert output.count("exited: all ranks save at step") == 1, output[-3000:]
-    step = last_logged_step(tmp_path)
     # The watch polls once a second and the ranks agree one step later: a few steps at most.
-    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
-    checkpoints = tmp_path / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
-    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
+    assert_saved_soon_after(tmp_path, signalled_at, output)
 
 
 @pytest.mark.e2e
@@ -202,12 +208,7 @@ def test_sigterm_to_raw_torchrun_or_mpich_mpirun_saves_at_one_step_and_leaves_no
     output = finish(proc, tmp_path, tag, timeout=120)
     assert proc.returncode == exit_code, output[-3000:]
     assert output.count("all ranks save at step") == 1, output[-3000:]
-    step = last_logged_step(tmp_path)
-    assert signalled_at <= step <= signalled_at + 20, (signalled_at, step, output[-3000:])
-    checkpoints = tmp_path / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == f"step-{step}", output[-3000:]
-    assert (checkpoints / f"step-{step}" / "COMPLETE").is_file()
-    assert not list(checkpoints.glob("*.staging")), list(checkpoints.iterdir())
+    assert_saved_soon_after(tmp_path, signalled_at, output)
 
 
 @pytest.mark.parametrize("argv,expected", [
