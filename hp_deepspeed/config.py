@@ -43,6 +43,17 @@ def yaml_error(where: str, err: yaml.YAMLError, file: bool = True) -> ConfigErro
 
 
 def _type_name(tp: Any) -> str:
+    """How an annotation reads in an error: ``bool | Literal["auto"]`` as ``true/false or 'auto'``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(arg) for arg in typing.get_args(tp) if arg is not type(None)]
+        if type(None) in typing.get_args(tp):
+            names.append("null")
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(tp))
+    if tp is bool:
+        return "true/false"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

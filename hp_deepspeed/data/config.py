@@ -136,7 +136,7 @@ class DataConfig:
     16 pads as little as 8 GPUs; one GPU with one micro-step per optimizer step cannot, since
     that micro-batch must hold every task."""
 
-    packing: bool = False
+    packing: bool | Literal["auto"] = "auto"
     """Training only: lay each micro-batch's examples (the same draws, so the mixture and resume
     are unchanged) end to end in a few rows of balanced length, with segment-aware attention
     (each example sees only its own tokens and its task's prompts), instead of one padded row
@@ -147,8 +147,11 @@ class DataConfig:
     the row length while the padding saved is mostly feed-forward work, and with key/value
     prompts a row carries each of its segments' prompts; worth it when micro-batches span tasks
     of very different lengths (one GPU, no accumulation), not when they already hold similar
-    lengths (bench/batching.py: +71% attention cells at 8 ranks). Not for ``prompt_tuning``,
-    ``hyperformer`` or ``adapter``, which condition per example, not per segment."""
+    lengths (bench/batching.py: +71% attention cells at 8 ranks). ``auto`` (the default) packs
+    exactly there: when a step is one micro-batch (world size x accumulation = 1) and the
+    variant conditions segments (``resolve_packing``). ``true`` is refused for
+    ``prompt_tuning``, ``hyperformer`` and ``adapter``, which condition per example, not per
+    segment; ``auto`` leaves them unpacked."""
 
     prefetch_batches: int = 4
     """Micro-batches built, collated and copied to the device in a background thread while the
@@ -199,3 +202,12 @@ class DataConfig:
             return Path(self.cache_dir)
         root = os.environ.get("HP_DEEPSPEED_CACHE") or Path.home() / ".cache" / "hp_deepspeed"
         return Path(root) / "data"
+
+
+def resolve_packing(setting: bool | str, micro_batches_per_step: int, segment_conditioning: bool) -> bool:
+    """Whether the training stream packs: ``data.packing`` with ``auto`` decided (see its
+    docstring). ``micro_batches_per_step`` is world size x gradient accumulation;
+    ``segment_conditioning`` says whether the conditioning variant works on packed segments."""
+    if setting == "auto":
+        return micro_batches_per_step == 1 and segment_conditioning
+    return bool(setting)

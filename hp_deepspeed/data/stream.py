@@ -70,7 +70,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from hp_deepspeed.data.config import DataConfig
+from hp_deepspeed.data.config import DataConfig, resolve_packing
 from hp_deepspeed.data.tasks import DataError, Task
 from hp_deepspeed.data.tokenization import TokenizedSplit, load_split
 
@@ -366,6 +366,10 @@ class _Pool:
 class TrainStream:
     """Infinite iterator of this rank's training micro-batches (see the module docstring).
 
+    ``segment_conditioning``: whether the model conditions packed segments, which decides
+    ``data.packing: auto`` (the trainer passes it from the conditioning variant; the default,
+    False, keeps ``auto`` unpacked for a caller that does not say).
+
     Tasks without a training split (AX-b, AX-g) are left out. ``skipped`` counts the rows
     dropped under ``on_bad_row: skip`` per task."""
 
@@ -379,6 +383,7 @@ class TrainStream:
         world_size: int = 1,
         seed: int | None = None,
         accumulation: int = 1,
+        segment_conditioning: bool = False,
     ):
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or accumulation < 1:
             raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size} rank={rank} world_size={world_size} "
@@ -399,7 +404,7 @@ class TrainStream:
         self.global_batch_size = micro_batch_size * world_size * accumulation
         self.pool_batches = cfg.bucket_pool_batches
         self.batch_mixing = cfg.batch_mixing
-        self.packing = cfg.packing
+        self.packing = resolve_packing(cfg.packing, world_size * accumulation, segment_conditioning)
         self.max_lengths = (cfg.max_input_length, cfg.max_target_length)
         self.seed = cfg.seed if seed is None else seed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -100,7 +100,7 @@ class JobConfig:
         # the one switch ``conditioning.variant: mtl`` sets both halves.
         if self.conditioning.variant == "mtl":
             self.data.task_prefix = True
-        if self.data.packing and self.conditioning.variant in PER_EXAMPLE_VARIANTS:
+        if self.data.packing is True and self.conditioning.variant in PER_EXAMPLE_VARIANTS:
             raise ValueError(
                 f"data.packing: true does not work with conditioning.variant: {self.conditioning.variant}, which "
-                f"conditions whole rows, not segments; use packing: false or one of none, mtl, kv_prompt, hyperprompt_*")
+                f"conditions whole rows, not segments; use packing: false or auto, or one of none, mtl, kv_prompt, hyperprompt_*")

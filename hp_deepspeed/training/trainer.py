@@ -29,6 +29,7 @@ from hp_deepspeed.data.sources import find_split_file
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.distributed import init_distributed
 from hp_deepspeed.model.builder import resolve_t5_config
+from hp_deepspeed.model.conditioning import PER_EXAMPLE_VARIANTS
 from hp_deepspeed.model.hyperprompt_t5 import build_model
 from hp_deepspeed.training.ds_config import build_ds_config, read_ds_config
 from hp_deepspeed.training.evaluation import Evaluator
@@ -180,11 +181,13 @@ class Trainer:
             cfg.data, self.tasks, self.tokenizer, micro_batch_size=cfg.training.micro_batch_size,
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
             accumulation=cfg.training.gradient_accumulation,  # the stream's batch is the step's
+            segment_conditioning=cfg.conditioning.variant not in PER_EXAMPLE_VARIANTS,
         )
 
         if self.is_main:  # each start-up phase that can take seconds says what it did
-            log.info("data: %d training examples in %d task(s), ready in %.1fs",
-                     sum(self.stream.sizes), len(self.stream.tasks), time.perf_counter() - phase)
+            log.info("data: %d training examples in %d task(s), %s, ready in %.1fs",
+                     sum(self.stream.sizes), len(self.stream.tasks),
+                     "packed rows" if self.stream.packing else "one row per example", time.perf_counter() - phase)
         phase = time.perf_counter()
         # The expensive part: build (and stream in) the sharded model, then the engine.
         self.model = build_model(cfg.model, cfg.conditioning, num_tasks=len(self.tasks), ds_config=self.ds_config)

@@ -36,8 +36,8 @@ def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
 def test_real_ranks_take_contiguous_shares_of_one_global_stream(tmp_path):
     cache = str(tmp_path / "cache")
     # One rank with the same global batch (8 x 1) gives the global stream; it also fills the
-    # tokenisation cache, so the ranks below do not tokenise.
-    cfg = DataConfig(tasks=TASKS, cache_dir=cache, bucket_pool_batches=8)
+    # tokenisation cache, so the ranks below do not tokenise. Unpacked, as the ranks' streams are.
+    cfg = DataConfig(tasks=TASKS, cache_dir=cache, bucket_pool_batches=8, packing=False)
     single = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8, 0, 1)
     global_rows = [
         (int(t), tuple(ids[mask.bool()].tolist()))

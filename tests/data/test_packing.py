@@ -8,6 +8,7 @@ import pytest
 
 from hp_deepspeed.config import ConfigError, load_config
 from hp_deepspeed.data import TrainStream, build_tasks
+from hp_deepspeed.data.config import resolve_packing
 from hp_deepspeed.data.stream import pack_rows
 
 TASKS = ["synthetic/copy", "synthetic/reverse", "glue/rte"]
@@ -95,13 +96,37 @@ def test_packing_with_a_variant_that_conditions_whole_rows_is_refused_in_one_lin
     assert load_config(JobConfig, [], ["data.packing=true", "conditioning.variant=hyperprompt_sep"]).data.packing
 
 
-def test_one_rank_packed_keeps_nine_tenths_real_tokens_and_the_mixture(session_cache):
+def test_auto_packs_only_a_step_of_one_micro_batch_for_a_variant_that_conditions_segments(make_cfg, tokenizer):
+    config = make_cfg(tasks=TASKS, bucket_pool_batches=5)
+    assert config.packing == "auto"
+
+    def packs(segment_conditioning=True, **sharding) -> bool:
+        stream = TrainStream(config, build_tasks(config), tokenizer, 4, segment_conditioning=segment_conditioning, **sharding)
+        return "input_segment_ids" in next(stream)
+
+    assert packs()  # one rank, one micro-step: the micro-batch must span every task's lengths
+    assert not packs(accumulation=2) and not packs(rank=1, world_size=2)  # cut by length already
+    assert not packs(segment_conditioning=False)  # prompt_tuning, hyperformer, adapter
+    assert resolve_packing(True, 8, True) and not resolve_packing(False, 1, True)
+
+
+def test_auto_packing_is_accepted_with_every_variant_and_a_bad_value_is_named(tmp_path):
+    from hp_deepspeed.training.train_config import JobConfig
+
+    assert load_config(JobConfig, [], ["conditioning.variant=adapter"]).data.packing == "auto"
+    with pytest.raises(ConfigError, match=r"^data\.packing: expected true/false or 'auto', got 'maybe'$"):
+        load_config(JobConfig, [], ["data.packing=maybe"])
+
+
+def test_one_rank_packed_keeps_nine_tenths_real_tokens_and_the_mixture_and_is_the_default(session_cache):
     """8 GLUE-like tasks at equal rates, one micro-batch of 16 per step at one rank
     (bench/batching.py): unpacked it pads to the longest task; packed, the same batches (the
-    same largest task share) keep >= 90% real tokens."""
+    same largest task share) keep >= 90% real tokens, and that is what the defaults do."""
     from bench.batching import measure
 
     result = measure(examples=600, micro_batch_size=16, ranks=1, batches=30, pool_batches=200,
-                     cache_dir=session_cache, modes=("stratified", "packed"))
+                     cache_dir=session_cache, modes=("stratified", "packed", "default"))
     assert result["packed"]["real_token_fraction"] >= 0.9 > result["stratified"]["real_token_fraction"]
     assert result["packed"]["largest_share_over_rate"] == result["stratified"]["largest_share_over_rate"] <= 1.25
+    assert result["default_meets_targets"]
+    assert result["default"]["real_token_fraction"] == result["packed"]["real_token_fraction"]

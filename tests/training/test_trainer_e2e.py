@@ -76,6 +76,7 @@ def test_the_start_line_comes_once_from_rank_0_and_says_what_runs(reference_run)
     expected = (r"INFO hp_deepspeed\.training\.trainer: training on 2 rank\(s\), CPU, [1-9]\d* threads per rank; "
                 r"ZeRO stage 3 \(ds_configs/zero3_cpu_test\.json\); fp32; checkpoints in ")
     assert re.search(expected + re.escape(str(reference_run / "checkpoints")) + "$", lines[0]), lines
+    assert "training examples in 2 task(s), one row per example, ready in" in output  # 2 ranks: no packing
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(reference_run, tmp_path):
@@ -110,8 +111,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference_run_without_dropout, 
     # One rank with twice the micro-batch: the same global batch, hence the same data stream and
     # (with the world-size-invariant loss) the same objective. Dropout is off for this comparison:
     # its masks come from per-rank generators, so they legitimately differ between 2 ranks and 1.
-    run_command(train_cmd(tmp_path, "training.micro_batch_size=8", "model.dropout_rate=0.0", ranks=1)
-                + ["--resume", str(step4)], timeout=420, cwd=REPO)
+    # The one rank packs its micro-batch (data.packing: auto) and the two ranks do not: packing
+    # changes the layout of a batch, not its examples, so the losses still agree.
+    result = run_command(train_cmd(tmp_path, "training.micro_batch_size=8", "model.dropout_rate=0.0", ranks=1)
+                         + ["--resume", str(step4)], timeout=420, cwd=REPO)
+    assert re.search(r"data: \d+ training examples in \d+ task\(s\), packed rows, ready in", result.output)
     resumed, reference = losses(tmp_path), losses(reference_run)
     assert sorted(resumed) == list(range(start + 1, 9))
     for step in resumed:
