@@ -229,12 +229,21 @@ class Prefetcher:
         """Stop the producer and join it; batches still queued are dropped (their position is
         not in ``state_dict``, so a resume replays them)."""
         self._stop.set()
-        while self._thread.is_alive():
-            self._handoff.items.clear()  # unblock a producer waiting on a full deque
-            _signal(self._handoff.space)
-            self._thread.join(timeout=_POLL_S)
-        if self._pool_job is not None:
-            self._pool_job.join()
+        # A producer or pool builder waiting for another rank's pool file stops waiting; the
+        # stream may wait again once this prefetcher is gone.
+        pool_files = getattr(self.stream, "pool_files", None)
+        if pool_files is not None:
+            pool_files.stop.set()
+        try:
+            while self._thread.is_alive():
+                self._handoff.items.clear()  # unblock a producer waiting on a full deque
+                _signal(self._handoff.space)
+                self._thread.join(timeout=_POLL_S)
+            if self._pool_job is not None:
+                self._pool_job.join()
+        finally:
+            if pool_files is not None:
+                pool_files.stop.clear()
         self._done = True
 
     def __del__(self):
