@@ -44,6 +44,7 @@ FORMAT = 1
 MAGIC = b"HPPOOL01"
 _HEADER = 64  # magic (8) + four int64 (pool batches, global batch, tasks, row itemsize) + key digest (24)
 _DIGEST = 24
+POOL_DIR = "data_pools"  # the trainer's pool directory, under run.dir
 NAME_PREFIX = "pool-"
 NAME_SUFFIX = ".rows"
 
@@ -163,10 +164,15 @@ class PoolFiles:
             self.built.pop(index).unlink(missing_ok=True)
 
     def remove_built(self) -> None:
-        """Delete every file this rank built or reused (at a clean exit)."""
+        """Delete every file this rank built or reused (at a clean exit), and the directory
+        once it is empty (the last rank to get here removes it)."""
         for path in self.built.values():
             path.unlink(missing_ok=True)
         self.built.clear()
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass  # other ranks' files are still there, or it is gone already
 
     # ------------------------------------------------------------------ reading
     def load(self, pool_index: int, key: str, tasks: int) -> tuple[list[int], np.ndarray] | None:

@@ -134,16 +134,22 @@ def test_a_torn_or_foreign_file_under_the_pool_name_is_never_read(tmp_path):
 
 
 def test_a_builder_deletes_its_old_pool_files_and_at_exit_the_rest(tmp_path):
-    files = PoolFiles(tmp_path, rank=1, world_size=2, keep_pools=3)
+    pools = tmp_path / "pools"
+    files = PoolFiles(pools, rank=1, world_size=2, keep_pools=3)
     rows = np.zeros((1, 4, 2), dtype=np.int32)
     for pool in (1, 3, 5, 7):
         files.publish(pool, f"{pool:02x}" * 24, rows, [4])
         files.forget_old(pool)
     # building pool 7 with 3 pools kept: pools before 4 are nobody's any more
     assert sorted(files.built) == [5, 7]
-    assert sorted(int(p.name[len(NAME_PREFIX):][:8]) for p in tmp_path.glob(f"{NAME_PREFIX}*")) == [5, 7]
+    assert sorted(int(p.name[len(NAME_PREFIX):][:8]) for p in pools.glob(f"{NAME_PREFIX}*")) == [5, 7]
+    (pools / "pool-00000006-of-rank-0.rows").write_bytes(b"")  # another rank's file
     files.remove_built()
-    assert not list(tmp_path.iterdir())
+    assert [p.name for p in pools.iterdir()] == ["pool-00000006-of-rank-0.rows"]
+    files.publish(9, "09" * 24, rows, [4])
+    (pools / "pool-00000006-of-rank-0.rows").unlink()
+    files.remove_built()  # the last rank to leave removes the directory
+    assert not pools.exists()
 
 
 def test_streams_keep_enough_pools_for_small_pools_and_deep_prefetching(make_cfg, tokenizer, tmp_path):
