@@ -2,7 +2,8 @@
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
-and collates them (while a helper thread builds the stream's next pool), pins them in
+and collates them (while a helper thread builds the stream's next pool, or, with pools shared
+through files, waits for its builder's file and maps it), pins them in
 page-locked memory and starts their host-to-device copies on a side CUDA stream with
 ``non_blocking=True``, while the main thread runs the current step; at most ``depth`` batches
 wait, ready, in a deque. The consumer's ``next`` then only pops a ready batch (and, on a GPU,
@@ -20,7 +21,7 @@ the batches that were prefetched but never consumed.
 Errors: an exception raised while producing (a corrupt cache, a bug in collation) is re-raised
 in the consumer at the ``next`` that would have returned that batch, with its traceback.
 ``close`` stops and joins the thread (the trainer calls it on a preemption or an exception in
-the step); it is idempotent, and a prefetcher that is garbage-collected also stops its thread.
+the step), ending a wait for another rank's pool file too; it is idempotent, and a prefetcher that is garbage-collected also stops its thread.
 
 Not owned here: what the batches are (``data.stream``), when the trainer saves.
 """

@@ -39,11 +39,18 @@ With ``data.packing`` a rank's micro-batch is the same examples laid end to end 
 rows as fit, with segment ids for the model's masks (``pack_rows``, ``packed_batch``): the draws,
 the batches and the state are those above, so packing changes only the layout of a batch.
 
-What a rank computes: every rank builds each pool's draws and their length order itself (no
-communication), since where a batch is cut depends on every draw's length; that part costs
-O(G) per step, in a few vectorised numpy sorts. Of each global batch a rank then partitions out,
-sorts and collates only its own slice. ``next_pool_builder`` lets data/prefetch.py build the
-next pool in a helper thread while the current one is handed out.
+What a rank computes: where a batch is cut, and which examples fall in a rank's slice, depends
+on the length of every draw of the pool, so building a pool is O(P*G) work (a few vectorised
+numpy sorts), O(G) per step, whoever does it. With ``pool_dir`` (the trainer's
+``<run.dir>/data_pools``, ``data.share_pools``) and more than one rank, pool ``p`` is built once
+per job, by rank ``p % world_size``, which writes every batch's rows in length order to a file
+keyed by everything the pool is a function of; the other ranks map the file and read only
+their rows (data/shared_pools.py). A rank then pays O(micro) per step plus one build every
+``world_size`` pools: flat in the world size. Without it (one rank, or ``share_pools: off``)
+every rank builds every pool itself, and of each global batch partitions out, sorts and
+collates only its own slice. The batches are the same either way. ``next_pool_builder`` lets
+data/prefetch.py build (or wait for and map) the next pool in a helper thread while the current
+one is handed out.
 
 The state is ``(pool, batch within pool, examples of that batch already taken by all ranks,
 per-task offsets at the pool start)``, plain JSON; at a step boundary it is the same whatever
