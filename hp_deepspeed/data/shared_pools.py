@@ -13,9 +13,9 @@ everything the pool is a function of (``pool_key``): the seed, the pool index, G
 the batch mixing, the per-task offsets at the pool start, the tasks' names, sizes and mixing
 rates, and a checksum of the examples' token lengths; so a file of another configuration is
 never read, and a file with the same key is valid by construction and is reused (after a
-requeue, for instance). Files are written under a temporary name and renamed, so a reader sees
-a whole file or none; a reader checks the header (magic, key, shape) and the size before it maps
-the rows.
+requeue, for instance). Files are written under a temporary name, fsynced and renamed, so a
+reader sees a whole file or none; a reader checks the header (magic, key, shape) and the size
+before it maps the rows.
 
 ``PoolFiles`` owns one directory (the trainer uses ``<run.dir>/data_pools``): publishing,
 waiting for and mapping files, and deleting the files this rank built once no rank can still
@@ -146,6 +146,9 @@ class PoolFiles:
                 out.write(header)
                 out.write(np.asarray(counts, dtype="<i8").tobytes())
                 out.write(np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<")).tobytes())
+                # On disk before the name: after a power loss a file under the final name could
+                # otherwise hold zeros that pass every check a reader can afford.
+                os.fsync(out.fileno())
             os.replace(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)
