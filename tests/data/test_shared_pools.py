@@ -67,6 +67,33 @@ def test_ranks_sharing_pool_files_get_the_micro_batches_of_the_unshared_path_bit
         assert built[id(s)] == [p for p in range(pools) if p % world_size == r]
 
 
+def test_prefetching_ranks_sharing_pools_of_one_batch_get_the_unshared_batches_while_old_files_go(
+        make_cfg, tokenizer, tmp_path):
+    # Pools of one batch: a boundary every step, the pool threads of both ranks waiting on each
+    # other's files, and the builders deleting their old files as they go.
+    pools = tmp_path / "pools"
+    shared = make_streams(make_cfg, tokenizer, 2, pools, micro=4, bucket_pool_batches=1, prefetch_batches=2)
+    alone = make_streams(make_cfg, tokenizer, 2, None, micro=4, bucket_pool_batches=1, prefetch_batches=2)
+    keep = shared[0].pool_files.keep_pools
+    steps = 2 * keep + 10
+    prefetched = [Prefetcher(s, depth=2) for s in shared]
+    try:
+        for _ in range(steps):
+            for r in range(2):
+                got, want = next(prefetched[r]), next(alone[r])
+                assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    finally:
+        for p in prefetched:
+            p.close()
+    assert [p.state_dict() for p in prefetched] == [s.state_dict() for s in alone]
+    on_disk = sorted(int(p.name[len(NAME_PREFIX):][:8]) for p in pools.glob(f"{NAME_PREFIX}*"))
+    # the pools of the last keep + a few steps are left; the older ones were deleted by their builders
+    assert on_disk and on_disk[0] >= steps - keep - 4 and len(on_disk) <= keep + 8
+    for s in shared:
+        s.remove_pool_files()
+    assert not pools.exists()
+
+
 def test_a_pool_files_rows_are_the_batches_length_orders(make_cfg, tokenizer):
     (s,) = make_streams(make_cfg, tokenizer, 1, None, micro=5, bucket_pool_batches=9)
     pool = s._make_pool(3, [11, 2, 40, 7], 40, 9)
