@@ -375,12 +375,16 @@ class _Pool:
         """``batch(i)`` for every batch, in consumption order, as one [batches, G, 2] array (int32
         where the example indices fit): two linear sorts of the whole pool, by length code (ties
         by position) and then, stably, by batch, instead of one comparison sort per batch."""
-        batch_of = np.empty(len(self.draws), dtype=np.int64)
-        batch_of[np.concatenate(self.parts)] = np.repeat(np.arange(len(self.parts)), self.global_batch)
+        batches = len(self.parts)
+        batch_of = np.empty(len(self.draws), dtype=np.uint16 if batches <= 2**16 else np.int64)
+        batch_of[np.concatenate(self.parts)] = np.repeat(np.arange(batches), self.global_batch)
         by_length = _stable_order(self.length_code, int(self.length_code.max()) + 1)
-        order = by_length[_stable_order(batch_of[by_length], len(self.parts))].reshape(len(self.parts), -1)
+        order = by_length[_stable_order(batch_of[by_length], batches)].reshape(batches, -1)
         dtype = np.int32 if len(self.examples) == 0 or int(self.examples.max()) < 2**31 else np.int64
-        return np.stack([self.draws[order].astype(dtype), self.examples[order].astype(dtype)], axis=-1)
+        rows = np.empty(order.shape + (2,), dtype=dtype)
+        rows[..., 0] = self.draws[order]
+        rows[..., 1] = self.examples[order]
+        return rows
 
 
 class _SharedPool:
