@@ -108,8 +108,8 @@ def directory_is_shared(directory: Path, rank: int, broadcast, agree) -> bool:
 class PoolFiles:
     """The pool files of one job in ``directory``, seen from rank ``rank`` of ``world_size``.
 
-    ``keep_pools``: a builder deletes its files of pools more than this many before the one it
-    is building (the stream sizes it to cover how far ranks can be apart, prefetching included).
+    ``keep_pools``: a rank deletes the files it built of pools more than this many before the one
+    it takes next (the stream sizes it to cover how far ranks can be apart, prefetching included).
     ``stop`` (an Event), when set, ends a wait with ``PoolWaitError``."""
 
     def __init__(self, directory: Path | str, rank: int, world_size: int, keep_pools: int,
@@ -160,10 +160,11 @@ class PoolFiles:
         """Count a valid file found in place (reused) as this rank's, for its later deletion."""
         self.built[pool_index] = path
 
-    def forget_old(self, building: int) -> None:
-        """Delete this rank's files of pools before ``building - keep_pools``: by then every rank
-        has mapped them (a mapping outlives the file's name)."""
-        for index in [i for i in self.built if i < building - self.keep_pools]:
+    def forget_old(self, taking: int) -> None:
+        """Delete this rank's files of pools before ``taking - keep_pools`` (``taking``: the pool
+        this rank is about to take): by then every rank has mapped them (a mapping outlives the
+        file's name)."""
+        for index in [i for i in self.built if i < taking - self.keep_pools]:
             self.built.pop(index).unlink(missing_ok=True)
 
     def remove_built(self) -> None:

@@ -557,6 +557,8 @@ class TrainStream:
         key = pool_key(seed=self.seed, pool_index=pool_index, global_batch=global_batch, pool_batches=pool_batches,
                        batch_mixing=self.batch_mixing, offsets=offsets, tasks=[t.name for t in self.tasks],
                        sizes=self.sizes, rates=self.rates.tolist(), lengths_checksum=self._lengths_checksum)
+        # On every pool, not only the ones it builds: a rank builds one pool in world_size.
+        files.forget_old(pool_index)
         if files.builder_of(pool_index) != self.rank:
             return _SharedPool(*files.wait(pool_index, key, len(self.tasks)))
         found = files.load(pool_index, key, len(self.tasks))
@@ -567,7 +569,6 @@ class TrainStream:
             built = self._make_pool(pool_index, offsets, global_batch, pool_batches)
             pool = _SharedPool(built.counts, built.all_batches())
             files.publish(pool_index, key, pool.rows, pool.counts)
-        files.forget_old(pool_index)
         return pool
 
     def remove_pool_files(self) -> None:

@@ -94,6 +94,16 @@ def test_prefetching_ranks_sharing_pools_of_one_batch_get_the_unshared_batches_w
     assert not pools.exists()
 
 
+def test_old_pool_files_go_although_a_rank_builds_only_one_pool_in_world_size(make_cfg, tokenizer, tmp_path):
+    pools = tmp_path / "pools"
+    streams = make_streams(make_cfg, tokenizer, 8, pools, micro=2, bucket_pool_batches=7, prefetch_batches=0)
+    keep = streams[0].pool_files.keep_pools
+    assert keep < 8
+    shares_in_lockstep(streams, 7 * 20, 1)  # pools 0-19 taken
+    on_disk = sorted(int(p.name[len(NAME_PREFIX):][:8]) for p in pools.glob(f"{NAME_PREFIX}*"))
+    assert on_disk == list(range(19 - keep, 20)), (on_disk, keep)  # taking 19 deleted those before 19 - keep
+
+
 def test_a_pool_files_rows_are_the_batches_length_orders(make_cfg, tokenizer):
     (s,) = make_streams(make_cfg, tokenizer, 1, None, micro=5, bucket_pool_batches=9)
     pool = s._make_pool(3, [11, 2, 40, 7], 40, 9)
@@ -164,10 +174,11 @@ def test_a_builder_deletes_its_old_pool_files_and_at_exit_the_rest(tmp_path):
     pools = tmp_path / "pools"
     files = PoolFiles(pools, rank=1, world_size=2, keep_pools=3)
     rows = np.zeros((1, 4, 2), dtype=np.int32)
-    for pool in (1, 3, 5, 7):
-        files.publish(pool, f"{pool:02x}" * 24, rows, [4])
+    for pool in range(1, 8):
         files.forget_old(pool)
-    # building pool 7 with 3 pools kept: pools before 4 are nobody's any more
+        if files.builder_of(pool) == 1:
+            files.publish(pool, f"{pool:02x}" * 24, rows, [4])
+    # taking pool 7 with 3 pools kept: pools before 4 are nobody's any more
     assert sorted(files.built) == [5, 7]
     assert sorted(int(p.name[len(NAME_PREFIX):][:8]) for p in pools.glob(f"{NAME_PREFIX}*")) == [5, 7]
     (pools / "pool-00000006-of-rank-0.rows").write_bytes(b"")  # another rank's file
