@@ -36,9 +36,11 @@ ranks are.
 default mixing) collated unpacked and packed, alternately, N rounds over ``--batches``
 micro-batches; the median wall ms per micro-batch of each.
 
-``--pool-cost-ranks``: per simulated world size W (rank W-1 of W, default mixing), the CPU time
-(``time.thread_time``) per step that ``next(stream)`` costs that rank, over one whole pool
-(``bucket_pool_batches`` steps, pool construction included). Prints a table, writes JSON.
+``--pool-cost-ranks``: per simulated world size W (default mixing), the CPU time
+(``time.thread_time``) per step that ``next(stream)`` costs a rank over one whole pool
+(``bucket_pool_batches`` steps, its share of pool construction included), with the pools shared
+through files and with every rank building every pool (``shared_pool_cost``), and the CPU time
+of building one pool in each. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -196,6 +198,54 @@ def pool_cost(ranks: int, examples: int = 4000, micro_batch_size: int = 16, pool
         return (time.thread_time() - started) / pool_batches * 1e3
 
 
+def shared_pool_cost(ranks: int, shared: bool, examples: int = 4000, micro_batch_size: int = 16,
+                     pool_batches: int = 200, seed: int = 0, cache_dir: str | None = None,
+                     folder: Path | None = None) -> dict:
+    """The per-rank CPU cost of the stream at ``ranks`` simulated ranks, pools shared through
+    files (``shared``, data/shared_pools.py) or built by every rank, over pool 1 (pool 0 is
+    start-up). Streams of a few sampled ranks (0, 1, ranks // 2, ranks - 1) in one process over
+    one directory; pool 1's builder (rank 1) builds it ahead with ``build_next_pool``, as its
+    pool thread would, and that call's CPU time is ``build_ms``, the spike one builder takes.
+    ``slices_ms``: mean over the sampled ranks of the CPU time per step of ``next(stream)`` over
+    pool 1 (mapping the file and reading its rows, or building the pool inline, and collating).
+    ``per_rank_ms``: what a rank pays per step on average: shared, ``slices_ms`` plus its share
+    of the builds (one pool in ``ranks``: ``build_ms / (ranks * pool_batches)``); not shared,
+    every rank builds every pool."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = folder or Path(tmp) / "data"
+        custom = write_tasks(folder, examples, seed) if not folder.exists() else tasks_in(folder)
+        cfg = DataConfig(custom_tasks=custom, bucket_pool_batches=pool_batches, seed=seed,
+                         cache_dir=cache_dir or str(Path(tmp) / "cache"))
+        tasks, tokenizer = build_tasks(cfg), load_tokenizer(None)
+        sampled = sorted({0, 1 % ranks, ranks // 2, ranks - 1})
+        pool_dir = Path(tmp) / "pools" if shared else None
+        streams = {r: TrainStream(cfg, tasks, tokenizer, micro_batch_size, rank=r, world_size=ranks, pool_dir=pool_dir)
+                   for r in sampled}
+        builder = streams[1 % ranks]
+        for step in range(pool_batches):  # pool 0, rank 0 (its builder) first
+            if step == pool_batches - 1:
+                started = time.thread_time()
+                builder.build_next_pool()
+                build_ms = (time.thread_time() - started) * 1e3
+            for r in sampled:
+                next(streams[r])
+        spent = dict.fromkeys(sampled, 0.0)
+        for _ in range(pool_batches):  # pool 1
+            for r in sampled:
+                started = time.thread_time()
+                next(streams[r])
+                spent[r] += time.thread_time() - started
+        slices_ms = float(np.mean([spent[r] for r in sampled])) / pool_batches * 1e3
+        if shared:
+            per_rank_ms = slices_ms + build_ms / (ranks * pool_batches)
+        else:  # the builder above built pool 1 ahead; the other ranks built it inline
+            per_rank_ms = float(np.mean([spent[r] * 1e3 + (build_ms if streams[r] is builder else 0.0)
+                                         for r in sampled])) / pool_batches
+        for stream in streams.values():
+            stream.remove_pool_files()
+        return {"per_rank_ms": per_rank_ms, "build_ms": build_ms, "slices_ms": slices_ms, "sampled_ranks": sampled}
+
+
 def tasks_in(folder: Path) -> list[CustomTaskConfig]:
     """The task configs of a folder written by ``write_tasks``."""
     return [CustomTaskConfig(name=f"bench/{name}", input_template=f"{name} sentence: {{text}}",
@@ -241,10 +291,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"collate one micro-batch of {args.micro_batch_size} (median wall ms, {cost['rounds']} interleaved "
               f"rounds of {cost['micro_batches']}): unpacked {cost['unpacked_ms']:.3f}, packed {cost['packed_ms']:.3f}")
     if args.pool_cost_ranks:
-        costs = {int(w): pool_cost(int(w), args.examples, args.micro_batch_size, args.pool_batches)
+        costs = {int(w): {name: shared_pool_cost(int(w), shared, args.examples, args.micro_batch_size, args.pool_batches)
+                          for name, shared in (("shared", True), ("unshared", False))}
                  for w in args.pool_cost_ranks.split(",")}
         result["pool_cost_ms_per_step"] = costs
-        print("CPU ms per step of next(stream) on one rank: " + ", ".join(f"{w} ranks {c:.3f}" for w, c in costs.items()))
+        for w, c in costs.items():
+            print(f"{w} ranks: CPU ms per step per rank, pools shared {c['shared']['per_rank_ms']:.3f} (one build "
+                  f"{c['shared']['build_ms']:.1f}), built by every rank {c['unshared']['per_rank_ms']:.3f} (one build "
+                  f"{c['unshared']['build_ms']:.1f})")
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -18,9 +18,13 @@ bench/batching.py's eight GLUE-like tasks (equal rates, 16 per micro-batch, defa
   (the first pool's construction, paid once before step 1) is not counted; ``--steps`` spans
   two pools, so the inline variant pays its share of pool construction. ``prefetch, previous``
   is ``--previous-rev``'s Prefetcher over its own stream.
-* ``pool cost``: CPU time per step of ``next(stream)`` on rank W-1 of W over one whole pool,
-  W = 1, 8, 64, 512 (bench.batching.pool_cost), this tree against ``--baseline-rev``'s and
-  ``--previous-rev``'s streams.
+* ``pool cost``: per W = 1, 8, 64, 512 simulated ranks, the CPU time per step a rank spends in
+  ``next(stream)`` over one whole pool: this tree with the pools shared through files (one rank
+  builds each pool, the others map it; the mean over sampled ranks, each rank's share of the
+  builds included) and built by every rank (``data.share_pools: off``), with each variant's CPU
+  time of building one pool (a builder rank's spike, in its pool thread), by
+  bench.batching.shared_pool_cost; and ``--baseline-rev``'s and ``--previous-rev``'s streams on
+  rank W-1 (bench.batching.pool_cost). The load average is recorded per world size.
 * ``real tokens``: bench.batching.measure at 1 rank, 1 rank with 8 accumulation micro-steps, 8 ranks
   (its four modes, ``packed`` included).
 * ``tokenisation``: token ids of GLUE-like texts, in tokens per CPU-second of the process with
@@ -50,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.batching import GLUE_LIKE, WORDS, measure, pool_cost, tasks_in, write_tasks
+from bench.batching import GLUE_LIKE, WORDS, measure, pool_cost, shared_pool_cost, tasks_in, write_tasks
 from bench.common import machine, median, table, write_json
 from hp_deepspeed.data import DataConfig, TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.data import tokenization
@@ -126,7 +130,10 @@ def critical_path(folder: Path, cache: str, world_sizes, steps: int, step_ms: fl
 
 
 def pool_costs(folder: Path, cache: str, world_sizes, rounds: int, baseline, previous=None) -> list[dict]:
-    variants = {"this tree": TrainStream}
+    """Per world size, interleaved: this tree with pools shared through files and built by every
+    rank (bench.batching.shared_pool_cost: mean per-rank cost per step, and one build), and the
+    older trees' cost on rank W-1 (bench.batching.pool_cost)."""
+    variants = {"shared": True, "unshared": False}
     if previous:
         variants["previous"] = previous[0].TrainStream
     if baseline:
@@ -134,10 +141,18 @@ def pool_costs(folder: Path, cache: str, world_sizes, rounds: int, baseline, pre
     rows = []
     for world in world_sizes:
         times = {k: [] for k in variants}
+        builds = {"shared": [], "unshared": []}
         for r in range(rounds if world < 512 else max(1, rounds - 1)):
             for name in rotated(list(variants), r):
-                times[name].append(pool_cost(world, stream_class=variants[name], folder=folder, cache_dir=cache))
-        rows.append({"ranks": world, **{f"{k} ms": median(v) for k, v in times.items()}, "rounds": times})
+                if name in builds:
+                    cost = shared_pool_cost(world, variants[name], folder=folder, cache_dir=cache)
+                    times[name].append(cost["per_rank_ms"])
+                    builds[name].append(cost["build_ms"])
+                else:
+                    times[name].append(pool_cost(world, stream_class=variants[name], folder=folder, cache_dir=cache))
+        rows.append({"ranks": world, **{f"{k}, per rank ms": median(v) for k, v in times.items()},
+                     **{f"{k}, one build ms": median(v) for k, v in builds.items()},
+                     "rounds": times, "build_rounds": builds, "loadavg": list(os.getloadavg())})
     return rows
 
 
@@ -275,8 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         if "pool" in sections:
             ranks = [int(w) for w in args.pool_ranks.split(",")]
             result["pool_cost"] = pool_costs(folder, cache, ranks, args.rounds, baseline, previous)
-            print(table(["ranks"] + [k for k in result["pool_cost"][0] if k.endswith(" ms")],
-                        [[r["ranks"]] + [r[k] for k in r if k.endswith(" ms")] for r in result["pool_cost"]]))
+            print(table(["ranks"] + [k for k in result["pool_cost"][0] if k.endswith(" ms")] + ["load"],
+                        [[r["ranks"]] + [r[k] for k in r if k.endswith(" ms")] + [r["loadavg"][0]]
+                         for r in result["pool_cost"]]))
         if "tokens" in sections:
             result["real_tokens"] = {}
             for label, ranks_, accumulation in (("1 rank", 1, 1), ("1 rank x 8 micro-steps", 1, 8), ("8 ranks", 8, 1)):

@@ -158,6 +158,15 @@ class DataConfig:
     current step runs (data/prefetch.py); 0 builds each batch inline, on the critical path. The
     checkpointed data position is the model's either way, so resume is exact."""
 
+    share_pools: Literal["auto", "off"] = "auto"
+    """Build each pool of the training stream once per job instead of once per rank: pool ``p``
+    is built by rank ``p % world_size`` into ``<run.dir>/data_pools`` and the other ranks map its
+    file and read only their rows (data/shared_pools.py), so a rank's data cost per step does not
+    grow with the world size (bench/host_data.py, ``pool`` section). ``auto``: shared with more
+    than one rank when every rank sees the same run dir (checked at start-up; if not, every rank
+    builds every pool, with one warning); ``off``: every rank builds every pool. The batches are
+    the same either way."""
+
     on_bad_row: Literal["error", "skip"] = "error"
     """A malformed row (bad JSON/CSV, missing or mistyped field) raises an error naming the file
     and line, or with ``skip`` is dropped and counted (logged, and in ``TrainStream.skipped``).

@@ -2,7 +2,8 @@
 
 ``Prefetcher(stream, device, depth)`` is an iterator over the same micro-batches as ``stream``,
 in the same order, already on ``device``. A daemon thread draws the next batches from the stream
-and collates them (while a helper thread builds the stream's next pool), pins them in
+and collates them (while a helper thread builds the stream's next pool, or, with pools shared
+through files, waits for its builder's file and maps it), pins them in
 page-locked memory and starts their host-to-device copies on a side CUDA stream with
 ``non_blocking=True``, while the main thread runs the current step; at most ``depth`` batches
 wait, ready, in a deque. The consumer's ``next`` then only pops a ready batch (and, on a GPU,
@@ -20,7 +21,7 @@ the batches that were prefetched but never consumed.
 Errors: an exception raised while producing (a corrupt cache, a bug in collation) is re-raised
 in the consumer at the ``next`` that would have returned that batch, with its traceback.
 ``close`` stops and joins the thread (the trainer calls it on a preemption or an exception in
-the step); it is idempotent, and a prefetcher that is garbage-collected also stops its thread.
+the step), ending a wait for another rank's pool file too; it is idempotent, and a prefetcher that is garbage-collected also stops its thread.
 
 Not owned here: what the batches are (``data.stream``), when the trainer saves.
 """
@@ -229,12 +230,21 @@ class Prefetcher:
         """Stop the producer and join it; batches still queued are dropped (their position is
         not in ``state_dict``, so a resume replays them)."""
         self._stop.set()
-        while self._thread.is_alive():
-            self._handoff.items.clear()  # unblock a producer waiting on a full deque
-            _signal(self._handoff.space)
-            self._thread.join(timeout=_POLL_S)
-        if self._pool_job is not None:
-            self._pool_job.join()
+        # A producer or pool builder waiting for another rank's pool file stops waiting; the
+        # stream may wait again once this prefetcher is gone.
+        pool_files = getattr(self.stream, "pool_files", None)
+        if pool_files is not None:
+            pool_files.stop.set()
+        try:
+            while self._thread.is_alive():
+                self._handoff.items.clear()  # unblock a producer waiting on a full deque
+                _signal(self._handoff.space)
+                self._thread.join(timeout=_POLL_S)
+            if self._pool_job is not None:
+                self._pool_job.join()
+        finally:
+            if pool_files is not None:
+                pool_files.stop.clear()
         self._done = True
 
     def __del__(self):

@@ -39,11 +39,18 @@ With ``data.packing`` a rank's micro-batch is the same examples laid end to end 
 rows as fit, with segment ids for the model's masks (``pack_rows``, ``packed_batch``): the draws,
 the batches and the state are those above, so packing changes only the layout of a batch.
 
-What a rank computes: every rank builds each pool's draws and their length order itself (no
-communication), since where a batch is cut depends on every draw's length; that part costs
-O(G) per step, in a few vectorised numpy sorts. Of each global batch a rank then partitions out,
-sorts and collates only its own slice. ``next_pool_builder`` lets data/prefetch.py build the
-next pool in a helper thread while the current one is handed out.
+What a rank computes: where a batch is cut, and which examples fall in a rank's slice, depends
+on the length of every draw of the pool, so building a pool is O(P*G) work (a few vectorised
+numpy sorts), O(G) per step, whoever does it. With ``pool_dir`` (the trainer's
+``<run.dir>/data_pools``, ``data.share_pools``) and more than one rank, pool ``p`` is built once
+per job, by rank ``p % world_size``, which writes every batch's rows in length order to a file
+keyed by everything the pool is a function of; the other ranks map the file and read only
+their rows (data/shared_pools.py). A rank then pays O(micro) per step plus one build every
+``world_size`` pools: flat in the world size. Without it (one rank, or ``share_pools: off``)
+every rank builds every pool itself, and of each global batch partitions out, sorts and
+collates only its own slice. The batches are the same either way. ``next_pool_builder`` lets
+data/prefetch.py build (or wait for and map) the next pool in a helper thread while the current
+one is handed out.
 
 The state is ``(pool, batch within pool, examples of that batch already taken by all ranks,
 per-task offsets at the pool start)``, plain JSON; at a step boundary it is the same whatever
@@ -65,12 +72,14 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from hp_deepspeed.data.config import DataConfig, resolve_packing
+from hp_deepspeed.data.shared_pools import PoolFiles, pool_key
 from hp_deepspeed.data.tasks import DataError, Task
 from hp_deepspeed.data.tokenization import TokenizedSplit, load_split
 
@@ -362,6 +371,32 @@ class _Pool:
         rows = part[chosen]
         return np.stack([self.draws[rows].astype(np.int64), self.examples[rows]], axis=1)
 
+    def all_batches(self) -> np.ndarray:
+        """``batch(i)`` for every batch, in consumption order, as one [batches, G, 2] array (int32
+        where the example indices fit): two linear sorts of the whole pool, by length code (ties
+        by position) and then, stably, by batch, instead of one comparison sort per batch."""
+        batches = len(self.parts)
+        batch_of = np.empty(len(self.draws), dtype=np.uint16 if batches <= 2**16 else np.int64)
+        batch_of[np.concatenate(self.parts)] = np.repeat(np.arange(batches), self.global_batch)
+        by_length = _stable_order(self.length_code, int(self.length_code.max()) + 1)
+        order = by_length[_stable_order(batch_of[by_length], batches)].reshape(batches, -1)
+        dtype = np.int32 if len(self.examples) == 0 or int(self.examples.max()) < 2**31 else np.int64
+        rows = np.empty(order.shape + (2,), dtype=dtype)
+        rows[..., 0] = self.draws[order]
+        rows[..., 1] = self.examples[order]
+        return rows
+
+
+class _SharedPool:
+    """A pool read from its file (data/shared_pools.py), or held as the rows its builder wrote:
+    ``batch`` reads only the asked-for rows, already in length order."""
+
+    def __init__(self, counts: list[int], rows: np.ndarray):
+        self.counts, self.rows = counts, rows
+
+    def batch(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self.rows[i, start:stop].astype(np.int64)
+
 
 class TrainStream:
     """Infinite iterator of this rank's training micro-batches (see the module docstring).
@@ -384,7 +419,12 @@ class TrainStream:
         seed: int | None = None,
         accumulation: int = 1,
         segment_conditioning: bool = False,
+        pool_dir: str | Path | None = None,
     ):
+        """``pool_dir``: a directory every rank of the job sees (the trainer's
+        ``<run.dir>/data_pools``); with more than one rank, each pool is then built by one rank
+        and read from its file by the others (data/shared_pools.py). None: every rank builds
+        every pool itself."""
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or accumulation < 1:
             raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size} rank={rank} world_size={world_size} "
                              f"accumulation={accumulation}")
@@ -419,8 +459,21 @@ class TrainStream:
         self._batch_in_pool = 0
         self._micro_step = 0
         self._offsets = [0] * len(self.tasks)
-        self._pool: _Pool | None = None
-        self._next_pool: _Pool | None = None  # pool _pool_index + 1, when built ahead
+        self._pool: _Pool | _SharedPool | None = None
+        self._next_pool: _Pool | _SharedPool | None = None  # pool _pool_index + 1, when built ahead
+        self.pool_files: PoolFiles | None = None
+        if pool_dir is not None and world_size > 1:
+            self.pool_files = PoolFiles(pool_dir, rank, world_size, self._pools_to_keep(cfg.prefetch_batches))
+        self._lengths_checksum: int | None = None
+
+    def _pools_to_keep(self, prefetch_batches: int) -> int:
+        """How many pools before the one being built a builder keeps the files of. A builder
+        builds pool p once its producer is in pool p-1; a producer is at most
+        ``prefetch_batches + 1`` micro-batches ahead of its consumer, and the ranks' consumers
+        are within a step of each other (every step has collectives), so every rank has mapped
+        the pools up to that many micro-steps back; the slack covers a rank falling behind."""
+        micro_steps = prefetch_batches + 1 + 2 * self.accumulation + 16
+        return 2 + -(-micro_steps // (self.pool_batches * self.accumulation))
 
     # ------------------------------------------------------------------ the global stream
 
@@ -491,13 +544,50 @@ class TrainStream:
         shuffle = np.random.default_rng([self.seed, pool_index, 1]).permutation(pool_batches)
         return _Pool(draws, examples, counts.tolist(), [parts[i] for i in shuffle], length_code, global_batch)
 
-    def _current(self) -> tuple[_Pool, int]:
+    def _pool_counts(self, pool_index: int, global_batch: int, pool_batches: int) -> list[int]:
+        """How many examples of each task pool ``pool_index`` takes (its draws only, no sorting)."""
+        draws = _draw_tasks(np.random.default_rng([self.seed, pool_index, 0]), self.rates, global_batch * pool_batches)
+        return np.bincount(draws, minlength=len(self.tasks)).tolist()
+
+    def _obtain_pool(self, pool_index: int, offsets: Sequence[int], global_batch: int,
+                     pool_batches: int) -> _Pool | _SharedPool:
+        """Pool ``pool_index``: built here, or with shared pool files built by its builder rank
+        (which writes it, or reuses a valid file of the same key) and mapped by the others."""
+        files = self.pool_files
+        if files is None:
+            return self._make_pool(pool_index, offsets, global_batch, pool_batches)
+        if self._lengths_checksum is None:
+            self._lengths_checksum = zlib.crc32(self._flat_targets.lengths.tobytes(),
+                                                zlib.crc32(self._flat_inputs.lengths.tobytes()))
+        key = pool_key(seed=self.seed, pool_index=pool_index, global_batch=global_batch, pool_batches=pool_batches,
+                       batch_mixing=self.batch_mixing, offsets=offsets, tasks=[t.name for t in self.tasks],
+                       sizes=self.sizes, rates=self.rates.tolist(), lengths_checksum=self._lengths_checksum)
+        # On every pool, not only the ones it builds: a rank builds one pool in world_size.
+        files.forget_old(pool_index)
+        if files.builder_of(pool_index) != self.rank:
+            return _SharedPool(*files.wait(pool_index, key, len(self.tasks)))
+        found = files.load(pool_index, key, len(self.tasks))
+        if found is not None:
+            files.adopt(pool_index, files.path(pool_index, key))
+            pool = _SharedPool(*found)
+        else:
+            built = self._make_pool(pool_index, offsets, global_batch, pool_batches)
+            pool = _SharedPool(built.counts, built.all_batches())
+            files.publish(pool_index, key, pool.rows, pool.counts)
+        return pool
+
+    def remove_pool_files(self) -> None:
+        """Delete the shared pool files this rank built (the trainer calls it at a clean exit)."""
+        if self.pool_files is not None:
+            self.pool_files.remove_built()
+
+    def _current(self) -> tuple[_Pool | _SharedPool, int]:
         """The pool and index of the global batch at the position."""
         if self._pool is None:
-            self._pool = self._make_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
+            self._pool = self._obtain_pool(self._pool_index, self._offsets, self.global_batch_size, self.pool_batches)
         return self._pool, self._batch_in_pool
 
-    def _advance(self) -> tuple[_Pool, int]:
+    def _advance(self) -> tuple[_Pool | _SharedPool, int]:
         """The pool and index of the global batch at the position; moves the position past it."""
         pool, index = self._current()
         self._batch_in_pool += 1
@@ -522,7 +612,7 @@ class TrainStream:
         pool, _ = self._current()
         index, global_batch, pool_batches = self._pool_index + 1, self.global_batch_size, self.pool_batches
         offsets = [o + c for o, c in zip(self._offsets, pool.counts)]
-        return lambda: (index, self._make_pool(index, offsets, global_batch, pool_batches))
+        return lambda: (index, self._obtain_pool(index, offsets, global_batch, pool_batches))
 
     def install_pool(self, built: tuple[int, _Pool]) -> None:
         """Take a pool built by ``next_pool_builder``'s function if the stream still needs it."""
@@ -639,7 +729,7 @@ class TrainStream:
             else:
                 same_shape = False
         if not same_shape and (self._batch_in_pool > 0 or taken > 0):
-            counts = self._make_pool(self._pool_index, self._offsets, state["global_batch_size"], state["pool_batches"]).counts
+            counts = self._pool_counts(self._pool_index, state["global_batch_size"], state["pool_batches"])
             logger.warning(
                 "data stream: global batch %d -> %d, pool %d -> %d batches, batch mixing %s -> %s: resuming "
                 "at the next pool; %d batches of the interrupted pool are skipped",

@@ -25,6 +25,7 @@ from hp_deepspeed.compat.deepspeed import quiet_shm_op_message
 from hp_deepspeed.config import ConfigError, save_config, to_dict
 from hp_deepspeed.data import TrainStream, build_tasks, load_tokenizer
 from hp_deepspeed.data.prefetch import Prefetcher
+from hp_deepspeed.data.shared_pools import POOL_DIR, directory_is_shared, share_pools
 from hp_deepspeed.data.sources import find_split_file
 from hp_deepspeed.launching import collectives
 from hp_deepspeed.launching.distributed import init_distributed
@@ -182,6 +183,7 @@ class Trainer:
             rank=self.rank, world_size=self.world_size, seed=cfg.run.seed,
             accumulation=cfg.training.gradient_accumulation,  # the stream's batch is the step's
             segment_conditioning=cfg.conditioning.variant not in PER_EXAMPLE_VARIANTS,
+            pool_dir=None if evaluating else self.pool_dir(),  # the eval command draws no batch
         )
 
         if self.is_main:  # each start-up phase that can take seconds says what it did
@@ -207,6 +209,24 @@ class Trainer:
         self.peak_tflops = device_peak_tflops()
         self.step = 0
         self.nonfinite = NonFiniteGuard(cfg.training.max_nonfinite_steps, verbose=self.is_main)
+
+    def pool_dir(self) -> Path | None:
+        """Where the ranks share the training stream's pools (``data.share_pools``), or None:
+        the run dir's ``data_pools`` when there are several ranks and every rank sees that
+        directory (one collective check, every rank calls it)."""
+        setting, pools = self.cfg.data.share_pools, self.run_dir / POOL_DIR
+        shared = None
+        if setting == "auto" and self.world_size > 1:
+            shared = directory_is_shared(pools, self.rank, collectives.broadcast_object,
+                                         lambda seen: collectives.all_reduce_flag(seen, "min"))
+            if not shared and self.is_main:
+                log.warning("data.share_pools: %s is not the same directory on every rank, so every rank builds "
+                            "every data pool itself (a cost per step that grows with the world size)", pools)
+        if not share_pools(setting, self.world_size, shared):
+            return None
+        if self.is_main:
+            log.info("data: each pool of global batches is built by one rank and shared in %s", pools)
+        return pools
 
     def start_line(self) -> str:
         """What runs, in one line: ranks, devices, ZeRO stage, precision, where checkpoints go."""
@@ -294,6 +314,8 @@ class Trainer:
             self.finish_checkpoint(failing=failing)
             if isinstance(batches, Prefetcher):
                 batches.close()
+            if not failing:  # after a crash they stay: a requeue with the same stream reuses them
+                self.stream.remove_pool_files()
             terminal.close()
             self.preemption.restore()
             self.metrics.close()

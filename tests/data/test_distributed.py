@@ -14,10 +14,10 @@ from hp_deepspeed.testing.ranks import run_ranks
 TASKS = ["synthetic/copy", "synthetic/sort", "glue/rte"]
 
 
-def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
+def rank_body(cache_dir: str, steps: int, state: dict | None, pool_dir: str | None = None) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = DataConfig(tasks=TASKS, cache_dir=cache_dir, bucket_pool_batches=8)
-    stream = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8 // world, rank, world)
+    stream = TrainStream(cfg, build_tasks(cfg), load_tokenizer(None), 8 // world, rank, world, pool_dir=pool_dir)
     if state is not None:
         stream.load_state_dict(state)
     seen = []
@@ -29,7 +29,8 @@ def rank_body(cache_dir: str, steps: int, state: dict | None) -> dict:
         ]
     gathered = [None] * world
     dist.all_gather_object(gathered, seen)
-    return {"pid": os.getpid(), "seen": gathered, "state": stream.state_dict()}
+    built = sorted(stream.pool_files.built) if stream.pool_files is not None else None
+    return {"pid": os.getpid(), "seen": gathered, "state": stream.state_dict(), "built": built}
 
 
 @pytest.mark.distributed
@@ -44,7 +45,10 @@ def test_real_ranks_take_contiguous_shares_of_one_global_stream(tmp_path):
         for batch in (next(single) for _ in range(12))
         for t, ids, mask in zip(batch["task_ids"], batch["input_ids"], batch["attention_mask"])
     ]
-    two = run_ranks("tests.data.test_distributed:rank_body", 2, timeout=180, args=(cache, 12, None))
+    # The ranks share their pools through files (data/shared_pools.py): each builds its own.
+    pools = tmp_path / "pools"
+    two = run_ranks("tests.data.test_distributed:rank_body", 2, timeout=180, args=(cache, 12, None, str(pools)))
+    assert [two[0]["built"], two[1]["built"]] == [[0], [1]] and len(list(pools.iterdir())) == 2
     assert two[0]["seen"] == two[1]["seen"] and two[0]["pid"] != two[1]["pid"]
     rank0, rank1 = two[0]["seen"]
     assert len(rank0) == len(rank1) == 48 and not set(rank0) & set(rank1)
