@@ -19,12 +19,13 @@ with (interleaved rounds).
 
 Then ``--loads`` rounds, each a cold and a warm resume (``--cold-only``: cold only), every one in
 fresh rank processes with a pristine engine: every rank reads its files of the newest checkpoint
-with ``dd of=/dev/null bs=16M`` (all ranks at once: the same number of readers), again with two
-``dd`` per file on its two halves (two streams per reader: what the disk gives a reader that keeps
-more than one stream in flight, printed beside the single stream so that a ratio can be told
-apart from parallelism), and the resume is timed in its two parts (the three in an order rotated
-every round), ``find_resume_point`` (every rank reads its share of the files into memory, hashing them
-as they are read, and checks them against the manifest: the resume's only read of the disk) and
+with ``dd of=/dev/null bs=16M`` (all ranks at once: the same number of readers), again with
+``DD_STREAMS`` ``dd`` per file, each on its own contiguous part (as many streams per reader as the
+resume keeps requests in flight, ``preload.DIRECT_READERS``: what the disk gives a reader with that
+much parallelism, printed beside the single stream so that a ratio can be told apart from it),
+and the resume is timed in its two parts (the three in an order rotated every round),
+``find_resume_point`` (every rank reads its share of the files into memory, hashing them as they
+are read, and checks them against the manifest: the resume's only read of the disk) and
 ``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is dropped (``sync; echo 3 >
 /proc/sys/vm/drop_caches``, root only) before the ``dd`` read and again before the resume; where
 that is not allowed the run says so and the "cold" rows are warm. Warm: the files are in the page
@@ -48,6 +49,7 @@ from pathlib import Path
 import torch
 
 from bench.common import cpu_zero3_engine, median, table, write_json
+from hp_deepspeed.checkpointing.preload import DIRECT_READERS
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 8
@@ -56,6 +58,7 @@ DEFAULT_PRESETS = ("tiny-v1_0", "t5-small")
 # Free space a t5-base run needs: two checkpoints (retention keeps one while the next is written)
 # and dd's file of one rank's share, 2.7 GB each, with room to spare.
 T5_BASE_FREE_BYTES = 12 * 10**9
+DD_STREAMS = DIRECT_READERS
 
 
 def _own_files(step_dir: Path, rank: int) -> list[tuple[Path, int]]:
@@ -72,8 +75,7 @@ def _dd_write(path: Path, size: int) -> None:
 
 def _dd_read(paths: list[Path], streams: int = 1) -> None:
     """Read ``paths`` one after the other with ``dd``; ``streams`` > 1: each file as that many
-    contiguous parts read at once by as many ``dd`` processes (what the disk gives one reader
-    that keeps several streams in flight)."""
+    contiguous parts read at once by as many ``dd`` processes."""
     for path in paths:
         if streams == 1:
             subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={DD_BLOCK}"], check=True, capture_output=True)
@@ -102,7 +104,7 @@ def drop_caches() -> str | None:
 
 def rank_body(preset: str, phase: str, saves: int, root: str, first: int = 0) -> dict:
     """``phase`` "save": one training step, then ``saves`` rounds of (dd write, timed save);
-    "load-cold" / "load-warm": dd read of this rank's files with one stream and with two, and a
+    "load-cold" / "load-warm": dd read of this rank's files with one stream and with several, and a
     timed resume (verification, load), in an order rotated by ``first``, the page cache dropped
     before each in "load-cold"."""
     import torch.distributed as dist
@@ -168,7 +170,7 @@ def rank_body(preset: str, phase: str, saves: int, root: str, first: int = 0) ->
         times["load_s"] = timed_collective(lambda: manager.load(engine, point))
 
     ways = [("dd_read_s", lambda: times.__setitem__("dd_read_s", timed_collective(lambda: _dd_read(own)))),
-            ("dd_read_2_s", lambda: times.__setitem__("dd_read_2_s", timed_collective(lambda: _dd_read(own, 2)))),
+            ("dd_read_n_s", lambda: times.__setitem__("dd_read_n_s", timed_collective(lambda: _dd_read(own, DD_STREAMS)))),
             ("resume", resume)]
     if not cold:
         _dd_read(own)  # the files in the page cache, whichever reader comes first
@@ -231,15 +233,15 @@ def writer_cost(mb: int = 512, rounds: int = 3, folder: str | None = None) -> di
 def _load_rows(loads_r: list[dict], size: int) -> dict:
     """Throughputs of one cache state's resumes, and resume / dd per round (the same processes)."""
     resume = [x["verify_s"] + x["load_s"] for x in loads_r]
-    two = [x for x in loads_r if "dd_read_2_s" in x]  # rounds of runs before dd with two streams lack it
-    by_two = [x["dd_read_2_s"] / (x["verify_s"] + x["load_s"]) for x in two]
+    several = [x for x in loads_r if "dd_read_n_s" in x]  # rounds of runs before dd with several streams lack it
+    by_several = [x["dd_read_n_s"] / (x["verify_s"] + x["load_s"]) for x in several]
     return {
         "rounds": loads_r,
         "resume_s_median": median(resume),
         "dd_read_s_median": median([x["dd_read_s"] for x in loads_r]),
-        "dd_read_2_s_median": median([x["dd_read_2_s"] for x in two]) if two else None,
-        "resume_over_dd_2_per_round": by_two,
-        "resume_over_dd_2_median": median(by_two) if two else None,
+        "dd_read_n_s_median": median([x["dd_read_n_s"] for x in several]) if several else None,
+        "resume_over_dd_n_per_round": by_several,
+        "resume_over_dd_n_median": median(by_several) if several else None,
         "dd_read_gb_per_s": size / median([x["dd_read_s"] for x in loads_r]) / 1e9,
         "resume_gb_per_s": size / median(resume) / 1e9,
         "verify_gb_per_s": size / median([x["verify_s"] for x in loads_r]) / 1e9,
@@ -278,22 +280,22 @@ def wait_for_quiet(below: float | None, patience_s: float) -> float:
     return os.getloadavg()[0]
 
 
-def round_lines(preset: str, cache: str, c: dict) -> str:
-    """One line per resume round: the load, ``dd`` with one stream and with two, the resume, and
-    the resume against each; then the medians."""
+def round_lines(preset: str, cache: str, c: dict, first_round: int = 1) -> str:
+    """One line per resume round: the load, ``dd`` with one stream and with ``DD_STREAMS``, the
+    resume, and the resume against each; then the medians."""
     rows = []
-    for i, x in enumerate(c["rounds"], 1):
+    for i, x in enumerate(c["rounds"], first_round):
         resume = x["verify_s"] + x["load_s"]
-        two = x.get("dd_read_2_s")
+        several = x.get("dd_read_n_s")
         rows.append([f"{preset} {cache} {i}", f"{x['loadavg_1min'][0]:.1f}-{max(x['loadavg_1min']):.1f}",
-                     x["dd_read_s"], "-" if two is None else two, f"{x['verify_s']:.2f} + {x['load_s']:.2f}",
-                     x["dd_read_s"] / resume, "-" if two is None else two / resume])
-    two = c["dd_read_2_s_median"]
+                     x["dd_read_s"], "-" if several is None else several, f"{x['verify_s']:.2f} + {x['load_s']:.2f}",
+                     x["dd_read_s"] / resume, "-" if several is None else several / resume])
+    several = c["dd_read_n_s_median"]
     rows.append([f"{preset} {cache} median", f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}",
-                 c["dd_read_s_median"], "-" if two is None else two, f"{c['resume_s_median']:.2f}",
-                 c["resume_over_dd_median"], "-" if two is None else c["resume_over_dd_2_median"]])
-    return table(["round", "load avg (1 min)", "dd 1 stream s", "dd 2 streams s", "verify + load s",
-                  "resume / dd 1", "resume / dd 2"], rows)
+                 c["dd_read_s_median"], "-" if several is None else several, f"{c['resume_s_median']:.2f}",
+                 c["resume_over_dd_median"], "-" if several is None else c["resume_over_dd_n_median"]])
+    return table(["round", "load avg (1 min)", "dd 1 stream s", f"dd {DD_STREAMS} streams s", "verify + load s",
+                  "resume / dd 1", f"resume / dd {DD_STREAMS}"], rows)
 
 
 def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io", writer_mb=512,
@@ -318,7 +320,8 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
                     wait_for_quiet(quiet_below, quiet_wait_s)
                     by_cache[cache].append(run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout,
                                                      args=(preset, f"load-{cache}", 0, root, i))[0])
-                    print(round_lines(preset, cache, _load_rows(by_cache[cache][-1:], 1)).splitlines()[2], flush=True)
+                    print(round_lines(preset, cache, _load_rows(by_cache[cache][-1:], 1), i + 1).splitlines()[2],
+                          flush=True)
             rows[preset] = model_row(r, by_cache)
     not_cold = {x["not_cold_because"] for r in rows.values() for x in r["cold"]["rounds"] if x["not_cold_because"]}
     if not_cold:
@@ -337,7 +340,7 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
             if cache in r:
                 print(round_lines(p, cache, r[cache]))
     result = {"benchmark": "checkpoint_io", "ranks": ranks, "zero_stage": 3, "precision": "fp32",
-              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "cold_only": cold_only,
+              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "cold_only": cold_only, "dd_streams": DD_STREAMS,
               "quiet_below": quiet_below, "models": rows,
               "writer": writer_cost(writer_mb, folder=str(results)) if writer_mb else None}
     write_json(out, result)

@@ -14,8 +14,7 @@ Why: verifying first and loading afterwards read every byte twice (the second ti
 cache) and then copied Adam's moments once more out of the file mapping. Here the disk is read
 once, into the final buffers, and the moments keep the buffers they were read into; a cold read
 keeps more than one request at the disk, which one sequential stream does not. Does not own which
-files a rank reads, nor the fallback when one
-fails (``integrity.verify``, ``manager``).
+files a rank reads, nor the fallback when one fails (``integrity.verify``, ``manager``).
 """
 
 from __future__ import annotations
