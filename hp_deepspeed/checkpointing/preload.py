@@ -199,7 +199,7 @@ class _Hasher(threading.Thread):
 
 def _read_through_cache(path: str | Path, pieces: list[_Piece], fd: int, size: int) -> str:
     """One sequential stream through the page cache, the disk asked ahead, a second thread
-    hashing each piece while it is still in the CPU's cache; returns the digest."""
+    hashing each ``CHUNK`` while it is still in the CPU's cache; returns the digest."""
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     except (AttributeError, OSError):
@@ -257,9 +257,9 @@ def _read_direct(path: str | Path, pieces: list[_Piece], size: int) -> str:
                     got = 0
                     while got < length:
                         n = os.preadv(fd, [view[got:]], offset + got)
-                        if n == 0:
-                            break
                         got += n
+                        if n == 0 or n % ALIGN:  # the end of the file (a direct read goes on in whole blocks)
+                            break
                     if offset + got < min(offset + length, piece.end):
                         raise OSError(f"{path}: file ended at byte {offset + got}, expected {size} bytes")
                     done[i].set()
