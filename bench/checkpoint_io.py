@@ -26,13 +26,14 @@ much parallelism, printed beside the single stream so that a ratio can be told a
 and the resume is timed in its two parts (the three in an order rotated every round),
 ``find_resume_point`` (every rank reads its share of the files into memory, hashing them as they
 are read, and checks them against the manifest: the resume's only read of the disk) and
-``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is dropped (``sync; echo 3 >
-/proc/sys/vm/drop_caches``, root only) before the ``dd`` read and again before the resume; where
+``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is
+dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``, root only) before each of the three; where
 that is not allowed the run says so and the "cold" rows are warm. Warm: the files are in the page
 cache for both. Times are rank 0's wall clock between barriers; the load average is recorded
 around every timed phase, and every round prints its line (load, both ``dd``, the resume, the
 ratios), the medians at the end; ``--quiet-below L`` starts each resume round only once the
-1-minute load average is under L (or ``--quiet-wait`` seconds have passed). One engine per process keeps t5-base within a shared machine.
+1-minute load average is under L (or ``--quiet-wait`` seconds have passed). One engine per
+process keeps t5-base within a shared machine.
 """
 
 from __future__ import annotations
@@ -169,8 +170,10 @@ def rank_body(preset: str, phase: str, saves: int, root: str, first: int = 0) ->
         times["verify_s"] = timed_collective(find)
         times["load_s"] = timed_collective(lambda: manager.load(engine, point))
 
-    ways = [("dd_read_s", lambda: times.__setitem__("dd_read_s", timed_collective(lambda: _dd_read(own)))),
-            ("dd_read_n_s", lambda: times.__setitem__("dd_read_n_s", timed_collective(lambda: _dd_read(own, DD_STREAMS)))),
+    def dd(key: str, streams: int) -> None:
+        times[key] = timed_collective(lambda: _dd_read(own, streams))
+
+    ways = [("dd_read_s", lambda: dd("dd_read_s", 1)), ("dd_read_n_s", lambda: dd("dd_read_n_s", DD_STREAMS)),
             ("resume", resume)]
     if not cold:
         _dd_read(own)  # the files in the page cache, whichever reader comes first
@@ -340,7 +343,8 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
             if cache in r:
                 print(round_lines(p, cache, r[cache]))
     result = {"benchmark": "checkpoint_io", "ranks": ranks, "zero_stage": 3, "precision": "fp32",
-              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "cold_only": cold_only, "dd_streams": DD_STREAMS,
+              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "cold_only": cold_only,
+              "dd_streams": DD_STREAMS,
               "quiet_below": quiet_below, "models": rows,
               "writer": writer_cost(writer_mb, folder=str(results)) if writer_mb else None}
     write_json(out, result)
