@@ -3,6 +3,7 @@ and readers (ZeRO-3, real engines, CheckpointManager).
 
     python -m bench.checkpoint_io [--presets tiny-v1_0 t5-small] [--saves 3] [--loads 2]
                                   [--ranks 2] [--writer-mb 512] [--out PATH]
+                                  [--cold-only] [--quiet-below 1.5 [--quiet-wait 300]]
     python -m bench.checkpoint_io --t5-base [--ranks 1]     # the 2.7 GB case, on its own
 
 ``--ranks`` gloo ranks, fp32, ZeRO-3 (``ds_configs/zero3_cpu_test.json`` via ``build_ds_config``,
@@ -16,16 +17,23 @@ as many bytes as it wrote in the previous save, at the same time as the other ra
 speed with the same number of writers, measured in the same minute as the save it is compared
 with (interleaved rounds).
 
-Then ``--loads`` rounds, each a cold and a warm resume, every one in fresh rank processes with a
-pristine engine: every rank reads its files of the newest checkpoint with ``dd of=/dev/null
-bs=16M`` (all ranks at once: the same number of readers), then the resume is timed in its two
-parts, ``find_resume_point`` (every rank reads its share of the files into memory, hashing them
-as they are read, and checks them against the manifest: the resume's only read of the disk) and
-``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is dropped (``sync; echo 3 >
-/proc/sys/vm/drop_caches``, root only) before the ``dd`` read and again before the resume; where
+Then ``--loads`` rounds, each a cold and a warm resume (``--cold-only``: cold only), every one in
+fresh rank processes with a pristine engine: every rank reads its files of the newest checkpoint
+with ``dd of=/dev/null bs=16M`` (all ranks at once: the same number of readers), again with
+``DD_STREAMS`` ``dd`` per file, each on its own contiguous part (as many streams per reader as the
+resume keeps requests in flight, ``preload.DIRECT_READERS``: what the disk gives a reader with that
+much parallelism, printed beside the single stream so that a ratio can be told apart from it),
+and the resume is timed in its two parts (the three in an order rotated every round),
+``find_resume_point`` (every rank reads its share of the files into memory, hashing them as they
+are read, and checks them against the manifest: the resume's only read of the disk) and
+``CheckpointManager.load`` (DeepSpeed loads from that verified copy). Cold: the page cache is
+dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``, root only) before each of the three; where
 that is not allowed the run says so and the "cold" rows are warm. Warm: the files are in the page
 cache for both. Times are rank 0's wall clock between barriers; the load average is recorded
-around every timed phase. One engine per process keeps t5-base within a shared machine.
+around every timed phase, and every round prints its line (load, both ``dd``, the resume, the
+ratios), the medians at the end; ``--quiet-below L`` starts each resume round only once the
+1-minute load average is under L (or ``--quiet-wait`` seconds have passed). One engine per
+process keeps t5-base within a shared machine.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from pathlib import Path
 import torch
 
 from bench.common import cpu_zero3_engine, median, table, write_json
+from hp_deepspeed.checkpointing.preload import DIRECT_READERS
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TASKS = 8
@@ -50,6 +59,7 @@ DEFAULT_PRESETS = ("tiny-v1_0", "t5-small")
 # Free space a t5-base run needs: two checkpoints (retention keeps one while the next is written)
 # and dd's file of one rank's share, 2.7 GB each, with room to spare.
 T5_BASE_FREE_BYTES = 12 * 10**9
+DD_STREAMS = DIRECT_READERS
 
 
 def _own_files(step_dir: Path, rank: int) -> list[tuple[Path, int]]:
@@ -64,9 +74,22 @@ def _dd_write(path: Path, size: int) -> None:
                    check=True, capture_output=True)
 
 
-def _dd_read(paths: list[Path]) -> None:
+def _dd_read(paths: list[Path], streams: int = 1) -> None:
+    """Read ``paths`` one after the other with ``dd``; ``streams`` > 1: each file as that many
+    contiguous parts read at once by as many ``dd`` processes."""
     for path in paths:
-        subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={DD_BLOCK}"], check=True, capture_output=True)
+        if streams == 1:
+            subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={DD_BLOCK}"], check=True, capture_output=True)
+            continue
+        blocks = -(-path.stat().st_size // DD_BLOCK)
+        per = max(1, -(-blocks // streams))
+        parts = [subprocess.Popen(["dd", f"if={path}", "of=/dev/null", f"bs={DD_BLOCK}", f"skip={i * per}",
+                                   f"count={per}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for i in range(streams) if i * per < blocks]
+        for part in parts:
+            _, err = part.communicate()
+            if part.returncode:
+                raise subprocess.CalledProcessError(part.returncode, part.args, stderr=err)
 
 
 def drop_caches() -> str | None:
@@ -80,10 +103,11 @@ def drop_caches() -> str | None:
     return None
 
 
-def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
+def rank_body(preset: str, phase: str, saves: int, root: str, first: int = 0) -> dict:
     """``phase`` "save": one training step, then ``saves`` rounds of (dd write, timed save);
-    "load-cold" / "load-warm": dd read of this rank's files, then a timed resume (verification,
-    load), the page cache dropped before each in "load-cold"."""
+    "load-cold" / "load-warm": dd read of this rank's files with one stream and with several, and a
+    timed resume (verification, load), in an order rotated by ``first``, the page cache dropped
+    before each in "load-cold"."""
     import torch.distributed as dist
 
     from hp_deepspeed.checkpointing import CheckpointManager
@@ -133,21 +157,33 @@ def rank_body(preset: str, phase: str, saves: int, root: str) -> dict:
         collectives.barrier()
 
     step_dir = max((Path(root) / preset / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    own = [p for p, _ in _own_files(step_dir, rank)]
     loads = [os.getloadavg()[0]]
-    maybe_drop()
-    dd_read = timed_collective(lambda: _dd_read([p for p, _ in _own_files(step_dir, rank)]))
-    loads.append(os.getloadavg()[0])
-    maybe_drop()
+    times: dict[str, float] = {}
     point = None
 
     def find():
         nonlocal point
         point = manager.find_resume_point()
 
-    verify_s = timed_collective(find)
-    load_s = timed_collective(lambda: manager.load(engine, point))
-    loads.append(os.getloadavg()[0])
-    return {"dd_read_s": dd_read, "verify_s": verify_s, "load_s": load_s, "cold": cold and not_cold is None,
+    def resume() -> None:
+        times["verify_s"] = timed_collective(find)
+        times["load_s"] = timed_collective(lambda: manager.load(engine, point))
+
+    def dd(key: str, streams: int) -> None:
+        times[key] = timed_collective(lambda: _dd_read(own, streams))
+
+    ways = [("dd_read_s", lambda: dd("dd_read_s", 1)), ("dd_read_n_s", lambda: dd("dd_read_n_s", DD_STREAMS)),
+            ("resume", resume)]
+    if not cold:
+        _dd_read(own)  # the files in the page cache, whichever reader comes first
+    # Rotated by round, so that no reader always runs first (or last) after the others.
+    ways = ways[first % len(ways):] + ways[:first % len(ways)]
+    for _, way in ways:
+        maybe_drop()
+        way()
+        loads.append(os.getloadavg()[0])
+    return {**times, "order": [name for name, _ in ways], "cold": cold and not_cold is None,
             "not_cold_because": not_cold, "loadavg_1min": loads}
 
 
@@ -200,8 +236,15 @@ def writer_cost(mb: int = 512, rounds: int = 3, folder: str | None = None) -> di
 def _load_rows(loads_r: list[dict], size: int) -> dict:
     """Throughputs of one cache state's resumes, and resume / dd per round (the same processes)."""
     resume = [x["verify_s"] + x["load_s"] for x in loads_r]
+    several = [x for x in loads_r if "dd_read_n_s" in x]  # rounds of runs before dd with several streams lack it
+    by_several = [x["dd_read_n_s"] / (x["verify_s"] + x["load_s"]) for x in several]
     return {
         "rounds": loads_r,
+        "resume_s_median": median(resume),
+        "dd_read_s_median": median([x["dd_read_s"] for x in loads_r]),
+        "dd_read_n_s_median": median([x["dd_read_n_s"] for x in several]) if several else None,
+        "resume_over_dd_n_per_round": by_several,
+        "resume_over_dd_n_median": median(by_several) if several else None,
         "dd_read_gb_per_s": size / median([x["dd_read_s"] for x in loads_r]) / 1e9,
         "resume_gb_per_s": size / median(resume) / 1e9,
         "verify_gb_per_s": size / median([x["verify_s"] for x in loads_r]) / 1e9,
@@ -230,8 +273,36 @@ def model_row(saved: dict, by_cache: dict[str, list[dict]]) -> dict:
     }
 
 
+def wait_for_quiet(below: float | None, patience_s: float) -> float:
+    """Wait until the 1-minute load average is under ``below`` (at most ``patience_s`` seconds);
+    returns the load average the round starts at. On a shared machine the rounds that start when
+    the others are idle say most about the code; the load is recorded either way."""
+    start = time.monotonic()
+    while below is not None and os.getloadavg()[0] >= below and time.monotonic() - start < patience_s:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def round_lines(preset: str, cache: str, c: dict, first_round: int = 1) -> str:
+    """One line per resume round: the load, ``dd`` with one stream and with ``DD_STREAMS``, the
+    resume, and the resume against each; then the medians."""
+    rows = []
+    for i, x in enumerate(c["rounds"], first_round):
+        resume = x["verify_s"] + x["load_s"]
+        several = x.get("dd_read_n_s")
+        rows.append([f"{preset} {cache} {i}", f"{x['loadavg_1min'][0]:.1f}-{max(x['loadavg_1min']):.1f}",
+                     x["dd_read_s"], "-" if several is None else several, f"{x['verify_s']:.2f} + {x['load_s']:.2f}",
+                     x["dd_read_s"] / resume, "-" if several is None else several / resume])
+    several = c["dd_read_n_s_median"]
+    rows.append([f"{preset} {cache} median", f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}",
+                 c["dd_read_s_median"], "-" if several is None else several, f"{c['resume_s_median']:.2f}",
+                 c["resume_over_dd_median"], "-" if several is None else c["resume_over_dd_n_median"]])
+    return table(["round", "load avg (1 min)", "dd 1 stream s", f"dd {DD_STREAMS} streams s", "verify + load s",
+                  "resume / dd 1", f"resume / dd {DD_STREAMS}"], rows)
+
+
 def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io", writer_mb=512,
-        timeout=1800) -> dict:
+        timeout=1800, cold_only=False, quiet_below: float | None = None, quiet_wait_s: float = 300) -> dict:
     from hp_deepspeed.testing.ranks import run_ranks
 
     results = REPO / "bench" / "results"
@@ -246,11 +317,14 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
         for preset in presets:
             # Fresh rank processes for the saves and for every load: one pristine engine per process.
             r = run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout, args=(preset, "save", saves, root))[0]
-            by_cache: dict[str, list[dict]] = {"cold": [], "warm": []}
-            for _ in range(loads):  # interleaved: a cold and a warm resume per round
+            by_cache: dict[str, list[dict]] = {"cold": []} if cold_only else {"cold": [], "warm": []}
+            for i in range(loads):  # interleaved: a cold and a warm resume per round
                 for cache in by_cache:
+                    wait_for_quiet(quiet_below, quiet_wait_s)
                     by_cache[cache].append(run_ranks("bench.checkpoint_io:rank_body", ranks, timeout=timeout,
-                                                     args=(preset, f"load-{cache}", 0, root))[0])
+                                                     args=(preset, f"load-{cache}", 0, root, i))[0])
+                    print(round_lines(preset, cache, _load_rows(by_cache[cache][-1:], 1), i + 1).splitlines()[2],
+                          flush=True)
             rows[preset] = model_row(r, by_cache)
     not_cold = {x["not_cold_because"] for r in rows.values() for x in r["cold"]["rounds"] if x["not_cold_because"]}
     if not_cold:
@@ -263,9 +337,15 @@ def run(presets=DEFAULT_PRESETS, saves=3, loads=2, ranks=2, out="checkpoint_io",
                 [[p, cache, c["resume_gb_per_s"], c["verify_gb_per_s"], c["load_only_gb_per_s"], c["dd_read_gb_per_s"],
                   ", ".join(f"{x:.2f}" for x in c["resume_over_dd_per_round"]), c["load_only_over_dd_median"],
                   f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}"]
-                 for p, r in rows.items() for cache, c in (("cold", r["cold"]), ("warm", r["warm"]))]))
+                 for p, r in rows.items() for cache in ("cold", "warm") if cache in r for c in (r[cache],)]))
+    for p, r in rows.items():
+        for cache in ("cold", "warm"):
+            if cache in r:
+                print(round_lines(p, cache, r[cache]))
     result = {"benchmark": "checkpoint_io", "ranks": ranks, "zero_stage": 3, "precision": "fp32",
-              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "models": rows,
+              "variant": "hyperprompt_global", "saves": saves, "loads": loads, "cold_only": cold_only,
+              "dd_streams": DD_STREAMS,
+              "quiet_below": quiet_below, "models": rows,
               "writer": writer_cost(writer_mb, folder=str(results)) if writer_mb else None}
     write_json(out, result)
     return result
@@ -283,13 +363,19 @@ def main(argv=None) -> None:
     parser.add_argument("--writer-mb", type=int,
                         help="size of the one-process serialisation comparison (0: skip it; default 512)")
     parser.add_argument("--out")
+    parser.add_argument("--cold-only", action="store_true", help="cold resume rounds only (no warm ones)")
+    parser.add_argument("--quiet-below", type=float,
+                        help="before each resume round, wait until the 1-minute load average is under this "
+                             "(at most --quiet-wait seconds; the load is recorded either way)")
+    parser.add_argument("--quiet-wait", type=float, default=300)
     args = parser.parse_args(argv)
     if args.t5_base:
         presets, saves, ranks, writer_mb, out = ["t5-base"], 2, 1, 0, "checkpoint_io_t5_base"
     else:
         presets, saves, ranks, writer_mb, out = args.presets, 3, 2, 512, "checkpoint_io"
     run(presets, args.saves or saves, args.loads, args.ranks or ranks, args.out or out,
-        writer_mb=writer_mb if args.writer_mb is None else args.writer_mb)
+        writer_mb=writer_mb if args.writer_mb is None else args.writer_mb, cold_only=args.cold_only,
+        quiet_below=args.quiet_below, quiet_wait_s=args.quiet_wait)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,29 @@ def test_the_report_renders_every_field_checkpoint_io_writes():
     assert "| t5-base | cold | 1.50 + 0.50 | 2 | 2 | 1.00 | 0.5-0.7 |" in text
     assert "| t5-base | warm | 0.75 + 0.50 | 3.2 | 4 | 0.80 | 0.5-0.7 |" in text
     assert "could not be dropped" not in text
+
+
+def test_each_resume_round_prints_its_load_both_dd_readings_and_both_ratios_then_the_medians():
+    rounds = [{"dd_read_s": 1.0, "dd_read_n_s": 0.5, "verify_s": 0.8, "load_s": 0.2, "cold": True,
+               "loadavg_1min": [1.0, 2.0, 1.5]},
+              {"dd_read_s": 3.0, "dd_read_n_s": 2.0, "verify_s": 1.5, "load_s": 0.5, "cold": True,
+               "loadavg_1min": [3.0, 3.5]}]
+    rows = checkpoint_io._load_rows(rounds, size=10**9)
+    assert rows["resume_over_dd_n_per_round"] == [0.5, 1.0]
+    assert rows["resume_over_dd_n_median"] == 0.75
+    lines = checkpoint_io.round_lines("t5-base", "cold", rows).splitlines()
+    assert lines[0].split("  ")[0] == "round" and f"dd {checkpoint_io.DD_STREAMS} streams s" in lines[0]
+    assert lines[2].split() == ["t5-base", "cold", "1", "1.0-2.0", "1", "0.5", "0.80", "+", "0.20", "1", "0.5"]
+    assert lines[3].split() == ["t5-base", "cold", "2", "3.0-3.5", "3", "2", "1.50", "+", "0.50", "1.5", "1"]
+    assert lines[4].split() == ["t5-base", "cold", "median", "1.0-3.5", "2", "1.25", "1.50", "1.25", "0.75"]
+
+
+def test_a_round_waits_for_the_load_to_fall_below_the_threshold_but_no_longer_than_its_patience(monkeypatch):
+    loads = iter([6.0, 4.0, 1.0, 1.0])
+    clock = iter(range(0, 1000, 5))
+    monkeypatch.setattr(checkpoint_io.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+    monkeypatch.setattr(checkpoint_io.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(checkpoint_io.time, "sleep", lambda s: None)
+    assert checkpoint_io.wait_for_quiet(2.0, 300) == 1.0
+    monkeypatch.setattr(checkpoint_io.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert checkpoint_io.wait_for_quiet(2.0, 20) == 9.0  # gave up after its patience

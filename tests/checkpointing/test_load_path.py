@@ -81,6 +81,49 @@ def test_one_read_holds_every_record_in_its_own_buffer_hashes_the_whole_file_and
             loaded["also"].untyped_storage().data_ptr()} == held.private_pointers()  # no copy made
 
 
+def test_a_direct_read_holds_and_hashes_the_same_bytes_as_a_read_through_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(preload, "OWN_BUFFER", 4096)
+    monkeypatch.setattr(preload, "DIRECT_CHUNK", 8192)  # request edges inside records, records off block edges
+    monkeypatch.setattr(preload, "DIRECT_READERS", 3)
+    state = {"big": torch.randn(5001), "small": torch.ones(3), "also": torch.arange(3001, dtype=torch.int64)}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        spans = preload.record_spans(fd, len(data))
+        assert any(start % preload.ALIGN for start, _ in spans)
+        monkeypatch.setattr(preload, "DIRECT", True)
+        direct_pieces = preload._layout(spans, len(data))
+        try:
+            direct = preload._read_direct(path, direct_pieces, len(data))
+        except OSError as err:
+            pytest.skip(f"{tmp_path}: no direct reads here ({err})")
+        held, digest = preload.read_held(path, spans, fd, len(data))
+        monkeypatch.setattr(preload, "DIRECT", False)
+        cached, cached_digest = preload.read_held(path, spans, fd, len(data))
+    finally:
+        os.close(fd)
+    assert direct == digest == cached_digest == xxhash.xxh3_128(data).hexdigest()
+    assert b"".join(bytes(piece.view()) for piece in direct_pieces) == data
+    assert b"".join(bytes(buffer) for _, buffer in held.pieces) == data
+    assert sorted(held.records) == sorted(cached.records) == [start for start, _ in spans]
+    loaded = load_held(held, map_location="cpu")
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+    assert {loaded[key].untyped_storage().data_ptr() for key in ("big", "also")} == held.private_pointers()
+
+
+def test_a_direct_read_of_a_file_shorter_than_expected_names_the_byte_it_ended_at(tmp_path, monkeypatch):
+    monkeypatch.setattr(preload, "DIRECT_CHUNK", 8192)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 100)  # 25600 bytes; 30000 expected
+    try:
+        with pytest.raises(OSError, match=f"{path}: file ended at byte 25600, expected 30000 bytes"):
+            preload._read_direct(path, preload._layout([], 30000), 30000)
+    except OSError as err:  # open itself refused: no direct reads on this file system
+        pytest.skip(f"{tmp_path}: no direct reads here ({err})")
+
+
 def test_a_flipped_byte_is_refused_by_the_single_read_and_nothing_of_the_file_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(preload, "OWN_BUFFER", 4096)
     folder = tmp_path / "step-1"
@@ -173,6 +216,7 @@ def zero3_resume_reads_once(run_dir: str) -> dict:
     from hp_deepspeed.checkpointing import CheckpointManager
 
     preload.OWN_BUFFER = 1  # the toy's records are small: give each its own buffer, as t5's get
+    preload.DIRECT = True  # and read them as a cold t5 file is read (where the file system allows)
     seed(1)
     engine = make_engine(init_seed=0)
     manager = CheckpointManager(config(), run_dir, model_config=MODEL_CONFIG)
