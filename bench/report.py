@@ -86,13 +86,14 @@ def memory(data: dict) -> str:
 
 
 def batching(data: dict) -> str:
-    modes = [m for m in ("random", "length", "stratified") if m in data]
+    modes = [m for m in ("random", "length", "stratified", "packed", "default") if isinstance(data.get(m), dict)]
     return (md(["batching", "real-token fraction", "largest task share", "x its rate"],
                [[m, data[m]["real_token_fraction"], data[m]["largest_task_share"], data[m]["largest_share_over_rate"]]
                 for m in modes])
             + f"\n\n{data['examples_per_task']} examples per task, global batch {data['micro_batch_size']} x "
               f"{data['ranks']} ranks, {data['batches']} batches, bucket pool {data['bucket_pool_batches']} batches, "
-              f"default `{data['default']}`\n\n" + machine_line(data))
+              + (f"default `{data['default']}`" if isinstance(data["default"], str) else "`default`: the defaults")
+              + "\n\n" + machine_line(data))
 
 
 def checkpoint(data: dict) -> str:
@@ -104,10 +105,12 @@ def checkpoint(data: dict) -> str:
                  r["dd_write_gb_per_s"], ", ".join(f"{x:.2f}" for x in r["save_over_dd_per_round"])]
                 for p, r in models.items()])
     resumes = md(["preset", "cache", "resume s (verify + load) per round", "resume GB/s", "dd read GB/s",
-                  "resume / dd per round", "load average (1 min)"],
+                  "resume / dd per round", f"resume / dd with {data.get('dd_streams', '-')} streams per round",
+                  "load average (1 min)"],
                  [[p, cache, ", ".join(f"{x['verify_s']:.2f} + {x['load_s']:.2f}" for x in c["rounds"]),
                    c["resume_gb_per_s"], c["dd_read_gb_per_s"],
                    ", ".join(f"{x:.2f}" for x in c["resume_over_dd_per_round"]),
+                   ", ".join(f"{x:.2f}" for x in c.get("resume_over_dd_n_per_round") or []) or "-",
                    f"{c['loadavg_1min'][0]:.1f}-{c['loadavg_1min'][1]:.1f}"]
                   for p, r in models.items() for cache in ("cold", "warm") if cache in r
                   for c in (r[cache],)])
@@ -137,7 +140,11 @@ def main(argv=None) -> None:
         data = json.loads(path.read_text())
         render = RENDER.get(data.get("benchmark"))
         if render:
-            print(f"### {path.name}\n\n{render(data)}\n")
+            try:
+                text = render(data)
+            except KeyError as missing:  # a file an older version of its bench wrote
+                text = f"(written by an older version of bench.{data['benchmark']}: no field {missing}; not rendered)"
+            print(f"### {path.name}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -35,19 +35,21 @@ def test_resume_against_dd_is_per_round_and_cold_only_when_every_round_was():
 def test_the_report_renders_every_field_checkpoint_io_writes():
     saved = {"save_s_all": [2.0, 4.0], "dd_write_s_all": [2.0, 2.0], "checkpoint_bytes": 4 * 10**9,
              "dd_bytes": 4 * 10**9, "params": 3 * 10**8}
-    cold = [{"dd_read_s": 2.0, "verify_s": 1.5, "load_s": 0.5, "cold": True, "not_cold_because": None,
-             "loadavg_1min": [0.5, 0.7]}]
+    cold = [{"dd_read_s": 2.0, "dd_read_n_s": 1.0, "verify_s": 1.5, "load_s": 0.5, "cold": True,
+             "not_cold_because": None, "loadavg_1min": [0.5, 0.7]}]
     warm = [dict(cold[0], cold=False, dd_read_s=1.0, verify_s=0.75, load_s=0.5)]
     row = checkpoint_io.model_row(saved, {"cold": cold, "warm": warm})
     data = {"benchmark": "checkpoint_io", "ranks": 1, "zero_stage": 3, "precision": "fp32", "saves": 2, "loads": 1,
+            "dd_streams": 8,
             "models": {"t5-base": row},
             "machine": {"utc": "2026-12-06T11:00:00Z", "cpu_model": "x", "cpu_count": 2,
                         "loadavg_1_5_15": [0.5, 0.6, 0.7], "torch": "2.13.0", "torch_threads": 1}}
     assert report.RENDER["checkpoint_io"] is report.checkpoint
     text = report.checkpoint(data)
     assert "| t5-base | 300 | 4000 | 3 | 1.33 | 2 | 1.00, 0.50 |" in text
-    assert "| t5-base | cold | 1.50 + 0.50 | 2 | 2 | 1.00 | 0.5-0.7 |" in text
-    assert "| t5-base | warm | 0.75 + 0.50 | 3.2 | 4 | 0.80 | 0.5-0.7 |" in text
+    assert "resume / dd with 8 streams per round" in text
+    assert "| t5-base | cold | 1.50 + 0.50 | 2 | 2 | 1.00 | 0.50 | 0.5-0.7 |" in text
+    assert "| t5-base | warm | 0.75 + 0.50 | 3.2 | 4 | 0.80 | 0.80 | 0.5-0.7 |" in text
     assert "could not be dropped" not in text
 
 
