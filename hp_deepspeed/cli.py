@@ -396,8 +396,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in DEVICE_COMMANDS:
         from hp_deepspeed.launching.distributed import shutdown_distributed
         from hp_deepspeed.launching.supervise import record_preempted
+        from hp_deepspeed.training.preemption import EXIT_PREEMPTED
 
-        # After a preemption save the trainer left its stop signals ignored (PreemptionHandler.restore).
+        if status == EXIT_PREEMPTED:
+            # The checkpoint is written: a stop signal arriving now (a supervisor's pass reaching
+            # this host after the ranks already agreed on the stop) has nothing left to stop, and
+            # must not turn a finished save into a KeyboardInterrupt and exit 130.
+            import signal
+
+            for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
         shutdown_distributed()
         status = record_preempted(status)
     return status

@@ -134,18 +134,10 @@ class PreemptionHandler:
             self._watch = watch_launcher(self._on_launcher_gone)
         return self
 
-    def restore(self, failing: bool = False) -> None:
-        """Put back the handlers that were installed before ``install()``; stop the launcher watch.
-
-        Once the ranks agreed to stop (``stop_step``) and training ended without an error, the stop
-        signals are ignored instead: the checkpoint is written, so one arriving now (a supervisor's
-        pass reaching this host after the ranks agreed, a second ``scancel``) has nothing left to
-        stop, and under the previous handler it would turn a finished save into a
-        KeyboardInterrupt or a kill. After an error (``failing``) a signal must still end a rank
-        stuck in its teardown."""
-        ignore = self.stop_step is not None and not failing
+    def restore(self) -> None:
+        """Put back the handlers that were installed before ``install()``; stop the launcher watch."""
         for signum, previous in self._previous.items():
-            signal.signal(signum, signal.SIG_IGN if ignore else previous)
+            signal.signal(signum, previous)
         self._previous.clear()
         if self._watch is not None:
             self._watch.stop()

@@ -317,7 +317,7 @@ class Trainer:
             if not failing:  # after a crash they stay: a requeue with the same stream reuses them
                 self.stream.remove_pool_files()
             terminal.close()
-            self.preemption.restore(failing)
+            self.preemption.restore()
             self.metrics.close()
 
     def _stopped_non_finite(self, window: WindowStats, last: bool) -> bool:

@@ -56,33 +56,3 @@ def test_under_the_supervisor_a_rank_leaves_the_ctrl_c_line_to_it(supervisor):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "recorded SIGINT"
     assert "interrupted" not in proc.stderr
-
-
-def test_after_the_ranks_agreed_to_stop_the_stop_signals_are_ignored_not_handed_back(monkeypatch):
-    """The checkpoint is written by then: a late stop signal, configured or default, must not kill
-    the rank or raise KeyboardInterrupt. Without a stop, or after an error, the previous handlers
-    come back."""
-    import signal
-
-    from hp_deepspeed.training.preemption import PreemptionConfig, PreemptionHandler
-
-    monkeypatch.delenv("HP_SUPERVISOR_DIR", raising=False)
-    names = ["SIGUSR2", "SIGTERM"]
-    previous = {name: signal.getsignal(getattr(signal, name)) for name in names}
-    try:
-        idle = PreemptionHandler(PreemptionConfig(signals=names)).install()
-        idle.restore()
-        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == previous
-
-        stopping = PreemptionHandler(PreemptionConfig(signals=names)).install()
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert stopping.should_stop(1)  # one rank alone decides at once
-        stopping.restore(failing=True)  # a rank that raised: a signal must still end it
-        assert {name: signal.getsignal(getattr(signal, name)) for name in names} == previous
-        stopping.install()
-        stopping.restore()
-        assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in names)
-        os.kill(os.getpid(), signal.SIGUSR2)  # ignored: the test process lives on
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
