@@ -19,7 +19,7 @@ files a rank reads, nor the fallback when one fails (``integrity.verify``, ``man
 
 from __future__ import annotations
 
-import errno
+import logging
 import mmap
 import os
 import queue
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 import xxhash
+
+logger = logging.getLogger(__name__)
 
 # Read and hashed in pieces small enough that the digest thread finds them still in the CPU's
 # cache, where the read just wrote them: the hash then costs no second trip through memory.
@@ -233,8 +235,8 @@ def _read_through_cache(path: str | Path, pieces: list[_Piece], fd: int, size: i
 def _read_direct(path: str | Path, pieces: list[_Piece], size: int) -> str:
     """``DIRECT_READERS`` threads read the file in file order, ``DIRECT_CHUNK`` at a time,
     straight into the pieces' buffers (O_DIRECT: no page cache, no copy), while this thread hashes
-    each chunk, in file order, as soon as it is in; returns the digest. OSError with EINVAL where
-    the file system refuses direct reads (the caller then reads through the page cache)."""
+    each chunk, in file order, as soon as it is in; returns the digest. OSError where the file
+    system refuses direct reads or a read fails (the caller then reads through the page cache)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         requests = [(piece, offset, min(DIRECT_CHUNK, stop - offset))
@@ -328,8 +330,11 @@ def read_held(path: str | Path, spans: list[tuple[int, int]], fd: int, size: int
         try:
             digest = _read_direct(path, pieces, size)
         except OSError as err:
-            if err.errno != errno.EINVAL:  # tmpfs and some network file systems refuse O_DIRECT
-                raise
+            # File systems refuse O_DIRECT in several ways (EINVAL on tmpfs and some network file
+            # systems, EOPNOTSUPP or EIO elsewhere). Any failure here is retried through the page
+            # cache, which raises a real error again: an unusual file system must not make a
+            # good checkpoint look unreadable and send the resume back to an older one.
+            logger.debug("%s: direct read failed (%s); reading through the page cache", path, err)
     if digest is None:
         digest = _read_through_cache(path, pieces, fd, size)
     held = HeldFile(str(path), size, "", pieces=[(piece.start, piece.view()) for piece in pieces])

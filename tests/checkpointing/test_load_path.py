@@ -4,6 +4,7 @@ DeepSpeed's other files loaded memory-mapped without any tensor of the run left 
 
 from __future__ import annotations
 
+import errno
 import gc
 import mmap
 import os
@@ -268,3 +269,30 @@ def test_a_zero3_resume_skips_a_flipped_byte_and_loads_the_verified_copy_uncopie
                        args=(str(tmp_path),))[0]
     assert result == {"step": 2, "mapped": [], "equal": True, "moments_in_read_buffers": True,
                       "master_in_read_buffers": True, "replayed": True}
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EIO])
+def test_a_file_system_refusing_direct_reads_in_any_way_is_read_through_the_page_cache(tmp_path, monkeypatch, refusal):
+    """A refusal of O_DIRECT must not make a good checkpoint look unreadable (the resume would
+    fall back to an older one): the read is retried through the page cache."""
+    state = {"big": torch.randn(5001)}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    data = path.read_bytes()
+    real_open = os.open
+
+    def refusing_open(file, flags, *args, **kwargs):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(refusal, os.strerror(refusal), str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(preload, "OWN_BUFFER", 4096)
+    monkeypatch.setattr(preload, "DIRECT", True)
+    monkeypatch.setattr(preload.os, "open", refusing_open)
+    fd = real_open(path, os.O_RDONLY)
+    try:
+        held, digest = preload.read_held(path, preload.record_spans(fd, len(data)), fd, len(data))
+    finally:
+        os.close(fd)
+    assert digest == xxhash.xxh3_128(data).hexdigest()
+    assert torch.equal(load_held(held, map_location="cpu")["big"], state["big"])
